@@ -1,0 +1,35 @@
+# Two commands: `make demo` and `make test`. Each creates .venv and installs medtune (editable,
+# with the dev extra) when the venv is missing or pyproject.toml changed since the last install.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medtune-installed
+ASSETS := assets/tiny
+# Tests use both cores of the CI machine; override with `make test PYTEST_ARGS=...`.
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python tools/make_tiny_assets.py --out $(ASSETS)
+	$(BIN)/python tools/run_demo.py --assets $(ASSETS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) assets outputs .pytest_cache .ruff_cache

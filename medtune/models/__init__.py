@@ -1,0 +1,1 @@
+"""Model pieces: Llama-3 decoders and tokenizer, image encoders, connectors, MedVLM, named builders."""

@@ -1,0 +1,158 @@
+"""Connectors: encoder tokens ``[b, n, d_in]`` -> LLM embeddings ``[b, N, d_out]``.
+
+Every connector knows its output token count through ``num_tokens(n_in)`` so the prompt can hold
+exactly N placeholders per image.
+
+- :class:`LinearConnector`: one linear map per token (N = n).
+- :class:`MLPConnector`: LLaVA-1.5's 2-layer GELU MLP (N = n).
+- :class:`PooledUnfold`: medcap's: one pooled vector (tokens are mean-pooled first if n > 1) ->
+  a linear map to N * d_out, unfolded into N tokens.
+- :class:`QFormer`: BLIP-2 style: N learned queries, each layer self-attention over the queries,
+  cross-attention to the image tokens, an MLP; then a linear map to d_out.
+- :class:`Resampler`: Flamingo's Perceiver resampler: N latents attend to [image tokens; latents].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Connector(nn.Module):
+    """Base: records ``in_dim`` and ``out_dim``; subclasses define ``num_tokens``."""
+
+    in_dim: int
+    out_dim: int
+
+    def num_tokens(self, n_in: int) -> int:
+        """Output tokens per image for ``n_in`` input tokens."""
+        raise NotImplementedError
+
+
+class LinearConnector(Connector):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [b, n, in_dim]. Returns: [b, n, out_dim]."""
+        return self.proj(x)
+
+
+class MLPConnector(Connector):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        hidden_dim = hidden_dim or out_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [b, n, in_dim]. Returns: [b, n, out_dim]."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PooledUnfold(Connector):
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 32):
+        super().__init__()
+        self.in_dim, self.out_dim, self.n = in_dim, out_dim, num_tokens
+        self.proj = nn.Linear(in_dim, num_tokens * out_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return self.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [b, n, in_dim] (n = 1 for a pooled encoder). Returns: [b, N, out_dim]."""
+        pooled = x.mean(dim=1)
+        return self.proj(pooled).view(x.shape[0], self.n, self.out_dim)
+
+
+class _CrossBlock(nn.Module):
+    """Pre-norm block: [self-attention over queries], cross-attention to context, MLP."""
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int, self_attn: bool, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True) if self_attn else None
+        self.norm_sa = nn.LayerNorm(dim) if self_attn else None
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(ctx_dim)
+        self.cross = nn.MultiheadAttention(dim, heads, kdim=ctx_dim, vdim=ctx_dim, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, q: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        if self.self_attn is not None:
+            h = self.norm_sa(q)
+            q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        c = self.norm_ctx(ctx)
+        q = q + self.cross(self.norm_q(q), c, c, need_weights=False)[0]
+        return q + self.mlp(self.norm_mlp(q))
+
+
+class QFormer(Connector):
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 32, hidden_dim: int = 768,
+                 num_layers: int = 2, num_heads: int = 8):
+        super().__init__()
+        self.in_dim, self.out_dim, self.n = in_dim, out_dim, num_queries
+        self.queries = nn.Parameter(torch.randn(num_queries, hidden_dim) * 0.02)
+        self.layers = nn.ModuleList(_CrossBlock(hidden_dim, in_dim, num_heads, self_attn=True) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.proj = nn.Linear(hidden_dim, out_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return self.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [b, n, in_dim]. Returns: [b, num_queries, out_dim]."""
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            q = layer(q, x)
+        return self.proj(self.norm(q))
+
+
+class Resampler(Connector):
+    def __init__(self, in_dim: int, out_dim: int, num_latents: int = 64, hidden_dim: int = 1024,
+                 num_layers: int = 2, num_heads: int = 8):
+        super().__init__()
+        self.in_dim, self.out_dim, self.n = in_dim, out_dim, num_latents
+        self.in_proj = nn.Linear(in_dim, hidden_dim)
+        self.latents = nn.Parameter(torch.randn(num_latents, hidden_dim) * 0.02)
+        self.layers = nn.ModuleList(_CrossBlock(hidden_dim, hidden_dim, num_heads, self_attn=False) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.proj = nn.Linear(hidden_dim, out_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return self.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [b, n, in_dim]. Returns: [b, num_latents, out_dim]."""
+        x = self.in_proj(x)
+        lat = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            lat = layer(lat, torch.cat([x, lat], dim=1))  # Perceiver: keys include the latents
+        return self.proj(self.norm(lat))
+
+
+CONNECTORS: dict[str, type[Connector]] = {
+    "linear": LinearConnector,
+    "mlp": MLPConnector,
+    "pooled_unfold": PooledUnfold,
+    "qformer": QFormer,
+    "resampler": Resampler,
+}
+
+
+def build_connector(kind: str, in_dim: int, out_dim: int, **kwargs) -> Connector:
+    """Build a connector by name (``linear | mlp | pooled_unfold | qformer | resampler``)."""
+    if kind not in CONNECTORS:
+        raise ValueError(f"unknown connector {kind!r}: expected one of {', '.join(CONNECTORS)}")
+    return CONNECTORS[kind](in_dim, out_dim, **kwargs)

@@ -1,0 +1,209 @@
+"""Llama-3 / 3.1 decoders and tokenizer (torchtune's), plus tiny ones for tests.
+
+The image placeholder is defined here, once: :data:`IMAGE_TOKEN`, a reserved Llama-3 special token
+(``<|reserved_special_token_0|>``, id 128002 in the real 3.0 and 3.1 vocabularies). Prompts are
+built as token ids with the real chat special tokens (:func:`encode_messages`) and stay ids up to
+generation: text is never decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchtune.models.llama3 import Llama3Tokenizer, llama3, llama3_8b, llama3_70b
+from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
+from torchtune.models.llama3_1 import llama3_1, llama3_1_8b, llama3_1_70b
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.tokenizers import parse_hf_tokenizer_json
+
+IMAGE_TOKEN = "<|reserved_special_token_0|>"
+"""The reserved special token whose id marks image positions in a prompt."""
+
+_CANONICAL_FIRST_SPECIAL = 128000
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "llama3_tokenizer",
+    "special_tokens_for_base_vocab",
+    "image_token_id",
+    "encode_messages",
+    "llama3_8b",
+    "llama3_70b",
+    "llama3_1_8b",
+    "llama3_1_70b",
+    "llama3_tiny",
+    "llama3",
+    "llama3_1",
+]
+
+
+def special_tokens_for_base_vocab(n_base: int) -> dict[str, int]:
+    """Llama-3's special tokens laid out after a base vocabulary of ``n_base`` ranks.
+
+    The real tokenizer has 128,000 base ranks followed by 256 special tokens; a tiny tokenizer keeps
+    the same names and order at ``n_base + offset``. ``<|image|>`` (Llama-3.2 Vision, beyond the
+    text models' embedding table) is placed right after the 256 specials, as in torchtune.
+    """
+    return {name: n_base + (idx - _CANONICAL_FIRST_SPECIAL) for name, idx in LLAMA3_SPECIAL_TOKENS.items()}
+
+
+def _count_ranks(path: str | Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def llama3_tokenizer(
+    path: str,
+    special_tokens_path: str | None = None,
+    max_seq_len: int | None = None,
+) -> Llama3Tokenizer:
+    """Build torchtune's Llama-3 tokenizer from a tiktoken ``tokenizer.model`` file.
+
+    Args:
+        path: the tiktoken rank file (``original/tokenizer.model`` in a Meta/HF download).
+        special_tokens_path: an HF ``tokenizer.json`` whose ``added_tokens`` give the special ids.
+            When omitted, the canonical ids are used for the full 128,000-rank vocabulary, and
+            :func:`special_tokens_for_base_vocab` for smaller (test) vocabularies.
+        max_seq_len: truncate tokenized samples to this length.
+
+    Returns:
+        The tokenizer; ``tokenizer.special_tokens[IMAGE_TOKEN]`` is the image placeholder id.
+
+    Raises:
+        FileNotFoundError: naming the missing file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tiktoken tokenizer.model)")
+    if special_tokens_path is not None:
+        if not Path(special_tokens_path).is_file():
+            raise FileNotFoundError(f"special tokens file not found: {special_tokens_path}")
+        special = parse_hf_tokenizer_json(special_tokens_path)
+    else:
+        n_base = _count_ranks(path)
+        special = None if n_base == _CANONICAL_FIRST_SPECIAL else special_tokens_for_base_vocab(n_base)
+    if special is not None and IMAGE_TOKEN not in special:
+        raise ValueError(f"{special_tokens_path or path}: tokenizer lacks the image placeholder {IMAGE_TOKEN}")
+    if special is not None and "<|image|>" not in special:
+        special = {**special, "<|image|>": max(special.values()) + 1}
+    return Llama3Tokenizer(path=path, special_tokens=special, max_seq_len=max_seq_len)
+
+
+def image_token_id(tokenizer: Llama3Tokenizer) -> int:
+    """The id of :data:`IMAGE_TOKEN` in this tokenizer."""
+    return tokenizer.special_tokens[IMAGE_TOKEN]
+
+
+def encode_messages(
+    tokenizer: Llama3Tokenizer,
+    messages: Sequence[tuple[str, Sequence[str | int]]],
+    *,
+    add_generation_prompt: bool = False,
+    train_on: Sequence[str] = ("assistant",),
+) -> tuple[list[int], list[bool]]:
+    """Encode chat turns into Llama-3 Instruct ids, keeping image placeholders as ids.
+
+    Layout (the official Llama-3 chat format)::
+
+        <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>...
+
+    Args:
+        tokenizer: a Llama-3 tokenizer.
+        messages: ``(role, parts)`` pairs; each part is text (encoded without special tokens, the
+            whole turn's text stripped at its ends as Meta's reference does) or an int token id
+            inserted verbatim (e.g. the image placeholder repeated N times).
+        add_generation_prompt: end with an open assistant header, for generation.
+        train_on: roles whose content and closing ``<|eot_id|>`` are loss targets.
+
+    Returns:
+        ``(ids, mask)``: token ids and, per id, whether it is a loss target.
+    """
+    ids: list[int] = [tokenizer.bos_id]
+    mask: list[bool] = [False]
+    nl2 = tokenizer.encode("\n\n", add_bos=False, add_eos=False)
+    for role, parts in messages:
+        header = [tokenizer.start_header_id, *tokenizer.encode(role, add_bos=False, add_eos=False),
+                  tokenizer.end_header_id, *nl2]
+        ids += header
+        mask += [False] * len(header)
+        target = role in train_on
+        body: list[int] = []
+        # Strip the turn's text at its outer ends only, as the reference chat format does.
+        parts = list(parts)
+        text_idx = [i for i, p in enumerate(parts) if isinstance(p, str)]
+        if text_idx:
+            parts[text_idx[0]] = parts[text_idx[0]].lstrip() if text_idx[0] == 0 else parts[text_idx[0]]
+            parts[text_idx[-1]] = parts[text_idx[-1]].rstrip() if text_idx[-1] == len(parts) - 1 else parts[text_idx[-1]]
+        for part in parts:
+            if isinstance(part, str):
+                if part:
+                    body += tokenizer.encode(part, add_bos=False, add_eos=False)
+            else:
+                body.append(int(part))
+        body.append(tokenizer.eot_id)
+        ids += body
+        mask += [target] * len(body)
+    if add_generation_prompt:
+        header = [tokenizer.start_header_id, *tokenizer.encode("assistant", add_bos=False, add_eos=False),
+                  tokenizer.end_header_id, *nl2]
+        ids += header
+        mask += [False] * len(header)
+    return ids, mask
+
+
+def llama3_tiny(
+    vocab_size: int,
+    embed_dim: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_dim: int = 128,
+    max_seq_len: int = 512,
+) -> TransformerDecoder:
+    """A tiny Llama-3 (same architecture: GQA, RoPE base 500k, SwiGLU, RMSNorm) for tests and the demo."""
+    return llama3(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=intermediate_dim,
+    )
+
+
+def llama3_from_hf_config(config_path: str | Path, max_seq_len: int | None = None) -> TransformerDecoder:
+    """Build a torchtune Llama-3 decoder with the shape given in an HF ``config.json``.
+
+    Llama-3.1 rope scaling (``rope_scaling.rope_type == "llama3"``) selects torchtune's
+    ``llama3_1`` builder.
+    """
+    cfg = json.loads(Path(config_path).read_text())
+    try:
+        kwargs = dict(
+            vocab_size=cfg["vocab_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            embed_dim=cfg["hidden_size"],
+            intermediate_dim=cfg["intermediate_size"],
+            max_seq_len=max_seq_len or cfg.get("max_position_embeddings", 8192),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_base=cfg.get("rope_theta", 500_000),
+        )
+    except KeyError as e:
+        raise ValueError(f"{config_path}: missing key {e} (expected an HF LlamaConfig)") from None
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":
+        return llama3_1(**kwargs, scale_factor=scaling.get("factor", 8))
+    return llama3(**kwargs)
+
+
+def decoder_dtype(name: str | None) -> torch.dtype:
+    """``"bf16" | "fp32" | "fp16"`` -> torch dtype."""
+    table = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: expected one of fp32, bf16, fp16")
+    return table[name]

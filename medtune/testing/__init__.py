@@ -1,0 +1,1 @@
+"""Generated assets for tests and the demo: tiny models, tokenizers and datasets (never downloaded)."""

@@ -1,0 +1,1 @@
+"""Training support: trainable-part spec and table, checkpoints, distributed set-up, memory estimate."""
