@@ -1,0 +1,98 @@
+"""``medtune``: the command line entry point.
+
+Run as the ``medtune`` console script or ``python -m medtune._cli.main``. Each subcommand lives in
+its own module exposing ``register(subparsers)``; its handler returns an exit status (or None for
+0) and raises :class:`~medtune._cli._errors.CLIError` for problems a user can fix, which are
+printed as one ``medtune: error: ...`` line on stderr (exit status 1), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import cat, cp, ls, run, validate
+from ._errors import CLIError
+
+EPILOG = """\
+examples:
+  $ medtune ls                                      # recipes and their configs
+  $ medtune cp vision_finetune/demo my_demo.yaml    # copy a config (or a recipe) to edit it
+  $ medtune cat vision_finetune/demo                # print a config
+  $ medtune validate my_demo.yaml                   # check every _component_ imports and binds
+  $ medtune run vision_finetune --config demo optimizer.lr=1e-4
+  $ medtune run --nproc_per_node 2 vision_finetune --config demo
+
+Run `medtune <command> --help` for each command's options.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors end with a ``medtune: error: ...`` line."""
+
+    def error(self, message: str):
+        """Print the usage and ``medtune: error: <message>`` to stderr, then exit with status 2."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"medtune: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``medtune`` parser with every available subcommand registered.
+
+    Returns:
+        The top-level parser; each subcommand sets ``func`` (and ``accepts_extra_args`` when it
+        takes arbitrary trailing flags, like ``run``).
+    """
+    parser = _Parser(
+        prog="medtune",
+        description="medtune: fine-tune and evaluate medical vision-language models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=None)
+    subparsers = parser.add_subparsers(title="commands", metavar="<command>")
+    for module in (ls, cp, cat, validate, run):
+        module.register(subparsers)
+    try:  # written separately; the CLI works without it
+        from . import score
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.score":
+            raise
+    else:
+        score.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen subcommand.
+
+    Args:
+        argv: command line without the program name.
+
+    Returns:
+        The exit status. ``SystemExit`` raised by a recipe that ``medtune run`` executes
+        in-process propagates unchanged.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is None:
+        parser.print_help()
+        return 0
+    if extra:
+        if not getattr(args, "accepts_extra_args", False):
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        # argparse sets aside unknown options that come before the first positional; for `run`
+        # these are the torchrun flags, which precede the recipe in the original order.
+        args.argv = extra + args.argv
+    try:
+        status = args.func(args)
+    except CLIError as e:
+        print(f"medtune: error: {e}", file=sys.stderr)
+        return 1
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

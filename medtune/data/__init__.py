@@ -1,0 +1,59 @@
+"""medtune data: readers that map public benchmarks and user data into one sample type.
+
+Readers return ``list[Sample]`` (:class:`~medtune.data.errors.Samples`, which also records rows
+skipped with ``skip_bad_rows=True``):
+
+- :func:`slake`, :func:`vqa_rad`: the medical VQA benchmarks as downloaded;
+- :func:`caption_json`: ``[{image, caption}]`` figure-caption / ROCO-style data;
+- :func:`sharegpt`, :func:`llava`: multi-turn conversations with zero or more images;
+- :func:`mix`: several sources with sampling weights.
+
+Images: :func:`load_image` (PNG/JPEG/BMP/TIFF/DICOM -> RGB PIL) and :func:`image_transform`
+(-> normalized ``float32 [3, H, W]``). Prompts: :mod:`medtune.data.prompts`.
+
+Importing this package does not import torch.
+"""
+
+from medtune.data.captions import caption_json
+from medtune.data.conversations import llava, sharegpt
+from medtune.data.errors import (
+    DataError,
+    MalformedJSONError,
+    MissingFieldError,
+    MissingImageError,
+    Samples,
+)
+from medtune.data.images import ImageLoadError, image_transform, load_image
+from medtune.data.mix import mix
+from medtune.data.prompts import (
+    CAPTION_INSTRUCTIONS,
+    VQA_DIRECT,
+    VQA_SHORT_ANSWER,
+    apply_template,
+)
+from medtune.data.sample import IMAGE_MARKER, Message, Sample
+from medtune.data.vqa import slake, vqa_rad
+
+__all__ = [
+    "IMAGE_MARKER",
+    "Message",
+    "Sample",
+    "Samples",
+    "DataError",
+    "MalformedJSONError",
+    "MissingFieldError",
+    "MissingImageError",
+    "ImageLoadError",
+    "load_image",
+    "image_transform",
+    "slake",
+    "vqa_rad",
+    "caption_json",
+    "sharegpt",
+    "llava",
+    "mix",
+    "apply_template",
+    "VQA_DIRECT",
+    "VQA_SHORT_ANSWER",
+    "CAPTION_INSTRUCTIONS",
+]

@@ -1,0 +1,57 @@
+"""Rebuild a trained MedVLM from a medtune checkpoint folder (``output_dir/epoch_k``).
+
+The folder's ``config.yaml`` (the resolved config of the run) names the tokenizer, the model
+builder and the LLM checkpointer; ``model.safetensors`` holds the trained parts. Used by the
+``generate`` and ``eval`` recipes and the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def load_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
+                         llm_dtype: str | None = None, overrides: dict | None = None):
+    """Build tokenizer + model from a run's checkpoint folder and load every weight.
+
+    Args:
+        ckpt_dir: e.g. ``outputs/run1/epoch_2`` (holds ``config.yaml`` and ``model.safetensors``).
+        device: where to put the model.
+        llm_dtype: ``fp32 | bf16`` for the LLM (default: the run's ``llm_dtype``).
+        overrides: dotted-key overrides of the saved config (e.g. a moved ``model_dir``).
+
+    Returns:
+        ``(model, tokenizer, cfg)`` with the model in eval mode.
+    """
+    from torchtune import config, training
+
+    from medtune.models.llama3 import IMAGE_TOKEN, decoder_dtype
+    from medtune.training.checkpointing import load_trained
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg_file = ckpt_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: no config.yaml (expected a medtune checkpoint folder such as "
+                                "output_dir/epoch_0)")
+    cfg: DictConfig = OmegaConf.load(cfg_file)
+    for k, v in (overrides or {}).items():
+        OmegaConf.update(cfg, k, v, force_add=True)
+    dtype = decoder_dtype(llm_dtype or cfg.get("llm_dtype", "fp32"))
+    device = torch.device(device)
+    tokenizer = config.instantiate(cfg.tokenizer)
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    if tokenizer.special_tokens.get(IMAGE_TOKEN) != getattr(model, "image_token_id", None):
+        raise ValueError(f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id")
+    state = config.instantiate(cfg.checkpointer).load_checkpoint()["model"]
+    model.decoder.load_state_dict(state)
+    del state
+    model.decoder.to(dtype)
+    model.encoders.float()
+    model.connectors.float()
+    load_trained(model, ckpt_dir)
+    model.eval()
+    return model, tokenizer, cfg
