@@ -1,0 +1,380 @@
+"""VQA metrics over a predictions JSONL (DESIGN §3 "Metrics"; issue 6 "Scoring").
+
+Every number has a name that says its rule, and :data:`RULES` states each rule in one line.
+Standard library only: ``medtune score`` runs without torch.
+
+medtune's own metrics use :func:`normalize` / :func:`tokens`:
+
+- ``closed_accuracy_strict``: CLOSED rows; right when ``normalize(pred) == normalize(answer)``, or
+  when the answer is ``yes``/``no`` and the first token of the prediction equals it.
+- ``open_exact_match``: OPEN rows; ``normalize(pred) == normalize(answer)``.
+- ``open_token_f1``: OPEN rows; SQuAD-style F1 on token multisets, averaged.
+
+LLaVA-Med-compatible metrics (LLaVA-Med v1 ``llava/eval/run_eval.py`` after its December 2023
+closed-accuracy fix) use :func:`llava_med_normalize`, a re-implementation of its
+``eval_metrics/glossary.py::normalize_word`` with its quirks:
+
+- ``closed_accuracy_llava_med``: CLOSED rows, all in the denominator; right when the normalized
+  prediction holds ``yes`` or ``no`` as a substring and holds the normalized answer as a substring.
+- ``open_recall_llava_med``: OPEN rows; word-count recall of ``calculate_f1score``, averaged.
+- ``open_hit_llava_med``: OPEN rows; the normalized answer is a substring of the normalized prediction.
+
+Rows whose answer is empty after :func:`normalize` are not scored; they are counted in
+``n_skipped_empty_answer``. A row's answer type is its ``answer_type`` stripped and upper-cased;
+rows that are neither CLOSED nor OPEN are counted in ``n_skipped_other_answer_type``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+METRIC_KEYS = (
+    "closed_accuracy_strict",
+    "closed_accuracy_llava_med",
+    "open_exact_match",
+    "open_token_f1",
+    "open_recall_llava_med",
+    "open_hit_llava_med",
+)
+
+RULES: dict[str, str] = {
+    "normalize": "lowercase; every char that is not a letter, digit or whitespace -> space; "
+    "whitespace collapsed; stripped. tokens = normalize(s).split()",
+    "llava_med_normalize": "lowercase, then LLaVA-Med v1 glossary.normalize_word (VQA-v2 answer "
+    "normalization as LLaVA-Med applies it: punctuation deleted or spaced, periods not before a "
+    "digit deleted (at most 32), number words -> digits, articles dropped, contractions, commas "
+    "deleted)",
+    "closed_accuracy_strict": "CLOSED rows: normalize(pred) == normalize(answer), or answer is "
+    "yes/no and the first token of pred equals it; mean over CLOSED rows",
+    "closed_accuracy_llava_med": "CLOSED rows (all in the denominator): llava_med_normalize(pred) "
+    "holds 'yes' or 'no' as a substring and holds llava_med_normalize(answer) as a substring",
+    "open_exact_match": "OPEN rows: normalize(pred) == normalize(answer); mean over OPEN rows",
+    "open_token_f1": "OPEN rows: SQuAD-style F1 on token multisets of tokens(pred), tokens(answer) "
+    "(0 when nothing is shared); mean over OPEN rows",
+    "open_recall_llava_med": "OPEN rows: LLaVA-Med calculate_f1score recall on llava_med_normalize "
+    "words: tp = sum of pred counts of shared words, fn = sum of answer counts of answer words absent "
+    "from pred, tp/(tp+fn), 0 if either side is empty or tp == 0; mean over OPEN rows",
+    "open_hit_llava_med": "OPEN rows: llava_med_normalize(answer) is a substring of "
+    "llava_med_normalize(pred); mean over OPEN rows",
+    "n_skipped_empty_answer": "rows whose answer is empty after normalize(); not scored",
+    "n_skipped_other_answer_type": "rows whose answer_type (stripped, upper-cased) is neither "
+    "CLOSED nor OPEN; not scored",
+}
+
+BREAKDOWN_FIELDS = {
+    "by_dataset": "dataset",
+    "by_answer_type": "answer_type",
+    "by_language": "language",
+    "by_modality": "modality",
+    "by_content_type": "content_type",
+}
+
+# ---------------------------------------------------------------------------------------------
+# medtune's normalization
+# ---------------------------------------------------------------------------------------------
+
+_NON_ALNUM = re.compile(r"[^\w\s]|_")
+
+
+def normalize(s: Any) -> str:
+    """medtune's answer normalization.
+
+    Lowercase; every character that is not a letter, digit or whitespace becomes a space;
+    whitespace collapsed; stripped. Non-strings (VQA-RAD has integer answers) are ``str()``-ed;
+    ``None`` is the empty string.
+
+    Args:
+        s: the text.
+
+    Returns:
+        The normalized text.
+    """
+    if s is None:
+        return ""
+    text = str(s).lower()
+    # \w is letters, digits and underscore (Unicode-aware); the underscore is not a letter.
+    text = _NON_ALNUM.sub(" ", text)
+    return " ".join(text.split())
+
+
+def tokens(s: Any) -> list[str]:
+    """``normalize(s).split()``."""
+    return normalize(s).split()
+
+
+def answer_type_of(row: Mapping[str, Any]) -> str:
+    """The row's answer type, stripped and upper-cased (``CLOSED``, ``OPEN`` or other)."""
+    return str(row.get("answer_type") or "").strip().upper()
+
+
+def closed_strict(prediction: Any, answer: Any) -> bool:
+    """``closed_accuracy_strict`` for one row: see :data:`RULES`."""
+    pred, ans = normalize(prediction), normalize(answer)
+    if pred == ans:
+        return True
+    if ans in ("yes", "no"):
+        pred_tokens = pred.split()
+        return bool(pred_tokens) and pred_tokens[0] == ans
+    return False
+
+
+def open_exact(prediction: Any, answer: Any) -> bool:
+    """``open_exact_match`` for one row: normalized strings equal."""
+    return normalize(prediction) == normalize(answer)
+
+
+def token_f1(prediction: Any, answer: Any) -> float:
+    """SQuAD-style F1 on token multisets (``open_token_f1`` for one row).
+
+    Returns:
+        2PR/(P+R) with P = shared/len(pred tokens), R = shared/len(answer tokens), where shared is
+        the size of the multiset intersection; 0.0 when nothing is shared.
+    """
+    pred_toks, ans_toks = tokens(prediction), tokens(answer)
+    shared = sum((Counter(pred_toks) & Counter(ans_toks)).values())
+    if shared == 0:
+        return 0.0
+    precision = shared / len(pred_toks)
+    recall = shared / len(ans_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-Med v1 normalization (llava/eval/eval_metrics/glossary.py::normalize_word)
+# ---------------------------------------------------------------------------------------------
+
+# The VQA evaluation's punctuation list, in its order (the period is handled separately).
+LLAVA_MED_PUNCT = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+    ",", "?", "!",
+)  # fmt: skip
+# A period not followed by a digit. LLaVA-Med writes "(?!<=\d)(\.)(?!\d)"; its "(?!<=\d)" is a
+# (mistyped) negative look-ahead for the text "<=digit", which can never match at a ".", so only
+# the trailing "(?!\d)" matters.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# LLaVA-Med calls period_strip.sub("", text, re.UNICODE): the flag lands in `count` (re.UNICODE
+# == 32), so at most 32 periods are deleted.
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
+
+LLAVA_MED_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+LLAVA_MED_ARTICLES = ("a", "an", "the")
+# The VQA evaluation's contractions table as LLaVA-Med's glossary.py holds it (its capitalised
+# keys never match lowercased text; "somebody'd" -> "somebodyd" is its own oddity, kept).
+LLAVA_MED_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}  # fmt: skip
+
+
+def llava_med_normalize(s: Any) -> str:
+    """LLaVA-Med v1's text normalization (``.lower()`` then ``normalize_word``), quirks included.
+
+    1. Lowercase.
+    2. For each mark of :data:`LLAVA_MED_PUNCT`: if the mark stands next to a space anywhere in the
+       (lowercased input) text, or the text holds a comma between two digits anywhere, every
+       occurrence of the mark is deleted; otherwise every occurrence becomes a space. The test is
+       made on the input text, not on the text as earlier marks left it.
+    3. Periods not followed by a digit are deleted, at most 32 of them (left to right).
+    4. Split on whitespace; each word through the number-word table; articles dropped; the
+       contractions table applied; joined with single spaces.
+    5. All commas deleted.
+
+    Args:
+        s: the text (non-strings are ``str()``-ed, ``None`` is empty).
+
+    Returns:
+        The normalized text.
+    """
+    if s is None:
+        return ""
+    text = str(s).lower()
+    out = text
+    has_digit_comma = _COMMA_STRIP.search(text) is not None
+    for p in LLAVA_MED_PUNCT:
+        if (p + " " in text or " " + p in text) or has_digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
+    words = []
+    for word in out.lower().split():
+        word = LLAVA_MED_NUMBERS.get(word, word)
+        if word not in LLAVA_MED_ARTICLES:
+            words.append(LLAVA_MED_CONTRACTIONS.get(word, word))
+    return " ".join(words).replace(",", "")
+
+
+def closed_llava_med(prediction: Any, answer: Any) -> bool:
+    """``closed_accuracy_llava_med`` for one row: see :data:`RULES`."""
+    pred, ans = llava_med_normalize(prediction), llava_med_normalize(answer)
+    return ("yes" in pred or "no" in pred) and ans in pred
+
+
+def recall_llava_med(prediction: Any, answer: Any) -> float:
+    """``open_recall_llava_med`` for one row (LLaVA-Med's ``calculate_f1score`` recall).
+
+    Words are the whitespace tokens of :func:`llava_med_normalize`. tp sums, over words in both,
+    their count in the *prediction*; fn sums, over answer words absent from the prediction, their
+    count in the answer. Recall is tp / (tp + fn); 0 when either side has no words or tp == 0.
+    """
+    pred = Counter(llava_med_normalize(prediction).split())
+    ans = Counter(llava_med_normalize(answer).split())
+    if not pred or not ans:
+        return 0.0
+    tp = sum(count for word, count in pred.items() if word in ans)
+    fn = sum(count for word, count in ans.items() if word not in pred)
+    if tp == 0:
+        return 0.0
+    return tp / (tp + fn)
+
+
+def hit_llava_med(prediction: Any, answer: Any) -> bool:
+    """``open_hit_llava_med`` for one row: normalized answer is a substring of the prediction."""
+    return llava_med_normalize(answer) in llava_med_normalize(prediction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def score_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Per-row scores, or ``None`` when the row is not scored.
+
+    Args:
+        row: a predictions row (needs ``answer``, ``prediction``, ``answer_type``).
+
+    Returns:
+        ``{"answer_type": "CLOSED", "closed_accuracy_strict": 1.0, ...}`` with the metrics that
+        apply to the row's answer type, or ``None`` when the answer is empty after
+        :func:`normalize` or the answer type is neither CLOSED nor OPEN.
+    """
+    answer, prediction = row.get("answer"), row.get("prediction")
+    if not normalize(answer):
+        return None
+    kind = answer_type_of(row)
+    if kind == "CLOSED":
+        return {
+            "answer_type": kind,
+            "closed_accuracy_strict": float(closed_strict(prediction, answer)),
+            "closed_accuracy_llava_med": float(closed_llava_med(prediction, answer)),
+        }
+    if kind == "OPEN":
+        return {
+            "answer_type": kind,
+            "open_exact_match": float(open_exact(prediction, answer)),
+            "open_token_f1": token_f1(prediction, answer),
+            "open_recall_llava_med": recall_llava_med(prediction, answer),
+            "open_hit_llava_med": float(hit_llava_med(prediction, answer)),
+        }
+    return None
+
+
+def _aggregate(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    n_closed = n_open = n_empty = n_other = 0
+    sums = dict.fromkeys(METRIC_KEYS, 0.0)
+    for row in rows:
+        if not normalize(row.get("answer")):
+            n_empty += 1
+            continue
+        scores = score_row(row)
+        if scores is None:
+            n_other += 1
+            continue
+        if scores["answer_type"] == "CLOSED":
+            n_closed += 1
+        else:
+            n_open += 1
+        for key in METRIC_KEYS:
+            if key in scores:
+                sums[key] += scores[key]
+    out: dict[str, Any] = {
+        "n_rows": len(rows),
+        "n_closed": n_closed,
+        "n_open": n_open,
+        "n_skipped_empty_answer": n_empty,
+        "n_skipped_other_answer_type": n_other,
+    }
+    for key in METRIC_KEYS:
+        denom = n_closed if key.startswith("closed_") else n_open
+        out[key] = sums[key] / denom if denom else None
+    return out
+
+
+def _group_value(row: Mapping[str, Any], field: str) -> str | None:
+    if field == "answer_type":
+        return answer_type_of(row) or None
+    value = row.get(field)
+    if value is None and field == "language":
+        value = row.get("q_lang")  # SLAKE's own name for it
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
+
+
+def score_predictions(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """All metrics over predictions rows, with breakdowns.
+
+    Args:
+        rows: predictions rows (DESIGN §3 schema).
+
+    Returns:
+        A JSON-able dict: ``n_rows``, ``n_closed``, ``n_open``, ``n_skipped_empty_answer``,
+        ``n_skipped_other_answer_type``, each metric of :data:`METRIC_KEYS` (``None`` when its
+        denominator is 0), ``by_dataset`` / ``by_answer_type`` / ``by_language`` /
+        ``by_modality`` / ``by_content_type`` (present only when some row has that field; each
+        maps a value to the same block; ``language`` falls back to SLAKE's ``q_lang``), ``checkpoints`` (distinct ``checkpoint`` values) and
+        ``rules`` (one line per metric).
+    """
+    rows = list(rows)
+    result = _aggregate(rows)
+    for key, field in BREAKDOWN_FIELDS.items():
+        groups: dict[str, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            value = _group_value(row, field)
+            if value is not None:
+                groups.setdefault(value, []).append(row)
+        if groups:
+            result[key] = {value: _aggregate(groups[value]) for value in sorted(groups)}
+    checkpoints = sorted({str(r["checkpoint"]) for r in rows if r.get("checkpoint") is not None})
+    result["checkpoints"] = checkpoints
+    result["rules"] = dict(RULES)
+    return result
