@@ -49,9 +49,11 @@ def medvlm(
         connectors = {"fused": build_connector(kind, width, d, **kw.get("fused", kw))}
     else:
         connectors = {}
+        # kwargs keyed by encoder names (each a dict) apply per encoder; others apply to all
+        keyed = bool(kw) and all(k in encoders and isinstance(v, dict) for k, v in kw.items())
         for name, enc in encoders.items():
             kind = connector if isinstance(connector, str) else connector[name]
-            args = kw.get(name, kw) if isinstance(kw.get(name), dict) else kw
+            args = kw.get(name, {}) if keyed else kw
             connectors[name] = build_connector(kind, enc.out_dim, d, **args)
     return MedVLM(decoder, encoders, connectors, image_token_id=image_token_id, fuse=fuse)
 

@@ -14,6 +14,7 @@ yields one token, the model's pooled (for open_clip: projected) embedding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -95,6 +96,19 @@ class VisionEncoder(nn.Module):
             target.set_grad_checkpointing(enable)
 
 
+@contextlib.contextmanager
+def _fp32_default():
+    """Build towers in fp32 whatever the caller's default dtype (a recipe may build the whole model
+    under bf16 for the frozen LLM): pretrained weights then load without bf16 rounding, and trained
+    encoders keep fp32 master weights."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def _timm_patch_tokens(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     feats = trunk.forward_features(images)
     if feats.ndim == 4:  # [b, C, H, W] (e.g. SAM's neck output) -> [b, H*W, C]
@@ -169,7 +183,8 @@ def _build_open_clip_visual(config: dict, output: str, device: torch.device | st
     mc = config["model_cfg"]
     vcfg = dict(mc["vision_cfg"])
     embed_dim = mc["embed_dim"]
-    with torch.device(device or "cpu"):
+    # device None: build where the caller's context says (e.g. ``with torch.device("meta")``)
+    with torch.device(device) if device is not None else contextlib.nullcontext(), _fp32_default():
         visual = _build_vision_tower(embed_dim, vcfg, quick_gelu=mc.get("quick_gelu", False))
     size = vcfg.get("image_size", 224)
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
@@ -255,7 +270,8 @@ def timm_vision(
 
     if image_size is not None:
         model_kwargs["img_size"] = image_size
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
+    with _fp32_default():
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
     if checkpoint_path is not None:
         if checkpoint_path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -14,15 +14,12 @@ from pathlib import Path
 
 import torch
 from torchtune.models.llama3 import Llama3Tokenizer, llama3, llama3_8b, llama3_70b
-from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
 from torchtune.models.llama3_1 import llama3_1, llama3_1_8b, llama3_1_70b
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tokenizers import parse_hf_tokenizer_json
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The reserved special token whose id marks image positions in a prompt."""
-
-_CANONICAL_FIRST_SPECIAL = 128000
 
 __all__ = [
     "IMAGE_TOKEN",
@@ -40,14 +37,46 @@ __all__ = [
 ]
 
 
+# Llama-3.1's 256 special tokens (ids 128000..128255), by offset. torchtune's LLAMA3_SPECIAL_TOKENS
+# follows Llama-3.2 instead (``<|step_id|>`` at +5, ``<|video|>`` at +12, nothing at +11), so it is not
+# used to lay out a tokenizer.
+_LLAMA31_SPECIAL_OFFSETS: dict[str, int] = {
+    "<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|reserved_special_token_0|>": 2,
+    "<|reserved_special_token_1|>": 3, "<|finetune_right_pad_id|>": 4, "<|reserved_special_token_2|>": 5,
+    "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eom_id|>": 8, "<|eot_id|>": 9, "<|python_tag|>": 10,
+    **{f"<|reserved_special_token_{i}|>": 11 + i - 3 for i in range(3, 248)},
+}
+# Names torchtune's Llama3Tokenizer requires. A real Llama-3.0 tokenizer.json lacks the first three
+# (its ids 128004/128008/128010 are reserved tokens there): they get the 3.1 ids, as torchtune's own
+# table gives them. No Llama-3 / 3.1 text vocabulary has the last three: they get ids past the end
+# of the vocabulary, so they can never collide with a real token.
+_REQUIRED_AT_31_ID = ("<|finetune_right_pad_id|>", "<|eom_id|>", "<|python_tag|>")
+_REQUIRED_PAST_END = ("<|image|>", "<|step_id|>", "<|video|>")
+
+
 def special_tokens_for_base_vocab(n_base: int) -> dict[str, int]:
     """Llama-3's special tokens laid out after a base vocabulary of ``n_base`` ranks.
 
     The real tokenizer has 128,000 base ranks followed by 256 special tokens; a tiny tokenizer keeps
-    the same names and order at ``n_base + offset``. ``<|image|>`` (Llama-3.2 Vision, beyond the
-    text models' embedding table) is placed right after the 256 specials, as in torchtune.
+    the same names and order (Llama-3.1's) at ``n_base + offset``. ``<|image|>`` (Llama-3.2 Vision,
+    beyond the text models' embedding table) is placed right after the 256 specials, as in torchtune.
     """
-    return {name: n_base + (idx - _CANONICAL_FIRST_SPECIAL) for name, idx in LLAMA3_SPECIAL_TOKENS.items()}
+    out = {name: n_base + off for name, off in _LLAMA31_SPECIAL_OFFSETS.items()}
+    out["<|image|>"] = n_base + 256
+    return out
+
+
+def _complete_specials(special: dict[str, int]) -> dict[str, int]:
+    special = dict(special)
+    if "<|begin_of_text|>" not in special:
+        raise ValueError("special tokens lack <|begin_of_text|>: not a Llama-3 tokenizer")
+    first = special["<|begin_of_text|>"]
+    for name in _REQUIRED_AT_31_ID:
+        special.setdefault(name, first + _LLAMA31_SPECIAL_OFFSETS[name])
+    for name in _REQUIRED_PAST_END:
+        if name not in special:
+            special[name] = max(special.values()) + 1
+    return special
 
 
 def _count_ranks(path: str | Path) -> int:
@@ -65,8 +94,8 @@ def llama3_tokenizer(
     Args:
         path: the tiktoken rank file (``original/tokenizer.model`` in a Meta/HF download).
         special_tokens_path: an HF ``tokenizer.json`` whose ``added_tokens`` give the special ids.
-            When omitted, the canonical ids are used for the full 128,000-rank vocabulary, and
-            :func:`special_tokens_for_base_vocab` for smaller (test) vocabularies.
+            When omitted, :func:`special_tokens_for_base_vocab` lays them out after the base ranks
+            (128000.. for the real vocabulary).
         max_seq_len: truncate tokenized samples to this length.
 
     Returns:
@@ -82,12 +111,10 @@ def llama3_tokenizer(
             raise FileNotFoundError(f"special tokens file not found: {special_tokens_path}")
         special = parse_hf_tokenizer_json(special_tokens_path)
     else:
-        n_base = _count_ranks(path)
-        special = None if n_base == _CANONICAL_FIRST_SPECIAL else special_tokens_for_base_vocab(n_base)
-    if special is not None and IMAGE_TOKEN not in special:
+        special = special_tokens_for_base_vocab(_count_ranks(path))
+    if IMAGE_TOKEN not in special:
         raise ValueError(f"{special_tokens_path or path}: tokenizer lacks the image placeholder {IMAGE_TOKEN}")
-    if special is not None and "<|image|>" not in special:
-        special = {**special, "<|image|>": max(special.values()) + 1}
+    special = _complete_specials(special)  # e.g. a real Llama-3 tokenizer.json has no <|step_id|>
     return Llama3Tokenizer(path=path, special_tokens=special, max_seq_len=max_seq_len)
 
 

@@ -1,0 +1,67 @@
+"""Session-wide fixtures shared by tests/models, tests/training and tests/recipes.
+
+``tiny_assets`` builds the generated tiny assets (tokenizer, tiny Llama-3 in HF + Meta layouts, tiny
+open_clip hub folder, synthetic SLAKE-layout set) once, into a cache folder keyed by a content hash
+of the generator modules and the set sizes. A file lock makes parallel xdist workers (and parallel
+pytest runs) wait for one builder instead of building concurrently; later runs reuse the folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import medtune.models.llama3 as _llama3_mod
+import medtune.testing.assets as _assets_mod
+import medtune.testing.synthetic as _synthetic_mod
+import medtune.training.export as _export_mod
+
+# Smaller than the demo's (384/96/96): enough for the small-scale demo-gap test, quick to write.
+TINY_SIZES = {"n_train": 288, "n_val": 32, "n_test": 96, "seed": 0}
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _assets_key() -> str:
+    h = hashlib.sha256()
+    for mod in (_assets_mod, _synthetic_mod, _llama3_mod, _export_mod):  # the tokenizer and HF layouts
+        h.update(Path(mod.__file__).read_bytes())
+    h.update(repr(sorted(TINY_SIZES.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def build_cached_tiny_assets() -> Path:
+    """Build (or reuse) the tiny assets under ``$MEDTUNE_TEST_ASSETS`` or ``/tmp/medtune-test-assets``."""
+    from medtune.testing.assets import make_tiny_assets
+
+    base = Path(os.environ.get("MEDTUNE_TEST_ASSETS", Path(tempfile.gettempdir()) / "medtune-test-assets"))
+    base.mkdir(parents=True, exist_ok=True)
+    out = base / _assets_key()
+    with open(base / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / ".complete").exists():
+                # a half-written folder from a killed build: start over (make_tiny_assets reuses
+                # only a folder marked complete)
+                if out.exists():
+                    shutil.rmtree(out)
+                tmp = base / f"{out.name}.building"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                make_tiny_assets(tmp, **TINY_SIZES)
+                os.replace(tmp, out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_assets() -> Path:
+    """Root folder of the tiny assets (read-only: copy before damaging anything)."""
+    return build_cached_tiny_assets()
