@@ -13,7 +13,7 @@ default from the tokenizer) or after ``max_new_tokens``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +91,7 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    sync_next: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Generate continuations for a batch of prompts.
 
@@ -105,6 +106,10 @@ def generate(
         temperature, top_k, top_p: sampling (temperature 0 = greedy).
         generator: RNG for sampling.
         use_cache: KV cache (True) or full recomputation each step (False; for checks).
+        sync_next: called on every step's sampled tokens [b] before they are used; returns the
+            tokens to use. An FSDP-sharded model passes a broadcast from rank 0 here, so that all
+            ranks feed the same tokens and stop at the same step (a rank that stopped early would
+            leave the others waiting in an all-gather). None: the sampled tokens as they are.
 
     Returns:
         Generated ids per prompt, without the prompt and without the stop token.
@@ -134,7 +139,8 @@ def generate(
     if use_cache:
         if decoder.caches_are_setup():
             decoder.reset_caches()
-        decoder.setup_caches(bsz, cache_dtype, decoder_max_seq_len=total)
+        with device:  # torchtune's KVCache allocates on the default device
+            decoder.setup_caches(bsz, cache_dtype, decoder_max_seq_len=total)
     try:
         if use_cache:
             logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
@@ -144,6 +150,8 @@ def generate(
                               mask=masks[:, :plen, :plen], input_pos=input_pos[:, :plen])
         for step in range(max_new_tokens):
             nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            if sync_next is not None:
+                nxt = sync_next(nxt)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             is_stop = torch.isin(nxt, stop)
             for i in torch.nonzero(~done & ~is_stop).flatten().tolist():

@@ -26,8 +26,12 @@ Features (all set in the config):
   ``medtune.eval.judge.build_local_judge``: a local torchtune Llama-3 Instruct (Meta or HF
   checkpoint through a torchtune checkpointer) through medtune's batched, KV-cached greedy
   generation; ``judge.quantize: nf4`` holds the decoder's linears in NF4 (torchao), so 70B fits one
-  80 GB GPU. Sharded over several processes (``medtune run --nproc_per_node N``) is NOT WIRED YET:
-  it stops with NotImplementedError.
+  80 GB GPU. Under ``medtune run --nproc_per_node N`` (config ``llama3_70b_sharded``) the decoder
+  is sharded with FSDP2 over the N processes (NCCL on CUDA, one GPU each; gloo on CPU), built on
+  the meta device and filled from the checkpoint read by rank 0 only. Rank 0 runs the judge loop
+  and broadcasts each batch of prompts; the other ranks run the same batches (FSDP needs every
+  rank in every forward) and, at every decode step, take rank 0's greedy tokens, so all ranks
+  stop together. Only rank 0 reads or writes ``verdicts.jsonl`` and the summaries.
 - **Resumable**: ``output_dir/verdicts.jsonl`` is an append-only cache keyed by (judge name,
   prompt hash, row), flushed after every verdict. A killed run started again judges only what is
   missing: no verdict lost, none duplicated. A row whose prediction changed is judged again.
@@ -63,8 +67,7 @@ from medtune.eval.judge import (
 )
 from medtune.eval.predictions import PredictionsError, read_predictions
 
-# The local 70B judge is meant to run sharded under torchrun (llama3_70b_sharded); that path is not
-# wired yet and stops with NotImplementedError.
+# The local judge runs sharded under torchrun (llama3_70b_sharded); the openai backend refuses it.
 SUPPORTS_DISTRIBUTED = True
 
 
@@ -119,18 +122,28 @@ class VQAJudgeRecipe:
             f"{len(self.rows)} predictions from {len(self.files)} file(s); "
             f"judge {self.backend.name}"
         )
+        shards = getattr(self.backend, "generate_texts", None)
+        if self.world_size > 1 and getattr(shards, "total_numel", 0):
+            print(
+                f"vqa_judge: rank {self.rank}/{self.world_size} holds {shards.local_numel:,} of "
+                f"{shards.total_numel:,} judge parameters (FSDP2 shards)",
+                flush=True,
+            )
 
     def run(self) -> dict[str, Any]:
         """Judge every row (reusing cached verdicts), then write the summaries.
 
         Returns:
-            The summary dict (also written to ``summary.json``).
+            The summary dict (also written to ``summary.json``); ``{}`` on ranks other than 0.
         """
         cfg = self.cfg
         verdicts_path = Path(cfg.get("verdicts_file") or self.output_dir / "verdicts.jsonl")
-        # Only rank 0 writes; other ranks (sharded local judge) take part in generation only.
         if self.rank != 0:
-            raise NotImplementedError("sharded judging lands with the local backend")
+            # Sharded local judge: this rank only takes part in rank 0's generate calls; it never
+            # opens verdicts.jsonl or writes a summary.
+            n = self.backend.follow()
+            print(f"vqa_judge: rank {self.rank}: followed {n} batch(es) of rank 0", flush=True)
+            return {}
         with VerdictStore(verdicts_path) as store:
             verdicts = run_judge(
                 self.rows,
@@ -155,7 +168,8 @@ class VQAJudgeRecipe:
         return summary
 
     def cleanup(self) -> None:
-        """Nothing to release for the HTTP backend; the local backend frees its model here."""
+        """Release the backend: nothing for HTTP; the sharded local judge stops its followers
+        (rank 0), meets them at a barrier and destroys the process group."""
         close = getattr(self.backend, "close", None)
         if callable(close):
             close()
