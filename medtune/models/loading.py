@@ -30,6 +30,7 @@ def load_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu
 
     from medtune.models.llama3 import IMAGE_TOKEN, decoder_dtype
     from medtune.training.checkpointing import load_trained
+    from medtune.training.export import is_adapter_key
 
     ckpt_dir = Path(ckpt_dir)
     cfg_file = ckpt_dir / "config.yaml"
@@ -47,11 +48,21 @@ def load_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu
     if tokenizer.special_tokens.get(IMAGE_TOKEN) != getattr(model, "image_token_id", None):
         raise ValueError(f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id")
     state = config.instantiate(cfg.checkpointer).load_checkpoint()["model"]
-    model.decoder.load_state_dict(state)
+    # LoRA/DoRA runs: the base checkpoint lacks the adapters, which come from model.safetensors below.
+    missing, unexpected = model.decoder.load_state_dict(state, strict=False)
+    adapters = {f"decoder.{k}" for k in missing if is_adapter_key(k)}
+    missing = [k for k in missing if not is_adapter_key(k)]
+    if missing or unexpected:
+        raise ValueError(f"{cfg_file}: the LLM checkpoint does not match the model builder: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
     del state
     model.decoder.to(dtype)
     model.encoders.float()
     model.connectors.float()
-    load_trained(model, ckpt_dir)
+    absent = adapters - set(load_trained(model, ckpt_dir))
+    if absent:
+        raise ValueError(f"{ckpt_dir}: the model has LoRA adapters that model.safetensors lacks, "
+                         f"e.g. {sorted(absent)[:3]}")
     model.eval()
     return model, tokenizer, cfg

@@ -5,6 +5,8 @@
     out/llama3_tiny/                     # same layout as a Meta-Llama-3-8B-Instruct HF download
         config.json  model.safetensors  tokenizer.json  generation_config.json
         original/consolidated.00.pth  original/params.json  original/tokenizer.model
+    out/llama3_tiny256/                  # a 256-wide, 1-layer, random Llama-3 (HF layout) that
+        config.json  model.safetensors   # torchao NF4 can quantize (QLoRA demo); same tokenizer
     out/tiny_clip/                       # open_clip hub layout, like BiomedCLIP's HF repo
         open_clip_config.json  open_clip_pytorch_model.bin
     out/tiny_slake/Slake1.0/             # synthetic SLAKE-schema VQA set (see medtune.testing.synthetic)
@@ -25,11 +27,7 @@ from pathlib import Path
 import torch
 
 # Words the synthetic data and chat format use get whole-word BPE merges so sequences stay short.
-_WORDS = """user assistant system the a an is of in on which what where side organ lesion image
-scan modality shown this there yes no left right upper lower lung liver kidney brain heart spleen
-ct mri x ray xray t1 t2 abnormal normal does contain have has any abnormality answer with single
-word or phrase describe medical picture question location located appear appears region found
-bright dark spot circle square shape how many one two three zero none""".split()
+_WORDS = ["user", "assistant", "system", "the", "a", "an", "is", "of", "in", "on", "which", "what", "where", "side", "organ", "lesion", "image", "scan", "modality", "shown", "this", "there", "yes", "no", "left", "right", "upper", "lower", "lung", "liver", "kidney", "brain", "heart", "spleen", "ct", "mri", "x", "ray", "xray", "t1", "t2", "abnormal", "normal", "does", "contain", "have", "has", "any", "abnormality", "answer", "with", "single", "word", "or", "phrase", "describe", "medical", "picture", "question", "location", "located", "appear", "appears", "region", "found", "bright", "dark", "spot", "circle", "square", "shape", "how", "many", "one", "two", "three", "zero", "none"]
 
 TINY_LLAMA = dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_dim=128, max_seq_len=512)
 TINY_CLIP = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, embed_dim=48)
@@ -196,6 +194,26 @@ def write_llama(llama_dir: Path, vocab_size: int, seed: int = 0, pretrain_steps:
     (llama_dir / "original" / "params.json").write_text(json.dumps(params, indent=2))
 
 
+def write_llama_256(out_dir: Path, like: Path, seed: int = 0) -> None:
+    """Write a random 256-wide, 1-layer Llama-3 in HF layout with ``like``'s vocabulary.
+
+    torchao's NF4 quantizes in blocks of 64 values with scalers in blocks of 256, so QLoRA needs
+    weights whose sizes are multiples of 256; the 64-wide ``llama3_tiny`` cannot be quantized.
+    """
+    from medtune.models.llama3 import llama3_tiny
+    from medtune.training.export import save_hf
+
+    cfg = json.loads((like / "config.json").read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    torch.manual_seed(seed)
+    model = llama3_tiny(cfg["vocab_size"], embed_dim=256, num_layers=1, num_heads=4, num_kv_heads=2,
+                        intermediate_dim=512, max_seq_len=cfg["max_position_embeddings"])
+    save_hf(model.state_dict(), out_dir, out_dir / "config.json")
+
+
 def write_open_clip(clip_dir: Path, seed: int = 0) -> None:
     """Write a tiny open_clip model in hub layout (``open_clip_config.json`` + weights).
 
@@ -233,6 +251,7 @@ def make_tiny_assets(out: str | Path, *, n_train: int = 384, n_val: int = 96, n_
     assets.root.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(assets.llama_dir)
     write_llama(assets.llama_dir, vocab, seed=seed)
+    write_llama_256(assets.root / "llama3_tiny256", assets.llama_dir, seed=seed)
     write_open_clip(assets.clip_dir, seed=seed)
     write_synthetic_slake(assets.slake_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
     done.write_text("ok\n")

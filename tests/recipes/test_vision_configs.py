@@ -3,7 +3,7 @@ build on the meta device with the real models' parameter counts."""
 
 from __future__ import annotations
 
-import ast
+import runpy
 from pathlib import Path
 
 import pytest
@@ -25,11 +25,7 @@ MLP_768_4096 = 768 * 4096 + 4096 + 4096 * 4096 + 4096
 
 
 def _known_keys() -> set[str]:
-    tree = ast.parse((REPO / "recipes" / "vision_finetune.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "KNOWN_KEYS":
-            return set(ast.literal_eval(node.value))
-    raise AssertionError("KNOWN_KEYS not found")
+    return set(runpy.run_path(str(REPO / "recipes" / "vision_finetune.py"), run_name="recipe")["KNOWN_KEYS"])
 
 
 @pytest.mark.parametrize("name", ["slake", "vqa_rad", "roco", "demo"])

@@ -1,0 +1,186 @@
+"""Exports of a fine-tuned Llama-3 in the layouts other tools load.
+
+- :func:`save_hf`: the LLM as HF ``LlamaForCausalLM`` safetensors (``model.safetensors`` +
+  ``config.json``, plus the base folder's tokenizer/generation files when present), converted with
+  torchtune's ``convert_weights.tune_to_hf`` (q/k rows permuted back to HF's rotary layout).
+- :func:`save_peft_adapter`: LoRA / DoRA adapters in PEFT layout (``adapter_model.safetensors`` +
+  ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained(hf_model, folder)``.
+- :func:`peft_without_torchao`: load such adapters with ``peft`` 0.21 in medtune's environment
+  (peft refuses torchao < 0.16, which torchtune 0.6.1 needs; see the function).
+- :func:`merge_lora`: base + ``alpha / r * B @ A`` (DoRA: rescaled by the magnitude) folded into the
+  base weights (torchtune's ``get_merged_lora_ckpt``), giving a plain Llama-3 state dict.
+
+State dicts here use torchtune's decoder names (``layers.0.attn.q_proj.weight``), without
+MedVLM's ``decoder.`` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+LLM_DIR = "llm"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+HF_MODEL_FILE = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json")
+
+
+def _shape(hf_config: str | Path) -> dict:
+    cfg = json.loads(Path(hf_config).read_text())
+    return {"num_heads": cfg["num_attention_heads"],
+            "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            "dim": cfg["hidden_size"], "head_dim": cfg.get("head_dim")}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def is_adapter_key(name: str) -> bool:
+    """torchtune's LoRA/DoRA parameter names: ``...lora_a.weight``, ``...lora_b.weight``, ``...magnitude``."""
+    return "lora_" in name or name.endswith("magnitude")
+
+
+def save_hf(state: dict[str, torch.Tensor], out_dir: str | Path, hf_config: str | Path) -> Path:
+    """Write a torchtune Llama-3 state dict as an HF checkpoint folder.
+
+    Args:
+        state: torchtune names -> tensors (adapter keys, if any, are dropped: merge first).
+        out_dir: folder to write (``model.safetensors`` + the base folder's ``config.json`` etc.).
+        hf_config: the base model's HF ``config.json`` (gives the head layout; copied along with
+            the tokenizer/generation files beside it).
+
+    Returns:
+        The ``model.safetensors`` path.
+    """
+    from torchtune.models.convert_weights import tune_to_hf
+
+    s = _shape(hf_config)
+    base = {k: v for k, v in state.items() if not is_adapter_key(k)}
+    hf = tune_to_hf(base, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], dim=s["dim"],
+                    head_dim=s["head_dim"])
+    out = Path(out_dir)
+    _save(hf, out / HF_MODEL_FILE)
+    for name in _COPIED:
+        src = Path(hf_config).parent / name
+        if src.is_file() and src.resolve() != (out / name).resolve():
+            shutil.copyfile(src, out / name)
+    return out / HF_MODEL_FILE
+
+
+def save_peft_adapter(state: dict[str, torch.Tensor], settings: dict, out_dir: str | Path,
+                      hf_config: str | Path, base_model: str | None = None) -> Path:
+    """Write the adapters of a torchtune LoRA/DoRA Llama-3 in PEFT layout.
+
+    Args:
+        state: torchtune names -> tensors; only adapter keys are used (``lora_a`` [r, in],
+            ``lora_b`` [out, r], ``magnitude`` [out]).
+        settings: ``{"r", "lora_alpha", "target_modules" (torchtune names), "use_dora"}``
+            (:func:`medtune.models.lora.lora_settings`).
+        out_dir: folder to write.
+        hf_config: the base model's HF ``config.json`` (head layout for the q/k permutation).
+        base_model: ``base_model_name_or_path`` recorded in the config.
+
+    Returns:
+        The folder.
+    """
+    from torchtune.models.convert_weights import (
+        tune_to_peft_adapter_config,
+        tune_to_peft_adapter_weights,
+    )
+
+    s = _shape(hf_config)
+    adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
+    if not adapters:
+        raise ValueError("save_peft_adapter: the state dict holds no LoRA/DoRA weights")
+    weights = tune_to_peft_adapter_weights(adapters, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
+                                           dim=s["dim"], head_dim=s["head_dim"])
+    _permute_dora_magnitudes(weights, s)
+    cfg = tune_to_peft_adapter_config({"r": settings["r"], "lora_alpha": settings["lora_alpha"],
+                                       "target_modules": list(settings["target_modules"])}, base_model)
+    cfg.update(peft_type="LORA", task_type="CAUSAL_LM", use_dora=bool(settings.get("use_dora", False)),
+               lora_dropout=float(settings.get("lora_dropout", 0.0)), bias="none", fan_in_fan_out=False,
+               inference_mode=True)
+    out = Path(out_dir)
+    _save(weights, out / ADAPTER_WEIGHTS)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _permute_dora_magnitudes(weights: dict[str, torch.Tensor], shape: dict) -> None:
+    """Put q/k DoRA magnitudes [out] into HF's rotary row order, in place.
+
+    torchtune's ``tune_to_peft_adapter_weights`` permutes the q/k ``lora_B`` rows from torchtune's
+    interleaved rotary layout to HF's half-split one but leaves the per-row magnitudes in torchtune's
+    order, so a DoRA adapter would scale the wrong rows in PEFT.
+    """
+    head_dim = shape["head_dim"] or shape["dim"] // shape["num_heads"]
+    for key, value in weights.items():
+        if key.endswith("lora_magnitude_vector") and (".q_proj." in key or ".k_proj." in key):
+            n_heads = shape["num_heads"] if ".q_proj." in key else shape["num_kv_heads"]
+            weights[key] = value.view(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def merge_lora(state: dict[str, torch.Tensor], settings: dict) -> dict[str, torch.Tensor]:
+    """Fold the adapters into the base weights (a copy; ``state`` is untouched).
+
+    Args:
+        state: torchtune names -> tensors, base weights (dequantized if NF4) and adapters.
+        settings: ``{"r", "lora_alpha"}``.
+
+    Returns:
+        A plain Llama-3 state dict (no adapter keys), base dtype kept.
+    """
+    from torchtune.modules.peft import get_merged_lora_ckpt
+
+    dtypes = {k: v.dtype for k, v in state.items()}
+    work = {k: v.float().clone() for k, v in state.items()}
+    merged = get_merged_lora_ckpt(work, rank=settings["r"], alpha=settings["lora_alpha"])
+    return {k: v.to(dtypes[k]) for k, v in merged.items()}
+
+
+@contextlib.contextmanager
+def peft_without_torchao() -> Iterator[None]:
+    """Let ``peft`` load LoRA adapters onto plain ``nn.Linear`` layers beside torchao 0.15.
+
+    peft 0.21 probes for torchao-quantized layers while injecting adapters, and its probe raises
+    ``ImportError`` for torchao < 0.16 instead of answering "not available". medtune pins torchao
+    0.15 (0.16 breaks torchtune 0.6.1), so inside this context peft is told torchao is absent;
+    nothing is quantized by torchao in an HF model loaded from safetensors anyway.
+
+    Example:
+        >>> with peft_without_torchao():
+        ...     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), "epoch_0/adapter")
+    """
+    import importlib
+
+    names = ("peft.import_utils", "peft.tuners.lora.torchao", "peft.utils.quantization_utils")
+    saved = []
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "is_torchao_available"):
+            saved.append((mod, mod.is_torchao_available))
+            mod.is_torchao_available = lambda: False
+    try:
+        yield
+    finally:
+        for mod, fn in saved:
+            mod.is_torchao_available = fn
