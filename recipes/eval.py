@@ -71,6 +71,7 @@ from torchtune import config
 from medtune.data.errors import DataError
 from medtune.data.prompts import VQA_DIRECT, VQA_SHORT_ANSWER, apply_template, format_template
 from medtune.data.sample import Message, Sample
+from medtune.eval.caption_metrics import CAPTION_METRIC_KEYS
 from medtune.eval.predictions import PredictionsError, read_predictions, write_prediction
 from medtune.eval.vqa_metrics import METRIC_KEYS, score_predictions
 
@@ -105,7 +106,7 @@ KNOWN_KEYS = {
 }
 PROMPT_MODES = ("direct", "describe_then_answer")
 DESCRIBE_LAYOUTS = ("conversation", "text")
-CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+CAPTION_METRICS = CAPTION_METRIC_KEYS
 DEFAULT_DESCRIBE_PROMPT = "Describe the medical image."
 DEFAULT_CONTEXT_TEMPLATE = "Image description: {description}\n\n{question}"
 
@@ -659,22 +660,9 @@ class EvalRecipe:
         """VQA: ``medtune score``'s JSON; captions: ``caption_scores`` (+ ``predictions``)."""
         out: dict[str, Any] = {"predictions": str(pred_path)}
         if task == "caption":
-            from medtune.eval.caption_metrics import CAPTION_RULES, caption_scores
+            from medtune.eval.caption_metrics import score_caption_rows
 
-            if not rows:
-                return {
-                    **out,
-                    "n": 0,
-                    **dict.fromkeys(CAPTION_METRICS),
-                    "rules": dict(CAPTION_RULES),
-                }
-
-            refs = {r["id"]: [str(r["answer"])] for r in rows}
-            preds = {r["id"]: r["prediction"] for r in rows}
-            out.update(
-                caption_scores(refs, preds, meteor=bool(self.cfg.get("caption_meteor", True)))
-            )
-            out["checkpoints"] = sorted({r["checkpoint"] for r in rows})
+            out.update(score_caption_rows(rows, meteor=bool(self.cfg.get("caption_meteor", True))))
             return out
         out.update(score_predictions(rows))
         return out

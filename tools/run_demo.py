@@ -14,6 +14,7 @@ The last line printed is ``image accuracy: 0.XX | question-only baseline: 0.YY``
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -23,13 +24,36 @@ from pathlib import Path
 import torch
 
 
-def train(assets: Path, out: Path, extra: list[str]) -> Path:
-    cmd = [sys.executable, "-m", "medtune._cli.main", "run", "vision_finetune", "--config", "demo",
-           f"assets_dir={assets}", f"output_dir={out}", "log_every_n_steps=1000", *extra]
-    print("$ medtune " + " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, check=True)
-    last = max(out.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
-    return last
+def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str, Path]:
+    """Train the runs side by side, one CPU thread each (the tiny model gains nothing from a
+    shared thread pool; two single-thread processes use two cores fully).
+
+    Returns:
+        run name -> its last ``epoch_k`` checkpoint folder.
+    """
+    procs = {}
+    for name, extra in runs.items():
+        cmd = [sys.executable, "-m", "medtune._cli.main", "run", "vision_finetune", "--config", "demo",
+               f"assets_dir={assets}", f"output_dir={out / name}", "log_every_n_steps=1000", *extra]
+        print("$ medtune " + " ".join(cmd[3:]) + f"    # log: {out / name}.log", flush=True)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed below
+        env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    failed = []
+    for name, (proc, log) in procs.items():
+        proc.wait()
+        log.close()
+        text = (out / f"{name}.log").read_text()
+        for line in text.splitlines():
+            if line.startswith("epoch ") and " done:" in line:
+                print(f"[{name}] {line}", flush=True)
+        if proc.returncode:
+            print(f"[{name}] failed (exit {proc.returncode}):\n{text[-3000:]}", file=sys.stderr, flush=True)
+            failed.append(name)
+    if failed:
+        sys.exit(1)
+    return {name: max((out / name).glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) for name in runs}
 
 
 def accuracy(ckpt: Path, split: str, blank: bool, batch_size: int = 32) -> float:
@@ -64,10 +88,9 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.out.exists():
         shutil.rmtree(args.out)
-    img_ckpt = train(args.assets, args.out / "image", [])
-    blank_ckpt = train(args.assets, args.out / "blank", ["blank_images=True"])
-    acc_img = accuracy(img_ckpt, args.split, blank=False)
-    acc_blank = accuracy(blank_ckpt, args.split, blank=True)
+    ckpts = train_both(args.assets, {"image": [], "blank": ["blank_images=True"]}, args.out)
+    acc_img = accuracy(ckpts["image"], args.split, blank=False)
+    acc_blank = accuracy(ckpts["blank"], args.split, blank=True)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s (checkpoints in {args.out})", flush=True)
     print(f"image accuracy: {acc_img:.2f} | question-only baseline: {acc_blank:.2f}", flush=True)
 

@@ -21,6 +21,8 @@ metrics (each named by its rule; the 'rules' key of the output states them):
   open_recall_llava_med      OPEN: LLaVA-Med v1 word recall
   open_hit_llava_med         OPEN: normalized answer is a substring of the prediction
 rows whose answer is empty after normalization are counted in n_skipped_empty_answer.
+caption files (rows with task "caption", as `medtune run eval` writes them): BLEU-1..4, METEOR,
+  ROUGE-L, CIDEr through pycocoevalcap (needs java); --no-meteor skips the slow METEOR.
 """
 
 
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("predictions", nargs="+", metavar="PRED.jsonl", help="predictions JSONL")
     parser.add_argument("--out", metavar="metrics.json", help="also write the JSON to this file")
+    parser.add_argument("--no-meteor", action="store_true", help="caption files: skip METEOR")
     parser.set_defaults(func=run)
 
 
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         0 on success; 2 (after a ``medtune: error: ...`` line on stderr) when a file is missing or
         a row is malformed.
     """
+    from medtune.eval.caption_metrics import is_caption_row, score_caption_rows
     from medtune.eval.predictions import PredictionsError, read_predictions
     from medtune.eval.vqa_metrics import score_predictions
 
@@ -74,7 +78,13 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as e:
             return _error(f"cannot read {path}: {e}")
         metrics = {"predictions": str(path)}
-        metrics.update(score_predictions(rows))
+        n_cap = sum(map(is_caption_row, rows))
+        if n_cap and n_cap != len(rows):
+            return _error(f"{path}: {n_cap} caption row(s) and {len(rows) - n_cap} VQA row(s); score them apart")
+        try:
+            metrics.update(score_caption_rows(rows, meteor=not args.no_meteor) if n_cap else score_predictions(rows))
+        except (ValueError, RuntimeError) as e:
+            return _error(f"{path}: {e}")
         results[str(path)] = metrics
     output = next(iter(results.values())) if len(results) == 1 else {"files": results}
     text = json.dumps(output, indent=2, ensure_ascii=False)

@@ -146,3 +146,34 @@ def caption_scores(
         }
     out["rules"] = dict(CAPTION_RULES)
     return out
+
+
+def is_caption_row(row: Mapping[str, Any]) -> bool:
+    """A predictions row of a caption dataset (``task: caption``, as ``eval`` writes them)."""
+    return row.get("task") == "caption" or str(row.get("answer_type", "")).strip().upper() == "CAPTION"
+
+
+def score_caption_rows(rows: Sequence[Mapping[str, Any]], meteor: bool = True) -> dict[str, Any]:
+    """Caption metrics of predictions rows: ``answer`` is the reference (a list is several
+    references), ``prediction`` the generated caption.
+
+    Returns:
+        ``{"n", "BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "rules", "checkpoints"}``; with no
+        rows every metric is None.
+
+    Raises:
+        ValueError: two rows share an id.
+    """
+    if not rows:
+        return {"n": 0, **dict.fromkeys(CAPTION_METRIC_KEYS), "rules": dict(CAPTION_RULES), "checkpoints": []}
+    refs: dict[Any, list[str]] = {}
+    preds: dict[Any, str] = {}
+    for n, r in enumerate(rows):
+        if r["id"] in refs:
+            raise ValueError(f"row {n}: id {r['id']!r} appears twice")
+        ans = r["answer"]
+        refs[r["id"]] = [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
+        preds[r["id"]] = str(r["prediction"])
+    out = caption_scores(refs, preds, meteor=meteor)
+    out["checkpoints"] = sorted({str(r.get("checkpoint", "")) for r in rows})
+    return out

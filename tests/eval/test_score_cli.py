@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,30 @@ def test_through_medtune_main(tmp_path):
     )
     assert bad.returncode == 2
     assert "medtune: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _caption_row(i, answer, prediction):
+    return {**make_row(i, answer=answer, prediction=prediction, answer_type="CAPTION"), "task": "caption"}
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs java")
+def test_score_caption_file(tmp_path, capsys):
+    same = "axial ct of the abdomen shows a lesion in the liver"
+    pred = _write(tmp_path / "cap.jsonl", [
+        _caption_row(1, same, same),
+        _caption_row(2, "chest x ray with a right lower lobe opacity", "brain mri"),
+    ])
+    args = _parser().parse_args(["score", str(pred), "--no-meteor"])
+    assert args.func(args) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["n"] == 2 and m["METEOR"] is None and "closed_accuracy_strict" not in m
+    assert 0.4 < m["BLEU-1"] < 1.0  # one perfect caption, one with no shared word
+    assert 0.4 < m["ROUGE-L"] < 0.6  # mean of 1 and 0
+
+
+def test_mixed_caption_and_vqa_rows_are_refused(tmp_path, capsys):
+    pred = _write(tmp_path / "mixed.jsonl", [make_row(1), _caption_row(2, "a", "b")])
+    args = _parser().parse_args(["score", str(pred)])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "1 caption row(s) and 1 VQA row(s)" in err and "Traceback" not in err
