@@ -17,6 +17,9 @@ autocast over fp32 weights on CUDA, as the recipe does). Three set-ups, built at
 - ``bare``: the same medtune modules driven by hand (timm trunk -> drop CLS -> MLP connector ->
   ``index_put`` of the image tokens at precomputed placeholder positions -> ``decoder.layers`` ->
   ``norm`` -> ``output``), mean CE: a floor with no model or recipe machinery.
+- ``medtune_all_logits``: the ``medtune`` step with logits at every position (the recipe computes them
+  only at the answer positions, :func:`medtune.training.finetune.output_at`; HF and ``bare`` compute
+  them everywhere, as usual), to show what that selection saves.
 
 All three start from the *same weights* (medtune's are copied into the HF model: torchtune's
 ``tune_to_hf`` for the Llama part, a timm -> CLIP key map for the tower), so the script also checks that
@@ -52,6 +55,7 @@ Prints the shapes, the thread count, a parameter table, the step-0 losses, and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -273,27 +277,37 @@ class Setup:
         return float(loss.detach()) * self.loss_scale
 
 
-def medtune_setup(model, batch: dict, autocast: bool) -> Setup:
-    """The step of recipes/vision_finetune.py (``_loss_sum``, ``scale_grads``), one process, no accumulation."""
+def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Setup:
+    """The step of recipes/vision_finetune.py (``_loss_sum``, ``scale_grads``), one process, no accumulation.
+
+    ``select=False`` projects every position onto the vocabulary (the step before ``output_at``).
+    """
     from torchtune import training
+
+    from medtune.training.finetune import output_at
 
     device = batch["tokens"].device
     state = {}
 
     def loss_fn() -> torch.Tensor:
         tokens, labels, images = batch["tokens"], batch["labels"], {"image": batch["images"]}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(tokens, images=images, image_counts=batch["image_counts"])
         targets = shifted_targets(labels)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        state["n_tok"] = (targets != IGNORE_INDEX).sum()
+        keep = targets != IGNORE_INDEX
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), \
+                (output_at(model.decoder, keep) if select else contextlib.nullcontext()):
+            logits = model(tokens, images=images, image_counts=batch["image_counts"])
+        if logits.dim() == 3:
+            logits = logits[keep]
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        state["n_tok"] = keep.sum()
         return loss
 
     def after_backward() -> None:
         training.scale_grads(model, 1 / state["n_tok"].clamp(min=1))
 
     n_tok = int((shifted_targets(batch["labels"]) != IGNORE_INDEX).sum())
-    return Setup("medtune", model, loss_fn, after_backward, loss_scale=1 / max(n_tok, 1))
+    return Setup("medtune" if select else "medtune_all_logits", model, loss_fn, after_backward,
+                 loss_scale=1 / max(n_tok, 1))
 
 
 def hf_setup(model, batch: dict, autocast: bool) -> Setup:
@@ -392,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"  (hf_llava's extra trainable params: CLIP post_layernorm, 2 x {s.enc_width}, unused by LLaVA's "
               f"feature path{'' if same_weights else '; minus the patch-embedding bias timm has'})")
 
-    setups = [medtune_setup(med, batch, autocast), hf_setup(hf, batch, autocast), bare_setup(bare, batch, autocast)]
+    setups = [medtune_setup(med, batch, autocast), hf_setup(hf, batch, autocast), bare_setup(bare, batch, autocast),
+              medtune_setup(copy.deepcopy(med), batch, autocast, select=False)]
     for st in setups:
         st.model.train()
         params = [p for p in st.model.parameters() if p.requires_grad]
@@ -431,10 +446,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     load2 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nstep time over {args.steps} interleaved repetitions (load(1 min) now {load2:.2f}):")
     for name, v in times.items():
-        print(f"{name:<10} {med_ms[name]:9.1f} ms/step  (median; min {1000 * min(v):.1f}, max {1000 * max(v):.1f}; "
+        print(f"{name:<18} {med_ms[name]:9.1f} ms/step  (median; min {1000 * min(v):.1f}, max {1000 * max(v):.1f}; "
               f"last loss {last_loss[name]:.4f})")
     print(f"medtune/hf_llava = {med_ms['medtune'] / med_ms['hf_llava']:.2f}x")
     print(f"medtune/bare = {med_ms['medtune'] / med_ms['bare']:.2f}x")
+    print(f"medtune/medtune_all_logits = {med_ms['medtune'] / med_ms['medtune_all_logits']:.2f}x  "
+          "(logits at answer positions only vs at every position)")
     paired = {o: statistics.median(a / b for a, b in zip(times["medtune"], times[o])) for o in ("hf_llava", "bare")}
     print(f"(median of per-repetition ratios, less sensitive to load drift: medtune/hf_llava {paired['hf_llava']:.2f}x, "
           f"medtune/bare {paired['bare']:.2f}x; ratio of minima: medtune/hf_llava "

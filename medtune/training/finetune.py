@@ -94,6 +94,38 @@ def decoders_on_meta() -> Iterator[None]:
             setattr(l3, name, fn)
 
 
+@contextlib.contextmanager
+def output_at(decoder: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """While inside, ``decoder``'s output projection runs only at the positions in ``keep``.
+
+    The loss needs logits only where there is a target (the answer tokens: often a tenth of the
+    sequence); projecting every position onto Llama-3's 128,256-word vocabulary costs time and,
+    in fp32, gigabytes ([8, 512, 128256] logits are 2.1 GB, and as much again for their gradient).
+    A forward pre-hook on ``decoder.output`` selects the hidden states, so parameter names, FSDP
+    units and LoRA on the output layer stay as they are.
+
+    Args:
+        decoder: a torchtune ``TransformerDecoder`` (without output chunking).
+        keep: [b, s] bool, the positions whose logits are needed.
+
+    The decoder then returns ``[n_keep, vocab]`` logits instead of ``[b, s, vocab]``. Decoders whose
+    ``output`` is not a module (tied embeddings) or that chunk their output are left alone.
+    """
+    out = getattr(decoder, "output", None)
+    if not isinstance(out, nn.Module) or getattr(decoder, "num_output_chunks", 0):
+        yield
+        return
+
+    def select(_module, args):
+        return (args[0][keep], *args[1:])  # [b, s, d] -> [n_keep, d]
+
+    handle = out.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> every torchtune ``LoRALinear`` / ``DoRALinear`` in ``model``."""
     from torchtune.modules.peft import DoRALinear, LoRALinear
@@ -586,18 +618,22 @@ class FinetuneRecipe:
         """
         tokens = batch["tokens"].to(self.device)  # [b, s]
         labels = batch["labels"].to(self.device)  # [b, s]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # [b, s]
+        keep = targets != IGNORE_INDEX  # [b, s]
+        decoder = self.model.decoder if self.is_vlm else self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), \
+                output_at(decoder, keep):
             if self.is_vlm:
                 images = self._batch_images(batch)
                 logits = self.model(tokens, images=images, image_counts=batch["image_counts"])
             else:
                 if int(batch["image_counts"].sum()):
                     raise ValueError(f"samples {batch['ids']} hold images but the model is a text-only LLM")
-                logits = self.model(tokens)  # [b, s, vocab]
-        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-        return loss, (targets != IGNORE_INDEX).sum()
+                logits = self.model(tokens)
+        if logits.dim() == 3:  # output_at could not select (no output module): [b, s, vocab]
+            logits = logits[keep]
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")  # logits [n_keep, vocab]
+        return loss, keep.sum()
 
     def _batch_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """The batch's images for MedVLM, or None for a batch without any (text-only samples).

@@ -20,7 +20,8 @@ def test_bench_vision_finetune_tiny():
     out = proc.stdout
     assert re.search(r"^medtune/hf_llava = \d+\.\d\dx$", out, re.M), out
     assert re.search(r"^medtune/bare = \d+\.\d\dx$", out, re.M), out
-    for name in ("medtune", "hf_llava", "bare"):
+    assert re.search(r"^medtune/medtune_all_logits = \d+\.\d\dx", out, re.M), out
+    for name in ("medtune", "hf_llava", "bare", "medtune_all_logits"):
         assert re.search(rf"^{name}\s+[\d.]+ ms/step", out, re.M), out
     assert "same function" in out, out  # equal step-0 loss from equal weights
     assert "torch.set_num_threads(1)" in out, out
