@@ -19,7 +19,9 @@ Features (all set in the config):
   folder; may be absent) and optionally ``id`` (default: the line number). Answers go to
   ``output`` (default ``${output_dir}/generations.jsonl``), one row per prompt: the input row's
   fields plus ``id``, ``prediction``, ``checkpoint`` and ``generation`` (the settings), flushed
-  row by row. ``batch_size`` prompts are generated together.
+  row by row. ``batch_size`` prompts are generated together. Running the same command again
+  resumes: prompts already answered in ``output`` with the same checkpoint and settings are kept
+  and skipped (answers from other settings are an error unless ``overwrite=true``).
 - **Prompt**: the question goes through ``prompt_template`` (``{question}`` and any field of the
   row; ``short_answer: true`` appends LLaVA-1.5's "Answer with a single word or phrase.");
   ``system_prompt`` adds a system turn. The prompt is Llama-3 chat token ids with the image
@@ -71,7 +73,13 @@ KNOWN_KEYS = {
     "use_cache",
     "batch_size",
     "window",
+    "overwrite",
 }
+
+
+def _key(row_id: Any) -> str:
+    """Ids compare as JSON (``1`` and ``"1"`` differ)."""
+    return json.dumps(row_id)
 
 
 class GenerateConfigError(ValueError):
@@ -267,10 +275,15 @@ class GenerateRecipe:
             return [answer]
         out_path = Path(cfg.get("output") or Path(cfg.output_dir) / "generations.jsonl")
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        answers: list[str] = []
+        done = {} if cfg.get("overwrite", False) else self._answered(out_path)
+        todo = [r for r in self.rows if _key(r["id"]) not in done]
+        new: dict[str, str] = {}
+        # rewrite the kept rows (drops a line a killed run left half-written), then append
         with open(out_path, "w", encoding="utf-8") as fh:
-            for i in range(0, len(self.rows), self.batch_size):
-                chunk = self.rows[i : i + self.batch_size]
+            for row in done.values():
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i : i + self.batch_size]
                 for row, ans in zip(chunk, self.answer(chunk)):
                     out = {k: v for k, v in row.items() if not k.startswith("_")}
                     out.update(
@@ -278,9 +291,40 @@ class GenerateRecipe:
                     )
                     fh.write(json.dumps(out, ensure_ascii=False) + "\n")
                     fh.flush()
-                    answers.append(ans)
-        self._log(f"{len(answers)} answers in {time.perf_counter() - t0:.1f}s -> {out_path}")
+                    new[_key(row["id"])] = ans
+        answers = [new[k] if k in new else done[k]["prediction"] for k in (_key(r["id"]) for r in self.rows)]
+        kept = f", {len(done)} kept from an earlier run" if done else ""
+        self._log(f"{len(new)} answers in {time.perf_counter() - t0:.1f}s{kept} -> {out_path}")
         return answers
+
+    def _answered(self, out_path: Path) -> dict[str, dict[str, Any]]:
+        """Rows of an earlier run's ``output`` for this run's prompts (resume).
+
+        Raises:
+            GenerateConfigError: the file holds answers from another checkpoint or other
+                generation settings (naming the line), so appending would mix them.
+        """
+        if not out_path.is_file():
+            return {}
+        wanted = {_key(r["id"]) for r in self.rows}
+        done: dict[str, dict[str, Any]] = {}
+        lines = out_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines) and not line.endswith("\n"):
+                    break  # the half-written last line of a killed run
+                raise GenerateConfigError(f"{out_path}:{n}: not valid JSON; fix it or run with overwrite=true") from None
+            if row.get("checkpoint") != str(self.cfg.checkpoint) or row.get("generation") != dict(self.gen):
+                raise GenerateConfigError(
+                    f"{out_path}:{n}: answers from another checkpoint or other generation settings "
+                    f"({row.get('checkpoint')!r}); use another output= or overwrite=true")
+            if _key(row.get("id")) in wanted:
+                done[_key(row["id"])] = row
+        return done
 
     def cleanup(self) -> None:
         """Release the model."""

@@ -201,11 +201,15 @@ def llama3_tiny(
     )
 
 
-def llama3_from_hf_config(config_path: str | Path, max_seq_len: int | None = None) -> TransformerDecoder:
-    """Build a torchtune Llama-3 decoder with the shape given in an HF ``config.json``.
+def hf_config_kwargs(config_path: str | Path, max_seq_len: int | None = None) -> tuple[dict, float | None]:
+    """torchtune Llama-3 builder arguments from an HF ``config.json``.
 
-    Llama-3.1 rope scaling (``rope_scaling.rope_type == "llama3"``) selects torchtune's
-    ``llama3_1`` builder.
+    Returns:
+        ``(kwargs, scale_factor)``: ``scale_factor`` is the Llama-3.1 rope scaling factor
+        (``rope_scaling.rope_type == "llama3"``), None for Llama-3.
+
+    Raises:
+        ValueError: a required key is missing (names the file and the key).
     """
     cfg = json.loads(Path(config_path).read_text())
     try:
@@ -223,8 +227,18 @@ def llama3_from_hf_config(config_path: str | Path, max_seq_len: int | None = Non
     except KeyError as e:
         raise ValueError(f"{config_path}: missing key {e} (expected an HF LlamaConfig)") from None
     scaling = cfg.get("rope_scaling") or {}
-    if scaling.get("rope_type") == "llama3":
-        return llama3_1(**kwargs, scale_factor=scaling.get("factor", 8))
+    return kwargs, (scaling.get("factor", 8) if scaling.get("rope_type") == "llama3" else None)
+
+
+def llama3_from_hf_config(config_path: str | Path, max_seq_len: int | None = None) -> TransformerDecoder:
+    """Build a torchtune Llama-3 decoder with the shape given in an HF ``config.json``.
+
+    Llama-3.1 rope scaling (``rope_scaling.rope_type == "llama3"``) selects torchtune's
+    ``llama3_1`` builder.
+    """
+    kwargs, scale = hf_config_kwargs(config_path, max_seq_len)
+    if scale is not None:
+        return llama3_1(**kwargs, scale_factor=scale)
     return llama3(**kwargs)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torchtune.modules import TransformerDecoder
 
 from medtune.models.builders import LLAMA3_IMAGE_TOKEN_ID, medvlm
 from medtune.models.encoders import biomedclip_vision, open_clip_vision
+from medtune.models.llama3 import hf_config_kwargs
 from medtune.models.medvlm import MedVLM
 
 __all__ = [
@@ -111,22 +111,11 @@ def lora_llama3_from_hf_config(
     Returns:
         A ``TransformerDecoder``: tokens [b, s] (or embeddings [b, s, d]) -> logits [b, s, vocab].
     """
-    cfg = json.loads(Path(config_path).read_text())
-    try:
-        kwargs = dict(
-            vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]), embed_dim=cfg["hidden_size"],
-            intermediate_dim=cfg["intermediate_size"],
-            max_seq_len=max_seq_len or cfg.get("max_position_embeddings", 8192),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_base=cfg.get("rope_theta", 500_000),
-        )
-    except KeyError as e:
-        raise ValueError(f"{config_path}: missing key {e} (expected an HF LlamaConfig)") from None
+    kwargs, scale = hf_config_kwargs(config_path, max_seq_len)
     lora = _lora_kwargs(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
                         lora_dropout, use_dora, quantize_base)
-    scaling = cfg.get("rope_scaling") or {}
-    if scaling.get("rope_type") == "llama3":
-        return _decoder(lora_llama3_1, **kwargs, **lora, scale_factor=scaling.get("factor", 8))
+    if scale is not None:
+        return _decoder(lora_llama3_1, **kwargs, **lora, scale_factor=scale)
     return _decoder(lora_llama3, **kwargs, **lora)
 
 

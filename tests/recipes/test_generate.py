@@ -143,3 +143,27 @@ def test_generate_configs_are_valid(name):
     assert next(iter(cfg.keys())) == "output_dir"
     assert set(cfg.keys()) <= _known_keys(), set(cfg.keys()) - _known_keys()
     assert collect_problems(OmegaConf.to_container(cfg, resolve=True)) == []
+
+
+def test_prompts_file_resumes_after_a_killed_run(checkpoint, images, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    rows = [{"id": i, "image": "ct.png" if i % 2 else "mri.png", "question": q}
+            for i, q in enumerate(["Which side is the lesion on?", "What modality is shown?", "Is there a lesion?"])]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    args = (f"prompts={prompts}", f"image_root={images}", f"output={out}", "batch_size=2")
+    assert _generate(checkpoint, *args)[0] == 0
+    full = out.read_text().splitlines()
+    # a killed run: two rows written, the third half-written
+    out.write_text(full[0] + "\n" + full[1] + "\n" + full[2][:20])
+    capsys.readouterr()
+    status, stdout = _generate(checkpoint, *args)
+    assert status == 0, stdout[-2000:]
+    assert "1 answers" in stdout and "2 kept from an earlier run" in stdout
+    assert out.read_text().splitlines() == full  # nothing lost, nothing duplicated
+    # other settings would mix answers: refused, unless overwrite=true
+    status, stdout = _generate(checkpoint, *args, "max_new_tokens=3")
+    err = capsys.readouterr().err
+    assert status == 1 and "other generation settings" in err and "overwrite=true" in err
+    assert _generate(checkpoint, *args, "max_new_tokens=3", "overwrite=true")[0] == 0
+    assert all(json.loads(r)["generation"]["max_new_tokens"] == 3 for r in out.read_text().splitlines())
