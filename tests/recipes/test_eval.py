@@ -60,7 +60,7 @@ def checkpoints(tiny_assets, tmp_path_factory) -> list[Path]:
             f"assets_dir={assets}",
             f"output_dir={out / name}",
             "epochs=1",
-            "+max_steps_per_epoch=2",
+            "max_steps_per_epoch=2",
             f"seed={seed}",
             "batch_size=8",
             "log_every_n_steps=100",

@@ -45,7 +45,7 @@ def checkpoint(tiny_assets, tmp_path_factory) -> Path:
         f"assets_dir={assets}",
         f"output_dir={out}",
         "epochs=1",
-        "+max_steps_per_epoch=2",
+        "max_steps_per_epoch=2",
         "batch_size=8",
         "log_every_n_steps=100",
     )

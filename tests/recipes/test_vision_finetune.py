@@ -102,10 +102,8 @@ def _expected_trained_keys(assets: Path) -> set[str]:
 # ----------------------------------------------------------------------------- 2. end to end via the CLI
 def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
     out = tmp_path / "run"
-    demo = OmegaConf.load(DEMO)
-    steps_key = "max_steps_per_epoch=3" if "max_steps_per_epoch" in demo else "+max_steps_per_epoch=3"
     proc = _run([str(MEDTUNE), "run", "vision_finetune", "--config", "demo", f"assets_dir={tiny_assets}",
-                 f"output_dir={out}", "epochs=1", steps_key, "batch_size=8", "log_every_n_steps=1"], cwd=tmp_path)
+                 f"output_dir={out}", "epochs=1", "max_steps_per_epoch=3", "batch_size=8", "log_every_n_steps=1"], cwd=tmp_path)
     text = _ok(proc)
 
     # the parameter table, with the real counts of each part
@@ -357,6 +355,25 @@ def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path):
     saved = load_file(str(tmp_path / "two" / "epoch_0" / "model.safetensors"))
     for k in r0:
         assert torch.equal(saved[k], r0[k]), k
+
+
+def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
+    """``shard_llm: true``: the frozen LLM built on meta and FSDP2-sharded per layer on 2 ranks
+    trains the encoder + connector exactly as one process with the same global batch."""
+    common = [f"assets_dir={tiny_assets}", "epochs=1", "max_steps_per_epoch=2", "val_dataset=null", "warmup_steps=1",
+              "log_every_n_steps=1"]
+    two = _ok(_run([str(MEDTUNE), "run", "--nproc_per_node", "2", "vision_finetune", "--config", "demo", *common,
+                    f"output_dir={tmp_path / 'two'}", "batch_size=4", "shard_llm=true"], cwd=tmp_path))
+    assert "2 process(es)" in two
+    _ok(_run([str(MEDTUNE), "run", "vision_finetune", "--config", "demo", *common, f"output_dir={tmp_path / 'one'}",
+              "batch_size=8"], cwd=tmp_path))
+    assert _state(tmp_path / "two")["loss_history"] == pytest.approx(_state(tmp_path / "one")["loss_history"],
+                                                                     rel=1e-5, abs=1e-6)
+    a = load_file(str(tmp_path / "two" / "epoch_0" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "epoch_0" / "model.safetensors"))
+    assert set(a) == set(b) == _expected_trained_keys(tiny_assets)  # no LLM weight in the checkpoint
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
 
 
 # ----------------------------------------------------------------------------- 5. bad input
