@@ -18,7 +18,7 @@ autocast over fp32 weights on CUDA, as the recipe does). Three set-ups, built at
   ``index_put`` of the image tokens at precomputed placeholder positions -> ``decoder.layers`` ->
   ``norm`` -> ``output``), mean CE: a floor with no model or recipe machinery.
 - ``medtune_all_logits``: the ``medtune`` step with logits at every position (the recipe computes them
-  only at the answer positions, :func:`medtune.training.finetune.output_at`; HF and ``bare`` compute
+  only at the answer positions, :func:`medtune.models.medvlm.output_at`; HF and ``bare`` compute
   them everywhere, as usual), to show what that selection saves.
 
 All three start from the *same weights* (medtune's are copied into the HF model: torchtune's
@@ -284,7 +284,7 @@ def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Se
     """
     from torchtune import training
 
-    from medtune.training.finetune import output_at
+    from medtune.models.medvlm import output_at
 
     device = batch["tokens"].device
     state = {}

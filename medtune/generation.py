@@ -23,6 +23,8 @@ from torchtune.generation import (
     get_position_ids_from_padding_mask,
 )
 
+from medtune.models.medvlm import output_at
+
 
 @dataclass
 class GenerationConfig:
@@ -141,15 +143,19 @@ def generate(
             decoder.reset_caches()
         with device:  # torchtune's KVCache allocates on the default device
             decoder.setup_caches(bsz, cache_dtype, decoder_max_seq_len=total)
+    last = torch.zeros((bsz, plen), dtype=torch.bool, device=device)
+    last[:, -1] = True  # prefill: logits at the last prompt position only ([b, vocab], not [b, plen, vocab])
     try:
-        if use_cache:
-            logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
-                              mask=masks[:, :plen], input_pos=input_pos[:, :plen])
-        else:
-            logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
-                              mask=masks[:, :plen, :plen], input_pos=input_pos[:, :plen])
+        with output_at(decoder, last):
+            if use_cache:
+                logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
+                                  mask=masks[:, :plen], input_pos=input_pos[:, :plen])
+            else:
+                logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
+                                  mask=masks[:, :plen, :plen], input_pos=input_pos[:, :plen])
         for step in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            nxt = sample_next((logits[:, -1] if logits.dim() == 3 else logits).float(), temperature, top_k, top_p,
+                              generator)
             if sync_next is not None:
                 nxt = sync_next(nxt)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)

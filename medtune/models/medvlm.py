@@ -16,9 +16,44 @@ tokens (N = sum of N_i, encoder order); ``fuse="channel"`` concatenates the enco
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
+
+
+@contextlib.contextmanager
+def output_at(decoder: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """While inside, ``decoder``'s output projection runs only at the positions in ``keep``.
+
+    Training needs logits only where there is a target (the answer tokens: often a tenth of the
+    sequence), and generation's prefill only at the last prompt position; projecting every position onto Llama-3's 128,256-word vocabulary costs time and,
+    in fp32, gigabytes ([8, 512, 128256] logits are 2.1 GB, and as much again for their gradient).
+    A forward pre-hook on ``decoder.output`` selects the hidden states, so parameter names, FSDP
+    units and LoRA on the output layer stay as they are.
+
+    Args:
+        decoder: a torchtune ``TransformerDecoder`` (without output chunking).
+        keep: [b, s] bool, the positions whose logits are needed.
+
+    The decoder then returns ``[n_keep, vocab]`` logits instead of ``[b, s, vocab]``. Decoders whose
+    ``output`` is not a module (tied embeddings) or that chunk their output are left alone.
+    """
+    out = getattr(decoder, "output", None)
+    if not isinstance(out, nn.Module) or getattr(decoder, "num_output_chunks", 0):
+        yield
+        return
+
+    def select(_module, args):
+        return (args[0][keep], *args[1:])  # [b, s, d] -> [n_keep, d]
+
+    handle = out.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class PassThroughEmbedding(nn.Embedding):

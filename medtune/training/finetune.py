@@ -43,6 +43,7 @@ from tqdm import tqdm
 from medtune.data.chat import IGNORE_INDEX, VisionChatDataset
 from medtune.data.collate import collate_vision_chat
 from medtune.models.llama3 import IMAGE_TOKEN, decoder_dtype
+from medtune.models.medvlm import output_at
 from medtune.training import checkpointing as ckpt
 from medtune.training import export
 from medtune.training.distributed import all_reduce_sum, barrier, resolve_device, shard_module
@@ -92,38 +93,6 @@ def decoders_on_meta() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(l3, name, fn)
-
-
-@contextlib.contextmanager
-def output_at(decoder: nn.Module, keep: torch.Tensor) -> Iterator[None]:
-    """While inside, ``decoder``'s output projection runs only at the positions in ``keep``.
-
-    The loss needs logits only where there is a target (the answer tokens: often a tenth of the
-    sequence); projecting every position onto Llama-3's 128,256-word vocabulary costs time and,
-    in fp32, gigabytes ([8, 512, 128256] logits are 2.1 GB, and as much again for their gradient).
-    A forward pre-hook on ``decoder.output`` selects the hidden states, so parameter names, FSDP
-    units and LoRA on the output layer stay as they are.
-
-    Args:
-        decoder: a torchtune ``TransformerDecoder`` (without output chunking).
-        keep: [b, s] bool, the positions whose logits are needed.
-
-    The decoder then returns ``[n_keep, vocab]`` logits instead of ``[b, s, vocab]``. Decoders whose
-    ``output`` is not a module (tied embeddings) or that chunk their output are left alone.
-    """
-    out = getattr(decoder, "output", None)
-    if not isinstance(out, nn.Module) or getattr(decoder, "num_output_chunks", 0):
-        yield
-        return
-
-    def select(_module, args):
-        return (args[0][keep], *args[1:])  # [b, s, d] -> [n_keep, d]
-
-    handle = out.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:

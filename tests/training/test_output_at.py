@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from medtune.models.llama3 import llama3_tiny
-from medtune.training.finetune import output_at
+from medtune.models.medvlm import output_at
 
 
 def _decoder(lora: bool) -> torch.nn.Module:
