@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert SLAKE, VQA-RAD or caption JSON to ShareGPT JSON that ``medtune.data.sharegpt`` reads.
+"""Convert SLAKE, VQA-RAD, ROCO or caption JSON to ShareGPT JSON that ``medtune.data.sharegpt`` reads.
 
 Usage::
 
@@ -8,6 +8,7 @@ Usage::
     python tools/convert_to_sharegpt.py --dataset vqa_rad --input "data/VQA_RAD" --split test --output rad_test.json
     python tools/convert_to_sharegpt.py --dataset caption --input captions.json [--image-root figs] \
         [--split train] --output captions_sharegpt.json
+    python tools/convert_to_sharegpt.py --dataset roco --input roco-dataset --split train --output roco_train.json
 
 Each row::
 
@@ -32,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from medtune.data import IMAGE_MARKER, Sample, caption_json, slake, vqa_rad
+from medtune.data import IMAGE_MARKER, Sample, caption_json, roco, slake, vqa_rad
 
 
 def read_samples(
@@ -50,6 +51,8 @@ def read_samples(
         return vqa_rad(input, split or "train", skip_bad_rows=skip_bad_rows)
     if dataset == "caption":
         return caption_json(input, image_root=image_root, split=split, skip_bad_rows=skip_bad_rows)
+    if dataset == "roco":
+        return roco(input, split or "train", skip_bad_rows=skip_bad_rows)
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -83,12 +86,12 @@ def to_sharegpt(samples: list[Sample], output: str | Path, relative: bool = Fals
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=["slake", "vqa_rad", "caption"])
-    p.add_argument("--input", required=True, help="SLAKE folder, VQA-RAD folder or caption JSON")
+    p.add_argument("--dataset", required=True, choices=["slake", "vqa_rad", "roco", "caption"])
+    p.add_argument("--input", required=True, help="SLAKE folder, VQA-RAD folder, ROCO clone or caption JSON")
     p.add_argument(
         "--split",
         default=None,
-        help="slake: train/validation/test; vqa_rad: train/test; caption: optional split filter",
+        help="slake, roco: train/validation/test; vqa_rad: train/test; caption: optional split filter",
     )
     p.add_argument("--output", required=True, help="output ShareGPT JSON file")
     p.add_argument(

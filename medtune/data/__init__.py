@@ -4,7 +4,7 @@ Readers return ``list[Sample]`` (:class:`~medtune.data.errors.Samples`, which al
 skipped with ``skip_bad_rows=True``):
 
 - :func:`slake`, :func:`vqa_rad`: the medical VQA benchmarks as downloaded;
-- :func:`caption_json`: ``[{image, caption}]`` figure-caption / ROCO-style data;
+- :func:`caption_json`: ``[{image, caption}]`` figure-caption data; :func:`roco`: the ROCO release folders;
 - :func:`sharegpt`, :func:`llava`: multi-turn conversations with zero or more images;
 - :func:`mix`: several sources with sampling weights.
 
@@ -14,7 +14,7 @@ Images: :func:`load_image` (PNG/JPEG/BMP/TIFF/DICOM -> RGB PIL) and :func:`image
 Importing this package does not import torch.
 """
 
-from medtune.data.captions import caption_json
+from medtune.data.captions import caption_json, roco
 from medtune.data.conversations import llava, sharegpt
 from medtune.data.errors import (
     DataError,
@@ -49,6 +49,7 @@ __all__ = [
     "slake",
     "vqa_rad",
     "caption_json",
+    "roco",
     "sharegpt",
     "llava",
     "mix",

@@ -1,4 +1,5 @@
-"""Caption JSON reader: ``[{image, caption}, ...]`` (PubMed figure-caption style, ROCO exports).
+"""Caption readers: JSON ``[{image, caption}, ...]`` (PubMed figure-caption style, ROCO exports)
+and the ROCO release folders (:func:`roco`).
 
 Each row becomes ``Sample(id, images=[abs path], messages=[user: instruction, assistant: caption])``.
 The user turn holds a default instruction (``CAPTION_INSTRUCTIONS[0]``); apply a template list
@@ -13,6 +14,7 @@ from medtune.data.errors import (
     DataError,
     MalformedJSONError,
     MissingFieldError,
+    MissingImageError,
     SkipCounter,
     get_field,
     load_json,
@@ -22,7 +24,7 @@ from medtune.data.errors import (
 from medtune.data.prompts import CAPTION_INSTRUCTIONS
 from medtune.data.sample import Message, Sample
 
-__all__ = ["caption_json", "IMAGE_KEYS", "CAPTION_KEYS"]
+__all__ = ["caption_json", "roco", "IMAGE_KEYS", "CAPTION_KEYS"]
 
 #: Accepted names of the image field, in order of preference.
 IMAGE_KEYS = ("image", "image_path", "file_name")
@@ -154,6 +156,104 @@ def caption_json(
                     meta=meta,
                 )
             )
+        except DataError as e:
+            counter.record(e)
+    return counter.finish(out)
+
+
+ROCO_SUBSETS = ("radiology", "non-radiology")
+
+
+def _roco_table(path: Path, n_cols: int) -> dict[str, tuple[int, list[str]]]:
+    """``ROCO_id<TAB>...`` lines -> id -> (line index, the other columns)."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path} (expected the ROCO release layout "
+                        "data/<split>/<subset>/{captions.txt,dlinks.txt})", reason="missing file")
+    out: dict[str, tuple[int, list[str]]] = {}
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) < n_cols or not cols[0].strip():
+                raise MalformedJSONError(
+                    f"expected {n_cols} tab-separated columns starting with a ROCO id, got {len(cols)}",
+                    file=path, row=i)
+            rid = cols[0].strip()
+            if rid in out:
+                raise DataError(f"duplicate id (first at line {out[rid][0]})", file=path, row=i, row_id=rid)
+            out[rid] = (i, cols[1:])
+    return out
+
+
+def roco(
+    root: str | Path,
+    split: str = "train",
+    subset: str = "radiology",
+    image_dir: str = "images",
+    skip_bad_rows: bool = False,
+    *,
+    instruction: str = CAPTION_INSTRUCTIONS[0],
+) -> list[Sample]:
+    """Read ROCO as released (github.com/razorx89/roco-dataset, images fetched by its
+    ``scripts/fetch.py``).
+
+    Layout::
+
+        root/data/<split>/<subset>/captions.txt   ROCO_00020<TAB> caption
+        root/data/<split>/<subset>/dlinks.txt     ROCO_00020<TAB>wget ... PMC1234567.tar.gz ...<TAB>image.jpg
+        root/data/<split>/<subset>/images/PMC1234567_image.jpg
+
+    ``root`` may also be the ``data/`` folder itself. Captions are stripped (the release puts a
+    space after the tab).
+
+    Args:
+        root: the clone of the ROCO repository (or its ``data/`` folder).
+        split: ``train``, ``validation`` or ``test``.
+        subset: ``radiology`` or ``non-radiology``.
+        image_dir: the image sub-folder ``fetch.py`` wrote (its ``--subdir``, default ``images``).
+        skip_bad_rows: count and skip rows without a download link or image instead of raising.
+        instruction: the user turn's text (sample other instructions with a template list).
+
+    Returns:
+        :class:`~medtune.data.errors.Samples` in ``captions.txt`` order; ``id`` is the ROCO id;
+        ``meta`` holds ``dataset="roco"``, ``split``, ``subset``, ``image`` (relative to the
+        subset folder), ``pmc_id``, ``caption``, ``question`` (the instruction), ``answer`` (the
+        caption) and ``task="caption"``.
+    """
+    root = Path(root)
+    if subset not in ROCO_SUBSETS:
+        raise DataError(f"roco: unknown subset {subset!r} (expected one of {ROCO_SUBSETS})")
+    base = root / "data" if (root / "data").is_dir() else root
+    folder = base / split / subset
+    if not folder.is_dir():
+        raise DataError(f"roco: no folder {folder} (expected {root}/data/<split>/<subset>/ with split "
+                        "train, validation or test)", reason="missing file")
+    captions_file, links_file = folder / "captions.txt", folder / "dlinks.txt"
+    captions = _roco_table(captions_file, 2)
+    links = _roco_table(links_file, 3)
+    counter = SkipCounter(f"roco {split}/{subset}", skip_bad_rows)
+    out: list[Sample] = []
+    for rid, (line, cols) in captions.items():
+        try:
+            caption = cols[0].strip()
+            if not caption:
+                raise MissingFieldError("empty caption", file=captions_file, row=line, row_id=rid)
+            if rid not in links:
+                raise MissingImageError(f"no download link for this id in {links_file}", file=captions_file,
+                                        row=line, row_id=rid)
+            link_line, link_cols = links[rid]
+            archive = next((w for w in link_cols[0].split() if w.endswith(".tar.gz")), None)
+            if archive is None:
+                raise MalformedJSONError("expected a PMC .tar.gz link in the second column", file=links_file,
+                                         row=link_line, row_id=rid)
+            pmc_id = archive.rsplit("/", 1)[-1][: -len(".tar.gz")]
+            rel = f"{image_dir}/{pmc_id}_{link_cols[-1].strip()}"
+            image = resolve_image(folder, rel, file=links_file, index=link_line, row_id=rid)
+            meta = {"dataset": "roco", "split": split, "subset": subset, "image": rel, "pmc_id": pmc_id,
+                    "caption": caption, "question": instruction, "answer": caption, "task": "caption"}
+            out.append(Sample(id=rid, images=[image],
+                              messages=[Message("user", instruction), Message("assistant", caption)], meta=meta))
         except DataError as e:
             counter.record(e)
     return counter.finish(out)
