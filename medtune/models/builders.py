@@ -14,7 +14,7 @@ from torchtune.modules import TransformerDecoder
 
 from medtune.models import llama3 as _llama3
 from medtune.models.connectors import build_connector
-from medtune.models.encoders import biomedclip_vision, open_clip_vision
+from medtune.models.encoders import biomedclip_vision, open_clip_vision, timm_vision
 from medtune.models.medvlm import MedVLM
 
 LLAMA3_IMAGE_TOKEN_ID = 128002  # <|reserved_special_token_0|> in Llama-3 and 3.1
@@ -79,6 +79,30 @@ def medvlm_medcap_llama3_8b(encoder_path: str | None = None, num_tokens: int = 3
     return _biomedclip_llama(_llama3.llama3_8b, encoder_path, "pooled", "pooled_unfold", {"num_tokens": num_tokens})
 
 
+def medvlm_msmedcap_llama3_8b(encoder_path: str | None = None, sam_checkpoint: str | None = None,
+                              num_queries: int = 32, sam_image_size: int = 1024) -> MedVLM:
+    """MSMedCap-style dual encoder: SAM ViT-B (detail) and BiomedCLIP (semantics), each through its
+    own BLIP-2 style Q-Former, into Llama-3-8B-Instruct.
+
+    SAM's image encoder is timm's ``samvit_base_patch16`` (89.7M parameters; 1024 px -> a 64 x 64
+    map of 256-d neck features = 4,096 tokens); BiomedCLIP gives 196 patch tokens of width 768.
+    Each Q-Former reads its encoder's tokens with ``num_queries`` learned queries, so the LLM sees
+    ``2 * num_queries`` image tokens per image (SAM's first). Each encoder gets its own image
+    transform (1024 px and 224 px).
+
+    Args:
+        encoder_path: BiomedCLIP hub-layout folder (or ``hf-hub:`` name in the local cache).
+        sam_checkpoint: timm-format SAM ViT-B weights (e.g. ``model.safetensors`` of the HF repo
+            ``timm/samvit_base_patch16.sa1b``); None: random init (tests, meta builds).
+        num_queries: learned queries per Q-Former.
+        sam_image_size: SAM's input size.
+    """
+    sam = timm_vision("samvit_base_patch16", checkpoint_path=sam_checkpoint, image_size=sam_image_size)
+    clip = biomedclip_vision(encoder_path, output="patch")
+    return medvlm(_llama3.llama3_8b(), {"sam": sam, "clip": clip}, connector="qformer",
+                  connector_kwargs={"num_queries": num_queries})
+
+
 def medvlm_open_clip_llama3(llm_config: str, encoder_path: str, connector: str = "mlp", output: str = "patch",
                             connector_kwargs: dict | None = None, max_seq_len: int | None = None) -> MedVLM:
     """Any open_clip tower (hub-layout folder) + a Llama-3 shaped by an HF ``config.json``.
@@ -99,3 +123,21 @@ def tiny_medvlm(assets_dir: str, connector: str = "mlp", output: str = "patch",
     """The tiny MedVLM of the generated test/demo assets (``medtune.testing.assets``)."""
     return medvlm_open_clip_llama3(f"{assets_dir}/llama3_tiny/config.json", f"{assets_dir}/tiny_clip",
                                    connector=connector, output=output, connector_kwargs=connector_kwargs)
+
+
+def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
+    """A tiny dual-encoder MedVLM shaped like :func:`medvlm_msmedcap_llama3_8b`: a random 2-block
+    SAM-style timm encoder (64 px) and the tiny open_clip tower (32 px), a Q-Former each, into the
+    tiny Llama-3 of the generated assets. For tests of several encoders with their own transforms."""
+    from medtune.models.connectors import QFormer
+
+    dec = _llama3.llama3_from_hf_config(f"{assets_dir}/llama3_tiny/config.json")
+    sam = timm_vision("samvit_base_patch16", image_size=64, depth=2, embed_dim=32, num_heads=2,
+                      global_attn_indexes=(1,), window_size=2, neck_chans=24)
+    clip = open_clip_vision(f"{assets_dir}/tiny_clip", output="patch")
+    d = dec.tok_embeddings.embedding_dim
+    connectors = {name: QFormer(enc.out_dim, d, num_queries=num_queries, hidden_dim=32, num_layers=1, num_heads=2)
+                  for name, enc in (("sam", sam), ("clip", clip))}
+    vocab = dec.tok_embeddings.num_embeddings
+    return MedVLM(dec, {"sam": sam, "clip": clip}, connectors,
+                  image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000))

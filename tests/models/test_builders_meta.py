@@ -72,3 +72,33 @@ def test_llama3_1_builder_uses_scaled_rope():
         m31 = builders.medvlm_biomedclip_llama3_1_8b()
     assert m3.decoder.max_seq_len == 8192
     assert m31.decoder.max_seq_len == 131072
+
+
+# SAM ViT-B image encoder (Kirillov et al. 2023): 89,670,912 parameters, the published figure
+# (SAM ViT-B 93.7M = image encoder + prompt encoder + mask decoder).
+SAM_VIT_B = 89_670_912
+
+
+def _qformer(in_dim: int, n_q: int = 32, h: int = 768, layers: int = 2, out: int = 4096) -> int:
+    """medtune's QFormer: queries; per layer self-attn, cross-attn, MLP, 3 LayerNorms over the queries and
+    one over the encoder tokens; final LayerNorm + projection."""
+    self_attn = 4 * h * h + 4 * h
+    cross = h * h + h + 2 * (in_dim * h + h) + h * h + h  # q from queries, k/v from the encoder, out proj
+    mlp = h * 4 * h + 4 * h + 4 * h * h + h
+    return n_q * h + layers * (self_attn + cross + mlp + 3 * 2 * h + 2 * in_dim) + 2 * h + h * out + out
+
+
+def test_msmedcap_dual_encoder_builder_on_meta():
+    with torch.device("meta"):
+        model = builders.medvlm_msmedcap_llama3_8b()
+    assert all(p.is_meta for p in model.parameters())
+    assert list(model.encoders) == ["sam", "clip"]
+    assert _n(model.decoder) == LLAMA3_8B
+    assert _n(model.encoders["sam"]) == SAM_VIT_B
+    assert _n(model.encoders["clip"]) == BIOMEDCLIP_VISUAL
+    assert model.encoders["sam"].num_tokens == 64 * 64 and model.encoders["sam"].out_dim == 256
+    assert _n(model.connectors["sam"]) == _qformer(256)
+    assert _n(model.connectors["clip"]) == _qformer(768)
+    assert model.tokens_per_image == 64  # 32 queries per encoder
+    assert model.image_transforms["sam"]["image_size"] == 1024
+    assert model.image_transforms["clip"]["image_size"] == 224

@@ -28,7 +28,7 @@ def _known_keys() -> set[str]:
     return set(runpy.run_path(str(REPO / "recipes" / "vision_finetune.py"), run_name="recipe")["KNOWN_KEYS"])
 
 
-@pytest.mark.parametrize("name", ["slake", "vqa_rad", "roco", "demo"])
+@pytest.mark.parametrize("name", ["slake", "vqa_rad", "roco", "slake_msmedcap", "demo"])
 def test_config_keys_known_and_components_bind(name):
     from medtune._cli.validate import collect_problems
 
@@ -53,3 +53,22 @@ def test_full_size_model_on_meta_device(name):
     assert model.image_transforms["image"]["image_size"] == 224
     # the frozen LLM is loaded through torchtune's HF checkpointer from the 4 shards of the HF download
     assert cfg.checkpointer.model_type == "LLAMA3" and len(cfg.checkpointer.checkpoint_files) == 4
+
+
+def test_msmedcap_config_builds_on_meta_and_freezes_the_encoders():
+    from medtune.training.params import set_trainable
+
+    cfg = OmegaConf.load(CONFIGS / "slake_msmedcap.yaml")
+    cfg.model.encoder_path = None
+    cfg.model.sam_checkpoint = None
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.decoder) == LLAMA3_8B
+    assert count(model.encoders["clip"]) == BIOMEDCLIP_VISUAL
+    assert count(model.encoders["sam"]) == 89_670_912  # SAM ViT-B image encoder
+    assert model.tokens_per_image == 2 * cfg.model.num_queries
+    set_trainable(model, dict(cfg.trainable), allowed={"encoder": ("frozen",), "connector": ("full",),
+                                                        "llm": ("frozen",)})
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"connectors"} and set(cfg.lr) == {"connector"}

@@ -376,6 +376,31 @@ def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
 
 
+def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
+    """SAM-style (64 px) + open_clip (32 px) encoders, a Q-Former each: the recipe feeds each encoder
+    its own image size, trains both Q-Formers, and the checkpoint reloads for generation."""
+    from medtune.generation import generate
+    from medtune.models.loading import load_from_checkpoint
+
+    cfg = _cfg(tiny_assets, tmp_path / "dual", max_steps_per_epoch=2, val_dataset=None,
+               model={"_component_": "medtune.models.builders.tiny_msmedcap", "assets_dir": str(tiny_assets)})
+    recipe = _recipe_in_process(cfg)
+    assert recipe.model.image_transforms["sam"]["image_size"] == 64
+    assert recipe.model.image_transforms["clip"]["image_size"] == 32
+    before = {n: p.detach().clone() for n, p in recipe.model.connectors.named_parameters()}
+    recipe.train()
+    recipe.cleanup()
+    after = dict(recipe.model.connectors.named_parameters())
+    for name in ("sam", "clip"):
+        assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(f"{name}.")), name
+    model, tok, _ = load_from_checkpoint(tmp_path / "dual" / "epoch_0")
+    images = {"sam": torch.randn(1, 3, 64, 64), "clip": torch.randn(1, 3, 32, 32)}
+    prompt = [1, 2] + [model.image_token_id] * model.tokens_per_image + [3]
+    out = generate(model, [prompt], pad_id=tok.pad_id, stop_tokens=tok.stop_tokens, images=images,
+                   image_counts=torch.tensor([1]), max_new_tokens=3)
+    assert len(out) == 1 and len(out[0]) <= 3
+
+
 # ----------------------------------------------------------------------------- 5. bad input
 def _slake_copy(tiny_assets: Path, dst: Path, n_rows: int = 6) -> Path:
     """A small private SLAKE folder (train = validation = test = the first rows)."""
