@@ -21,6 +21,7 @@ Features (all set in the config):
   ``gradient_accumulation_steps``, ``enable_activation_checkpointing``. The loss is the mean over
   all answer tokens of the global batch (summed per rank, divided by the all-reduced token count),
   so N processes with batch B give the same loss and update as one process with batch N*B.
+  Logits are computed only at the answer positions (:func:`medtune.models.medvlm.output_at`).
 - **Data**: ``dataset`` / ``val_dataset`` are any medtune reader (``medtune.data.slake``, ...)
   returning samples; ``prompt_template`` (string or list, sampled per item with ``seed``);
   ``augment`` (opt-in image augmentation); ``blank_images`` (question-only baseline).
@@ -30,6 +31,9 @@ Features (all set in the config):
   ``config.yaml``, and ``output_dir/recipe_state.pt`` (optimizer, scheduler, epoch, data position,
   RNG). ``save_every_n_steps`` adds ``step_{n}/`` folders mid-epoch. ``resume_from_checkpoint=True``
   continues a killed run from the latest state and reproduces the uninterrupted run's losses.
+- **Bad input** (a missing or corrupt image, a row without a field, an LLM checkpoint of another
+  width, a config key this recipe does not know) stops with one ``vision_finetune: error:`` line
+  naming the file, row or key; ``MEDTUNE_TRACEBACK=1`` shows the traceback.
 - **Distributed**: under torchrun (``medtune run --nproc_per_node N``): gloo on CPU, NCCL on CUDA;
   the trained parts are FSDP2-sharded (gradients averaged across ranks); ``shard_llm: true``
   also shards the frozen LLM per layer (built on ``meta`` and loaded shard by shard, as in

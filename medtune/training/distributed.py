@@ -32,6 +32,23 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def init_process_group(device: torch.device) -> tuple[int, int]:
+    """Join (or create) the process group; one process without torchrun gets a world of one.
+
+    Backend from device: ``nccl`` on CUDA, ``gloo`` on CPU.
+
+    Returns:
+        ``(rank, world_size)``.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``"cpu" | "cuda" | "auto" | None`` -> device; under torchrun on CUDA, the local rank's GPU."""
     if name in (None, "auto"):

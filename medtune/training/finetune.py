@@ -46,7 +46,13 @@ from medtune.models.llama3 import IMAGE_TOKEN, decoder_dtype
 from medtune.models.medvlm import output_at
 from medtune.training import checkpointing as ckpt
 from medtune.training import export
-from medtune.training.distributed import all_reduce_sum, barrier, resolve_device, shard_module
+from medtune.training.distributed import (
+    all_reduce_sum,
+    barrier,
+    init_process_group,
+    resolve_device,
+    shard_module,
+)
 from medtune.training.export import is_adapter_key
 from medtune.training.memory import estimate_memory, format_memory
 from medtune.training.params import model_parts, parameter_table, set_trainable
@@ -134,27 +140,6 @@ def clean_name(name: str) -> str:
 
 def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in sd.items()}
-
-
-def init_process_group(device: torch.device) -> tuple[int, int]:
-    """Join (or create) the process group; one process without torchrun gets a world of one.
-
-    Backend from device: ``nccl`` on CUDA, ``gloo`` on CPU.
-
-    Returns:
-        ``(rank, world_size)``.
-    """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-        else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def run(recipe_cls: type[FinetuneRecipe], cfg: DictConfig) -> None:
