@@ -68,7 +68,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-PARAM_TOLERANCE = 1e-3  # relative difference allowed between set-ups' trainable / frozen parameter counts
+PARAM_TOLERANCE = (
+    1e-3  # relative difference allowed between set-ups' trainable / frozen parameter counts
+)
 
 
 @dataclass
@@ -100,37 +102,85 @@ class Shape:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="timed repetitions (one step of each set-up per repetition)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="timed repetitions (one step of each set-up per repetition)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per set-up before timing")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample, image tokens included")
-    p.add_argument("--answer-tokens", type=int, default=16, help="loss-bearing tokens at the end of each sample")
+    p.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per sample, image tokens included"
+    )
+    p.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=16,
+        help="loss-bearing tokens at the end of each sample",
+    )
     p.add_argument("--width", type=int, default=512, help="LLM width")
     p.add_argument("--layers", type=int, default=4, help="LLM layers")
     p.add_argument("--heads", type=int, default=None, help="LLM heads (default width/64)")
-    p.add_argument("--kv-heads", type=int, default=None, help="LLM kv heads (default heads/4, at least 1)")
-    p.add_argument("--intermediate", type=int, default=None, help="LLM MLP width (default 3.5 x width, as Llama-3-8B)")
+    p.add_argument(
+        "--kv-heads", type=int, default=None, help="LLM kv heads (default heads/4, at least 1)"
+    )
+    p.add_argument(
+        "--intermediate",
+        type=int,
+        default=None,
+        help="LLM MLP width (default 3.5 x width, as Llama-3-8B)",
+    )
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--enc-width", type=int, default=192, help="ViT width (ViT-tiny: 192)")
     p.add_argument("--enc-depth", type=int, default=12, help="ViT depth (ViT-tiny: 12)")
     p.add_argument("--enc-heads", type=int, default=3, help="ViT heads (ViT-tiny: 3)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--patch", type=int, default=16)
-    p.add_argument("--encoder-norm", choices=("clip", "timm"), default="clip",
-                   help="clip: timm ViT in CLIP layout (pre-norm, no final norm, no patch bias), same network as HF's "
-                        "CLIP tower; timm: stock vit_tiny layout")
+    p.add_argument(
+        "--encoder-norm",
+        choices=("clip", "timm"),
+        default="clip",
+        help="clip: timm ViT in CLIP layout (pre-norm, no final norm, no patch bias), same network as HF's "
+        "CLIP tower; timm: stock vit_tiny layout",
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tiny", action="store_true", help="very small shapes (smoke test)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores, at most 8)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: all cores, at most 8)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", type=int, default=0, help="after timing, profile N steps of each set-up with torch.profiler")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after timing, profile N steps of each set-up with torch.profiler",
+    )
     args = p.parse_args(argv)
     if args.tiny:
-        for k, v in dict(batch_size=2, seq_len=24, answer_tokens=4, width=64, layers=2, heads=4, kv_heads=2,
-                         intermediate=128, vocab=512, enc_width=32, enc_depth=2, enc_heads=2, image_size=32,
-                         patch=8).items():
+        for k, v in dict(
+            batch_size=2,
+            seq_len=24,
+            answer_tokens=4,
+            width=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            intermediate=128,
+            vocab=512,
+            enc_width=32,
+            enc_depth=2,
+            enc_heads=2,
+            image_size=32,
+            patch=8,
+        ).items():
             setattr(args, k, v)
     return args
 
@@ -138,14 +188,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_shape(args: argparse.Namespace) -> Shape:
     heads = args.heads or max(1, args.width // 64)
     kv = args.kv_heads or max(1, heads // 4)
-    s = Shape(batch=args.batch_size, seq_len=args.seq_len, answer_tokens=args.answer_tokens, width=args.width,
-              layers=args.layers, heads=heads, kv_heads=kv, intermediate=args.intermediate or int(3.5 * args.width),
-              vocab=args.vocab, rope_base=500_000.0, enc_width=args.enc_width, enc_depth=args.enc_depth,
-              enc_heads=args.enc_heads, image_size=args.image_size, patch=args.patch)
+    s = Shape(
+        batch=args.batch_size,
+        seq_len=args.seq_len,
+        answer_tokens=args.answer_tokens,
+        width=args.width,
+        layers=args.layers,
+        heads=heads,
+        kv_heads=kv,
+        intermediate=args.intermediate or int(3.5 * args.width),
+        vocab=args.vocab,
+        rope_base=500_000.0,
+        enc_width=args.enc_width,
+        enc_depth=args.enc_depth,
+        enc_heads=args.enc_heads,
+        image_size=args.image_size,
+        patch=args.patch,
+    )
     text = s.seq_len - s.image_tokens
     if text < s.answer_tokens + 2:
-        raise SystemExit(f"--seq-len {s.seq_len} leaves {text} text tokens beside {s.image_tokens} image tokens "
-                         f"({s.image_size}px / patch {s.patch}); need at least {s.answer_tokens + 2}")
+        raise SystemExit(
+            f"--seq-len {s.seq_len} leaves {text} text tokens beside {s.image_tokens} image tokens "
+            f"({s.image_size}px / patch {s.patch}); need at least {s.answer_tokens + 2}"
+        )
     return s
 
 
@@ -155,12 +220,16 @@ def make_batch(s: Shape, device: torch.device, seed: int) -> dict[str, torch.Ten
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, s.vocab - 256, (s.batch, s.seq_len), generator=g)
     tokens[:, 0] = s.vocab - 256  # <|begin_of_text|>
-    tokens[:, 4:4 + s.image_tokens] = s.image_token_id
+    tokens[:, 4 : 4 + s.image_tokens] = s.image_token_id
     labels = torch.full_like(tokens, IGNORE_INDEX)
-    labels[:, -s.answer_tokens:] = tokens[:, -s.answer_tokens:]
+    labels[:, -s.answer_tokens :] = tokens[:, -s.answer_tokens :]
     images = torch.randn(s.batch, 3, s.image_size, s.image_size, generator=g)
-    return {"tokens": tokens.to(device), "labels": labels.to(device), "images": images.to(device),
-            "image_counts": torch.ones(s.batch, dtype=torch.long)}
+    return {
+        "tokens": tokens.to(device),
+        "labels": labels.to(device),
+        "images": images.to(device),
+        "image_counts": torch.ones(s.batch, dtype=torch.long),
+    }
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -175,11 +244,25 @@ def build_medtune(s: Shape, encoder_norm: str):
     from medtune.models.llama3 import llama3_tiny
     from medtune.training.params import set_trainable
 
-    dec = llama3_tiny(s.vocab, embed_dim=s.width, num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.kv_heads,
-                      intermediate_dim=s.intermediate, max_seq_len=s.seq_len)
+    dec = llama3_tiny(
+        s.vocab,
+        embed_dim=s.width,
+        num_layers=s.layers,
+        num_heads=s.heads,
+        num_kv_heads=s.kv_heads,
+        intermediate_dim=s.intermediate,
+        max_seq_len=s.seq_len,
+    )
     extra = dict(pre_norm=True, final_norm=False) if encoder_norm == "clip" else {}
-    enc = timm_vision("vit_tiny_patch16_224", image_size=s.image_size, patch_size=s.patch, depth=s.enc_depth,
-                      embed_dim=s.enc_width, num_heads=s.enc_heads, **extra)
+    enc = timm_vision(
+        "vit_tiny_patch16_224",
+        image_size=s.image_size,
+        patch_size=s.patch,
+        depth=s.enc_depth,
+        embed_dim=s.enc_width,
+        num_heads=s.enc_heads,
+        **extra,
+    )
     model = medvlm(dec, enc, connector="mlp", image_token_id=s.image_token_id)
     set_trainable(model, {"encoder": "full", "connector": "full", "llm": "frozen"})
     return model
@@ -193,16 +276,39 @@ def build_hf_llava(s: Shape):
         LlavaForConditionalGeneration,
     )
 
-    text = LlamaConfig(vocab_size=s.vocab, hidden_size=s.width, intermediate_size=s.intermediate,
-                       num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                       max_position_embeddings=s.seq_len, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       rope_parameters={"rope_type": "default", "rope_theta": s.rope_base}, use_cache=False)
-    vision = CLIPVisionConfig(hidden_size=s.enc_width, intermediate_size=4 * s.enc_width, num_hidden_layers=s.enc_depth,
-                              num_attention_heads=s.enc_heads, image_size=s.image_size, patch_size=s.patch,
-                              hidden_act="gelu", layer_norm_eps=1e-6)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=s.image_token_id,
-                      image_seq_length=s.image_tokens, projector_hidden_act="gelu",
-                      vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=False)
+    text = LlamaConfig(
+        vocab_size=s.vocab,
+        hidden_size=s.width,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=s.seq_len,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": s.rope_base},
+        use_cache=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=s.enc_width,
+        intermediate_size=4 * s.enc_width,
+        num_hidden_layers=s.enc_depth,
+        num_attention_heads=s.enc_heads,
+        image_size=s.image_size,
+        patch_size=s.patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=s.image_token_id,
+        image_seq_length=s.image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(cfg)
     model.set_attn_implementation("sdpa")
@@ -217,8 +323,12 @@ def medtune_to_hf_state(model, s: Shape) -> dict[str, torch.Tensor]:
     from torchtune.models.convert_weights import tune_to_hf
 
     out: dict[str, torch.Tensor] = {}
-    for k, v in tune_to_hf(model.decoder.state_dict(), num_heads=s.heads, num_kv_heads=s.kv_heads, dim=s.width).items():
-        out[k if k.startswith("lm_head") else "model.language_model." + k.removeprefix("model.")] = v
+    for k, v in tune_to_hf(
+        model.decoder.state_dict(), num_heads=s.heads, num_kv_heads=s.kv_heads, dim=s.width
+    ).items():
+        out[
+            k if k.startswith("lm_head") else "model.language_model." + k.removeprefix("model.")
+        ] = v
     t = model.encoders["image"].tower.state_dict()
     vp = "model.vision_tower."
     out[vp + "embeddings.class_embedding"] = t["cls_token"].reshape(-1)
@@ -229,7 +339,9 @@ def medtune_to_hf_state(model, s: Shape) -> dict[str, torch.Tensor]:
     for i in range(s.enc_depth):
         b, h = f"blocks.{i}.", f"{vp}encoder.layers.{i}."
         for w in ("weight", "bias"):
-            for name, piece in zip(("q_proj", "k_proj", "v_proj"), t[b + f"attn.qkv.{w}"].chunk(3, dim=0)):
+            for name, piece in zip(
+                ("q_proj", "k_proj", "v_proj"), t[b + f"attn.qkv.{w}"].chunk(3, dim=0)
+            ):
                 out[h + f"self_attn.{name}.{w}"] = piece
             out[h + f"self_attn.out_proj.{w}"] = t[b + f"attn.proj.{w}"]
             out[h + f"layer_norm1.{w}"] = t[b + f"norm1.{w}"]
@@ -293,8 +405,10 @@ def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Se
         tokens, labels, images = batch["tokens"], batch["labels"], {"image": batch["images"]}
         targets = shifted_targets(labels)
         keep = targets != IGNORE_INDEX
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), \
-                (output_at(model.decoder, keep) if select else contextlib.nullcontext()):
+        with (
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+            output_at(model.decoder, keep) if select else contextlib.nullcontext(),
+        ):
             logits = model(tokens, images=images, image_counts=batch["image_counts"])
         if logits.dim() == 3:
             logits = logits[keep]
@@ -306,8 +420,13 @@ def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Se
         training.scale_grads(model, 1 / state["n_tok"].clamp(min=1))
 
     n_tok = int((shifted_targets(batch["labels"]) != IGNORE_INDEX).sum())
-    return Setup("medtune" if select else "medtune_all_logits", model, loss_fn, after_backward,
-                 loss_scale=1 / max(n_tok, 1))
+    return Setup(
+        "medtune" if select else "medtune_all_logits",
+        model,
+        loss_fn,
+        after_backward,
+        loss_scale=1 / max(n_tok, 1),
+    )
 
 
 def hf_setup(model, batch: dict, autocast: bool) -> Setup:
@@ -315,9 +434,13 @@ def hf_setup(model, batch: dict, autocast: bool) -> Setup:
 
     def loss_fn() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=batch["tokens"], pixel_values=batch["images"], use_cache=False).logits
+            logits = model(
+                input_ids=batch["tokens"], pixel_values=batch["images"], use_cache=False
+            ).logits
         targets = shifted_targets(batch["labels"])
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
 
     return Setup("hf_llava", model, loss_fn, lambda: None)
 
@@ -329,7 +452,9 @@ def bare_setup(model, batch: dict, autocast: bool) -> Setup:
     prefix = getattr(trunk, "num_prefix_tokens", 1)
     tokens = batch["tokens"]
     is_img = tokens == model.image_token_id
-    where = is_img.nonzero(as_tuple=True)  # precomputed once: (sample, position) of each placeholder
+    where = is_img.nonzero(
+        as_tuple=True
+    )  # precomputed once: (sample, position) of each placeholder
     text_ids = tokens.masked_fill(is_img, 0)
     targets = shifted_targets(batch["labels"])
 
@@ -341,7 +466,9 @@ def bare_setup(model, batch: dict, autocast: bool) -> Setup:
             for layer in dec.layers:
                 h = layer(h)
             logits = dec.output(dec.norm(h))
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
 
     return Setup("bare", model, loss_fn, lambda: None)
 
@@ -360,17 +487,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     autocast = device.type == "cuda"
     s = make_shape(args)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__} | device {device} | torch.set_num_threads({threads}) -> "
-          f"{torch.get_num_threads()} threads | cpu_count {os.cpu_count()} | load(1 min) {load:.2f}")
-    print(f"precision: {'bf16 autocast, fp32 weights' if autocast else 'fp32'} | AdamW lr {args.lr} | "
-          f"warm-up {args.warmup} steps per set-up, then {args.steps} interleaved repetitions")
-    print(f"LLM: Llama-3 width {s.width}, {s.layers} layers, {s.heads} heads / {s.kv_heads} kv heads, MLP {s.intermediate}, "
-          f"vocab {s.vocab}, rope theta {s.rope_base:g} (frozen)")
-    print(f"encoder: ViT width {s.enc_width}, depth {s.enc_depth}, {s.enc_heads} heads, {s.image_size}px / patch {s.patch} "
-          f"({args.encoder_norm} layout) -> {s.image_tokens} image tokens; connector: 2-layer GELU MLP "
-          f"{s.enc_width}->{s.width}->{s.width} (trained)")
-    print(f"batch {s.batch} x {s.seq_len} tokens ({s.image_tokens} image + {s.seq_len - s.image_tokens} text, "
-          f"{s.answer_tokens} answer tokens with loss), 1 image per sample")
+    print(
+        f"torch {torch.__version__} | device {device} | torch.set_num_threads({threads}) -> "
+        f"{torch.get_num_threads()} threads | cpu_count {os.cpu_count()} | load(1 min) {load:.2f}"
+    )
+    print(
+        f"precision: {'bf16 autocast, fp32 weights' if autocast else 'fp32'} | AdamW lr {args.lr} | "
+        f"warm-up {args.warmup} steps per set-up, then {args.steps} interleaved repetitions"
+    )
+    print(
+        f"LLM: Llama-3 width {s.width}, {s.layers} layers, {s.heads} heads / {s.kv_heads} kv heads, MLP {s.intermediate}, "
+        f"vocab {s.vocab}, rope theta {s.rope_base:g} (frozen)"
+    )
+    print(
+        f"encoder: ViT width {s.enc_width}, depth {s.enc_depth}, {s.enc_heads} heads, {s.image_size}px / patch {s.patch} "
+        f"({args.encoder_norm} layout) -> {s.image_tokens} image tokens; connector: 2-layer GELU MLP "
+        f"{s.enc_width}->{s.width}->{s.width} (trained)"
+    )
+    print(
+        f"batch {s.batch} x {s.seq_len} tokens ({s.image_tokens} image + {s.seq_len - s.image_tokens} text, "
+        f"{s.answer_tokens} answer tokens with loss), 1 image per sample"
+    )
 
     torch.manual_seed(args.seed)
     med = build_medtune(s, args.encoder_norm).to(device)
@@ -382,32 +519,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         unexpected = list(unexpected)
         left = sorted(k for k in missing if "post_layernorm" not in k)
         if left or unexpected:
-            raise SystemExit(f"weight copy medtune -> HF failed: missing {left[:5]}, unexpected {unexpected[:5]}")
+            raise SystemExit(
+                f"weight copy medtune -> HF failed: missing {left[:5]}, unexpected {unexpected[:5]}"
+            )
     hf.to(device)
     batch = make_batch(s, device, args.seed)
 
     # parameter counts
     counts = {
         "medtune": param_counts([med.encoders, med.connectors], [med.decoder]),
-        "hf_llava": param_counts([hf.model.vision_tower, hf.model.multi_modal_projector],
-                                 [hf.model.language_model, hf.lm_head]),
+        "hf_llava": param_counts(
+            [hf.model.vision_tower, hf.model.multi_modal_projector],
+            [hf.model.language_model, hf.lm_head],
+        ),
         "bare": param_counts([bare.encoders, bare.connectors], [bare.decoder]),
     }
     ref_tr, ref_fr = counts["medtune"]
     # allowed: 0.1%, or the known structural difference (CLIP's unused post_layernorm, 2 x encoder width)
     tol_tr, tol_fr = max(PARAM_TOLERANCE * ref_tr, 2 * s.enc_width), PARAM_TOLERANCE * ref_fr
-    print(f"\n{'set-up':<10} {'trainable':>12} {'frozen':>12}  diff vs medtune (tolerance: trainable +-{tol_tr:,.0f}, "
-          f"frozen +-{tol_fr:,.0f})")
+    print(
+        f"\n{'set-up':<10} {'trainable':>12} {'frozen':>12}  diff vs medtune (tolerance: trainable +-{tol_tr:,.0f}, "
+        f"frozen +-{tol_fr:,.0f})"
+    )
     for name, (tr, fr) in counts.items():
         print(f"{name:<10} {tr:>12,} {fr:>12,}  {tr - ref_tr:+,} / {fr - ref_fr:+,}")
         if abs(tr - ref_tr) > tol_tr or abs(fr - ref_fr) > tol_fr:
             raise SystemExit(f"{name}: parameter counts differ from medtune's beyond the tolerance")
     if counts["hf_llava"][0] != ref_tr:
-        print(f"  (hf_llava's extra trainable params: CLIP post_layernorm, 2 x {s.enc_width}, unused by LLaVA's "
-              f"feature path{'' if same_weights else '; minus the patch-embedding bias timm has'})")
+        print(
+            f"  (hf_llava's extra trainable params: CLIP post_layernorm, 2 x {s.enc_width}, unused by LLaVA's "
+            f"feature path{'' if same_weights else '; minus the patch-embedding bias timm has'})"
+        )
 
-    setups = [medtune_setup(med, batch, autocast), hf_setup(hf, batch, autocast), bare_setup(bare, batch, autocast),
-              medtune_setup(copy.deepcopy(med), batch, autocast, select=False)]
+    setups = [
+        medtune_setup(med, batch, autocast),
+        hf_setup(hf, batch, autocast),
+        bare_setup(bare, batch, autocast),
+        medtune_setup(copy.deepcopy(med), batch, autocast, select=False),
+    ]
     for st in setups:
         st.model.train()
         params = [p for p in st.model.parameters() if p.requires_grad]
@@ -420,7 +569,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if same_weights:
         tol = 2e-2 if autocast else 1e-4
         worst = max(abs(v - losses["medtune"]) for v in losses.values())
-        print(f"  max |diff| {worst:.2e} (tolerance {tol:g}): {'same function' if worst <= tol else 'MISMATCH'}")
+        print(
+            f"  max |diff| {worst:.2e} (tolerance {tol:g}): {'same function' if worst <= tol else 'MISMATCH'}"
+        )
         if worst > tol:
             raise SystemExit("the three set-ups do not compute the same loss from the same weights")
 
@@ -439,23 +590,36 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             last_loss[st.name] = st.step()
             sync(device)
             times[st.name].append(time.perf_counter() - t0)
-        print(f"  rep {rep + 1}/{args.steps}: " + ", ".join(f"{n} {1000 * v[-1]:.0f} ms" for n, v in times.items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"  rep {rep + 1}/{args.steps}: "
+            + ", ".join(f"{n} {1000 * v[-1]:.0f} ms" for n, v in times.items()),
+            file=sys.stderr,
+            flush=True,
+        )
 
     med_ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     load2 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nstep time over {args.steps} interleaved repetitions (load(1 min) now {load2:.2f}):")
     for name, v in times.items():
-        print(f"{name:<18} {med_ms[name]:9.1f} ms/step  (median; min {1000 * min(v):.1f}, max {1000 * max(v):.1f}; "
-              f"last loss {last_loss[name]:.4f})")
+        print(
+            f"{name:<18} {med_ms[name]:9.1f} ms/step  (median; min {1000 * min(v):.1f}, max {1000 * max(v):.1f}; "
+            f"last loss {last_loss[name]:.4f})"
+        )
     print(f"medtune/hf_llava = {med_ms['medtune'] / med_ms['hf_llava']:.2f}x")
     print(f"medtune/bare = {med_ms['medtune'] / med_ms['bare']:.2f}x")
-    print(f"medtune/medtune_all_logits = {med_ms['medtune'] / med_ms['medtune_all_logits']:.2f}x  "
-          "(logits at answer positions only vs at every position)")
-    paired = {o: statistics.median(a / b for a, b in zip(times["medtune"], times[o])) for o in ("hf_llava", "bare")}
-    print(f"(median of per-repetition ratios, less sensitive to load drift: medtune/hf_llava {paired['hf_llava']:.2f}x, "
-          f"medtune/bare {paired['bare']:.2f}x; ratio of minima: medtune/hf_llava "
-          f"{min(times['medtune']) / min(times['hf_llava']):.2f}x, medtune/bare {min(times['medtune']) / min(times['bare']):.2f}x)")
+    print(
+        f"medtune/medtune_all_logits = {med_ms['medtune'] / med_ms['medtune_all_logits']:.2f}x  "
+        "(logits at answer positions only vs at every position)"
+    )
+    paired = {
+        o: statistics.median(a / b for a, b in zip(times["medtune"], times[o]))
+        for o in ("hf_llava", "bare")
+    }
+    print(
+        f"(median of per-repetition ratios, less sensitive to load drift: medtune/hf_llava {paired['hf_llava']:.2f}x, "
+        f"medtune/bare {paired['bare']:.2f}x; ratio of minima: medtune/hf_llava "
+        f"{min(times['medtune']) / min(times['hf_llava']):.2f}x, medtune/bare {min(times['medtune']) / min(times['bare']):.2f}x)"
+    )
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -467,8 +631,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     st.step()
                 sync(device)
             print(f"\n--- profile: {st.name}, {args.profile} steps ---")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else "self_cuda_time_total",
-                                            row_limit=20))
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cpu_time_total"
+                    if device.type == "cpu"
+                    else "self_cuda_time_total",
+                    row_limit=20,
+                )
+            )
     return med_ms
 
 

@@ -41,8 +41,13 @@ class GenerationConfig:
         return dict(self.__dict__)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick next tokens.
 
     Args:
@@ -74,7 +79,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 def _forward(model: nn.Module, tokens, *, images, image_counts, mask, input_pos):
     if images is not None:
-        return model(tokens, images=images, image_counts=image_counts, mask=mask, input_pos=input_pos)
+        return model(
+            tokens, images=images, image_counts=image_counts, mask=mask, input_pos=input_pos
+        )
     return model(tokens, mask=mask, input_pos=input_pos)
 
 
@@ -128,8 +135,8 @@ def generate(
     tokens = torch.full((bsz, total), pad_id, dtype=torch.long, device=device)
     padding = torch.zeros((bsz, total), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, plen - len(p):plen] = torch.as_tensor(list(p), dtype=torch.long, device=device)
-        padding[i, plen - len(p):] = True  # real prompt tokens and every generated slot
+        tokens[i, plen - len(p) : plen] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        padding[i, plen - len(p) :] = True  # real prompt tokens and every generated slot
     masks = get_causal_mask_from_padding_mask(padding, target_seq_len=total)
     input_pos = get_position_ids_from_padding_mask(padding)
     stop = torch.tensor(sorted(set(stop_tokens)), device=device)
@@ -144,18 +151,37 @@ def generate(
         with device:  # torchtune's KVCache allocates on the default device
             decoder.setup_caches(bsz, cache_dtype, decoder_max_seq_len=total)
     last = torch.zeros((bsz, plen), dtype=torch.bool, device=device)
-    last[:, -1] = True  # prefill: logits at the last prompt position only ([b, vocab], not [b, plen, vocab])
+    last[:, -1] = (
+        True  # prefill: logits at the last prompt position only ([b, vocab], not [b, plen, vocab])
+    )
     try:
         with output_at(decoder, last):
             if use_cache:
-                logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
-                                  mask=masks[:, :plen], input_pos=input_pos[:, :plen])
+                logits = _forward(
+                    model,
+                    tokens[:, :plen],
+                    images=images,
+                    image_counts=image_counts,
+                    mask=masks[:, :plen],
+                    input_pos=input_pos[:, :plen],
+                )
             else:
-                logits = _forward(model, tokens[:, :plen], images=images, image_counts=image_counts,
-                                  mask=masks[:, :plen, :plen], input_pos=input_pos[:, :plen])
+                logits = _forward(
+                    model,
+                    tokens[:, :plen],
+                    images=images,
+                    image_counts=image_counts,
+                    mask=masks[:, :plen, :plen],
+                    input_pos=input_pos[:, :plen],
+                )
         for step in range(max_new_tokens):
-            nxt = sample_next((logits[:, -1] if logits.dim() == 3 else logits).float(), temperature, top_k, top_p,
-                              generator)
+            nxt = sample_next(
+                (logits[:, -1] if logits.dim() == 3 else logits).float(),
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
             if sync_next is not None:
                 nxt = sync_next(nxt)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -168,11 +194,23 @@ def generate(
             pos = plen + step
             tokens[:, pos] = nxt
             if use_cache:
-                logits = _forward(model, tokens[:, pos:pos + 1], images=None, image_counts=None,
-                                  mask=masks[:, pos:pos + 1], input_pos=input_pos[:, pos:pos + 1])
+                logits = _forward(
+                    model,
+                    tokens[:, pos : pos + 1],
+                    images=None,
+                    image_counts=None,
+                    mask=masks[:, pos : pos + 1],
+                    input_pos=input_pos[:, pos : pos + 1],
+                )
             else:
-                logits = _forward(model, tokens[:, :pos + 1], images=images, image_counts=image_counts,
-                                  mask=masks[:, :pos + 1, :pos + 1], input_pos=input_pos[:, :pos + 1])
+                logits = _forward(
+                    model,
+                    tokens[:, : pos + 1],
+                    images=images,
+                    image_counts=image_counts,
+                    mask=masks[:, : pos + 1, : pos + 1],
+                    input_pos=input_pos[:, : pos + 1],
+                )
     finally:
         if use_cache:
             _teardown_caches(decoder)

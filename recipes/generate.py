@@ -292,7 +292,10 @@ class GenerateRecipe:
                     fh.write(json.dumps(out, ensure_ascii=False) + "\n")
                     fh.flush()
                     new[_key(row["id"])] = ans
-        answers = [new[k] if k in new else done[k]["prediction"] for k in (_key(r["id"]) for r in self.rows)]
+        answers = [
+            new[k] if k in new else done[k]["prediction"]
+            for k in (_key(r["id"]) for r in self.rows)
+        ]
         kept = f", {len(done)} kept from an earlier run" if done else ""
         self._log(f"{len(new)} answers in {time.perf_counter() - t0:.1f}s{kept} -> {out_path}")
         return answers
@@ -317,11 +320,16 @@ class GenerateRecipe:
             except json.JSONDecodeError:
                 if n == len(lines) and not line.endswith("\n"):
                     break  # the half-written last line of a killed run
-                raise GenerateConfigError(f"{out_path}:{n}: not valid JSON; fix it or run with overwrite=true") from None
-            if row.get("checkpoint") != str(self.cfg.checkpoint) or row.get("generation") != dict(self.gen):
+                raise GenerateConfigError(
+                    f"{out_path}:{n}: not valid JSON; fix it or run with overwrite=true"
+                ) from None
+            if row.get("checkpoint") != str(self.cfg.checkpoint) or row.get("generation") != dict(
+                self.gen
+            ):
                 raise GenerateConfigError(
                     f"{out_path}:{n}: answers from another checkpoint or other generation settings "
-                    f"({row.get('checkpoint')!r}); use another output= or overwrite=true")
+                    f"({row.get('checkpoint')!r}); use another output= or overwrite=true"
+                )
             if _key(row.get("id")) in wanted:
                 done[_key(row["id"])] = row
         return done

@@ -84,7 +84,9 @@ class VisionFinetuneRecipe(FinetuneRecipe):
     def _setup_model(self) -> nn.Module:
         model = super()._setup_model()
         if not self.is_vlm:
-            raise ValueError("model: vision_finetune needs a MedVLM (a builder from medtune.models.builders)")
+            raise ValueError(
+                "model: vision_finetune needs a MedVLM (a builder from medtune.models.builders)"
+            )
         return model
 
     def _wrap_unsharded(self, model: nn.Module) -> None:
@@ -102,8 +104,10 @@ class VisionFinetuneRecipe(FinetuneRecipe):
 
         f = Path(self.cfg.init_from) / ckpt.MODEL_FILE
         if not f.is_file():
-            raise FileNotFoundError(f"init_from: {f} does not exist (expected a medtune checkpoint folder such as "
-                                    "output_dir/epoch_0)")
+            raise FileNotFoundError(
+                f"init_from: {f} does not exist (expected a medtune checkpoint folder such as "
+                "output_dir/epoch_0)"
+            )
         return load_file(str(f))
 
 

@@ -30,7 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _assets_key() -> str:
     h = hashlib.sha256()
-    for mod in (_assets_mod, _synthetic_mod, _llama3_mod, _export_mod):  # the tokenizer and HF layouts
+    for mod in (
+        _assets_mod,
+        _synthetic_mod,
+        _llama3_mod,
+        _export_mod,
+    ):  # the tokenizer and HF layouts
         h.update(Path(mod.__file__).read_bytes())
     h.update(repr(sorted(TINY_SIZES.items())).encode())
     return h.hexdigest()[:16]
@@ -40,7 +45,9 @@ def build_cached_tiny_assets() -> Path:
     """Build (or reuse) the tiny assets under ``$MEDTUNE_TEST_ASSETS`` or ``/tmp/medtune-test-assets``."""
     from medtune.testing.assets import make_tiny_assets
 
-    base = Path(os.environ.get("MEDTUNE_TEST_ASSETS", Path(tempfile.gettempdir()) / "medtune-test-assets"))
+    base = Path(
+        os.environ.get("MEDTUNE_TEST_ASSETS", Path(tempfile.gettempdir()) / "medtune-test-assets")
+    )
     base.mkdir(parents=True, exist_ok=True)
     out = base / _assets_key()
     with open(base / f"{out.name}.lock", "w") as lock:

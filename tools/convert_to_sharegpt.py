@@ -87,7 +87,9 @@ def to_sharegpt(samples: list[Sample], output: str | Path, relative: bool = Fals
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=["slake", "vqa_rad", "roco", "caption"])
-    p.add_argument("--input", required=True, help="SLAKE folder, VQA-RAD folder, ROCO clone or caption JSON")
+    p.add_argument(
+        "--input", required=True, help="SLAKE folder, VQA-RAD folder, ROCO clone or caption JSON"
+    )
     p.add_argument(
         "--split",
         default=None,

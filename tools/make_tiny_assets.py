@@ -1,6 +1,6 @@
 """Write the tiny test/demo assets (tokenizer, Llama-3 in HF + Meta layouts, open_clip dir, VQA set).
 
-    python tools/make_tiny_assets.py --out assets/tiny
+python tools/make_tiny_assets.py --out assets/tiny
 """
 
 import argparse
@@ -10,7 +10,9 @@ from medtune.testing.assets import make_tiny_assets
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="assets/tiny", help="folder to write (reused when complete)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

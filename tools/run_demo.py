@@ -33,8 +33,19 @@ def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str,
     """
     procs = {}
     for name, extra in runs.items():
-        cmd = [sys.executable, "-m", "medtune._cli.main", "run", "vision_finetune", "--config", "demo",
-               f"assets_dir={assets}", f"output_dir={out / name}", "log_every_n_steps=1000", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "medtune._cli.main",
+            "run",
+            "vision_finetune",
+            "--config",
+            "demo",
+            f"assets_dir={assets}",
+            f"output_dir={out / name}",
+            "log_every_n_steps=1000",
+            *extra,
+        ]
         print("$ medtune " + " ".join(cmd[3:]) + f"    # log: {out / name}.log", flush=True)
         (out / name).mkdir(parents=True, exist_ok=True)
         log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed below
@@ -49,11 +60,18 @@ def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str,
             if line.startswith("epoch ") and " done:" in line:
                 print(f"[{name}] {line}", flush=True)
         if proc.returncode:
-            print(f"[{name}] failed (exit {proc.returncode}):\n{text[-3000:]}", file=sys.stderr, flush=True)
+            print(
+                f"[{name}] failed (exit {proc.returncode}):\n{text[-3000:]}",
+                file=sys.stderr,
+                flush=True,
+            )
             failed.append(name)
     if failed:
         sys.exit(1)
-    return {name: max((out / name).glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) for name in runs}
+    return {
+        name: max((out / name).glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+        for name in runs
+    }
 
 
 def accuracy(ckpt: Path, split: str, blank: bool, batch_size: int = 32) -> float:
@@ -64,23 +82,44 @@ def accuracy(ckpt: Path, split: str, blank: bool, batch_size: int = 32) -> float
 
     model, tok, cfg = load_from_checkpoint(ckpt)
     samples = slake(cfg.dataset.root, split=split)
-    ds = VisionChatDataset(samples, tok, image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image,
-                           transforms=model.image_transforms, prompt_template=cfg.get("prompt_template"),
-                           blank_images=blank)
+    ds = VisionChatDataset(
+        samples,
+        tok,
+        image_token_id=model.image_token_id,
+        tokens_per_image=model.tokens_per_image,
+        transforms=model.image_transforms,
+        prompt_template=cfg.get("prompt_template"),
+        blank_images=blank,
+    )
     right = 0
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        prompts = [ds.encode(ds.prepare(s, i + j), add_generation_prompt=True)[0] for j, s in enumerate(chunk)]
+        chunk = samples[i : i + batch_size]
+        prompts = [
+            ds.encode(ds.prepare(s, i + j), add_generation_prompt=True)[0]
+            for j, s in enumerate(chunk)
+        ]
         loaded = [ds.load_images(s) for s in chunk]
         images = {k: torch.cat([x[k] for x in loaded]) for k in loaded[0]}
-        outs = generate(model, prompts, pad_id=tok.pad_id, stop_tokens=tok.stop_tokens, images=images,
-                        image_counts=torch.tensor([len(s.images) for s in chunk]), max_new_tokens=8)
-        right += sum(tok.decode(o).strip().lower() == s.meta["answer"].strip().lower() for o, s in zip(outs, chunk))
+        outs = generate(
+            model,
+            prompts,
+            pad_id=tok.pad_id,
+            stop_tokens=tok.stop_tokens,
+            images=images,
+            image_counts=torch.tensor([len(s.images) for s in chunk]),
+            max_new_tokens=8,
+        )
+        right += sum(
+            tok.decode(o).strip().lower() == s.meta["answer"].strip().lower()
+            for o, s in zip(outs, chunk)
+        )
     return right / len(samples)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--assets", default="assets/tiny", type=Path)
     p.add_argument("--out", default="outputs/demo", type=Path)
     p.add_argument("--split", default="test")
@@ -91,7 +130,9 @@ def main() -> None:
     ckpts = train_both(args.assets, {"image": [], "blank": ["blank_images=True"]}, args.out)
     acc_img = accuracy(ckpts["image"], args.split, blank=False)
     acc_blank = accuracy(ckpts["blank"], args.split, blank=True)
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s (checkpoints in {args.out})", flush=True)
+    print(
+        f"demo finished in {time.perf_counter() - t0:.0f}s (checkpoints in {args.out})", flush=True
+    )
     print(f"image accuracy: {acc_img:.2f} | question-only baseline: {acc_blank:.2f}", flush=True)
 
 

@@ -80,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
         metrics = {"predictions": str(path)}
         n_cap = sum(map(is_caption_row, rows))
         if n_cap and n_cap != len(rows):
-            return _error(f"{path}: {n_cap} caption row(s) and {len(rows) - n_cap} VQA row(s); score them apart")
+            return _error(
+                f"{path}: {n_cap} caption row(s) and {len(rows) - n_cap} VQA row(s); score them apart"
+            )
         try:
-            metrics.update(score_caption_rows(rows, meteor=not args.no_meteor) if n_cap else score_predictions(rows))
+            metrics.update(
+                score_caption_rows(rows, meteor=not args.no_meteor)
+                if n_cap
+                else score_predictions(rows)
+            )
         except (ValueError, RuntimeError) as e:
             return _error(f"{path}: {e}")
         results[str(path)] = metrics

@@ -167,8 +167,11 @@ ROCO_SUBSETS = ("radiology", "non-radiology")
 def _roco_table(path: Path, n_cols: int) -> dict[str, tuple[int, list[str]]]:
     """``ROCO_id<TAB>...`` lines -> id -> (line index, the other columns)."""
     if not path.is_file():
-        raise DataError(f"file not found: {path} (expected the ROCO release layout "
-                        "data/<split>/<subset>/{captions.txt,dlinks.txt})", reason="missing file")
+        raise DataError(
+            f"file not found: {path} (expected the ROCO release layout "
+            "data/<split>/<subset>/{captions.txt,dlinks.txt})",
+            reason="missing file",
+        )
     out: dict[str, tuple[int, list[str]]] = {}
     with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f):
@@ -178,10 +181,14 @@ def _roco_table(path: Path, n_cols: int) -> dict[str, tuple[int, list[str]]]:
             if len(cols) < n_cols or not cols[0].strip():
                 raise MalformedJSONError(
                     f"expected {n_cols} tab-separated columns starting with a ROCO id, got {len(cols)}",
-                    file=path, row=i)
+                    file=path,
+                    row=i,
+                )
             rid = cols[0].strip()
             if rid in out:
-                raise DataError(f"duplicate id (first at line {out[rid][0]})", file=path, row=i, row_id=rid)
+                raise DataError(
+                    f"duplicate id (first at line {out[rid][0]})", file=path, row=i, row_id=rid
+                )
             out[rid] = (i, cols[1:])
     return out
 
@@ -227,8 +234,11 @@ def roco(
     base = root / "data" if (root / "data").is_dir() else root
     folder = base / split / subset
     if not folder.is_dir():
-        raise DataError(f"roco: no folder {folder} (expected {root}/data/<split>/<subset>/ with split "
-                        "train, validation or test)", reason="missing file")
+        raise DataError(
+            f"roco: no folder {folder} (expected {root}/data/<split>/<subset>/ with split "
+            "train, validation or test)",
+            reason="missing file",
+        )
     captions_file, links_file = folder / "captions.txt", folder / "dlinks.txt"
     captions = _roco_table(captions_file, 2)
     links = _roco_table(links_file, 3)
@@ -240,20 +250,43 @@ def roco(
             if not caption:
                 raise MissingFieldError("empty caption", file=captions_file, row=line, row_id=rid)
             if rid not in links:
-                raise MissingImageError(f"no download link for this id in {links_file}", file=captions_file,
-                                        row=line, row_id=rid)
+                raise MissingImageError(
+                    f"no download link for this id in {links_file}",
+                    file=captions_file,
+                    row=line,
+                    row_id=rid,
+                )
             link_line, link_cols = links[rid]
             archive = next((w for w in link_cols[0].split() if w.endswith(".tar.gz")), None)
             if archive is None:
-                raise MalformedJSONError("expected a PMC .tar.gz link in the second column", file=links_file,
-                                         row=link_line, row_id=rid)
+                raise MalformedJSONError(
+                    "expected a PMC .tar.gz link in the second column",
+                    file=links_file,
+                    row=link_line,
+                    row_id=rid,
+                )
             pmc_id = archive.rsplit("/", 1)[-1][: -len(".tar.gz")]
             rel = f"{image_dir}/{pmc_id}_{link_cols[-1].strip()}"
             image = resolve_image(folder, rel, file=links_file, index=link_line, row_id=rid)
-            meta = {"dataset": "roco", "split": split, "subset": subset, "image": rel, "pmc_id": pmc_id,
-                    "caption": caption, "question": instruction, "answer": caption, "task": "caption"}
-            out.append(Sample(id=rid, images=[image],
-                              messages=[Message("user", instruction), Message("assistant", caption)], meta=meta))
+            meta = {
+                "dataset": "roco",
+                "split": split,
+                "subset": subset,
+                "image": rel,
+                "pmc_id": pmc_id,
+                "caption": caption,
+                "question": instruction,
+                "answer": caption,
+                "task": "caption",
+            }
+            out.append(
+                Sample(
+                    id=rid,
+                    images=[image],
+                    messages=[Message("user", instruction), Message("assistant", caption)],
+                    meta=meta,
+                )
+            )
         except DataError as e:
             counter.record(e)
     return counter.finish(out)

@@ -40,8 +40,10 @@ def split_markers(sample: Sample) -> list[tuple[str, list[str | None]]]:
     n_markers = sum(m.content.count(IMAGE_MARKER) for m in sample.messages)
     n_img = len(sample.images)
     if n_markers and n_markers != n_img:
-        raise DataError(f"sample {sample.id}: {n_markers} '{IMAGE_MARKER}' marker(s) but {n_img} image(s)",
-                        reason="image marker mismatch")
+        raise DataError(
+            f"sample {sample.id}: {n_markers} '{IMAGE_MARKER}' marker(s) but {n_img} image(s)",
+            reason="image marker mismatch",
+        )
     out: list[tuple[str, list[str | None]]] = []
     placed = bool(n_markers)
     for m in sample.messages:
@@ -56,7 +58,10 @@ def split_markers(sample: Sample) -> list[tuple[str, list[str | None]]]:
             parts.append(chunk)
         out.append((m.role, parts))
     if not placed and n_img:
-        raise DataError(f"sample {sample.id}: has {n_img} image(s) but no user turn to hold them", reason="no user turn")
+        raise DataError(
+            f"sample {sample.id}: has {n_img} image(s) but no user turn to hold them",
+            reason="no user turn",
+        )
     return out
 
 
@@ -83,17 +88,31 @@ class VisionChatDataset(torch.utils.data.Dataset):
     ``images`` (encoder name -> float tensor [n_img, 3, H, W]), ``n_images`` (int), ``id``.
     """
 
-    def __init__(self, samples: list[Sample], tokenizer, *, image_token_id: int, tokens_per_image: int,
-                 transforms: dict[str, dict], train: bool = False, augment: dict | None = None,
-                 prompt_template: str | list[str] | None = None, system_prompt: str | None = None,
-                 seed: int = 0, max_seq_len: int | None = None, blank_images: bool = False,
-                 window: Any = None):
+    def __init__(
+        self,
+        samples: list[Sample],
+        tokenizer,
+        *,
+        image_token_id: int,
+        tokens_per_image: int,
+        transforms: dict[str, dict],
+        train: bool = False,
+        augment: dict | None = None,
+        prompt_template: str | list[str] | None = None,
+        system_prompt: str | None = None,
+        seed: int = 0,
+        max_seq_len: int | None = None,
+        blank_images: bool = False,
+        window: Any = None,
+    ):
         self.samples = list(samples)
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
-        self.transforms = {name: image_transform(**cfg, train=train and augment is not None, augment=augment)
-                           for name, cfg in transforms.items()}
+        self.transforms = {
+            name: image_transform(**cfg, train=train and augment is not None, augment=augment)
+            for name, cfg in transforms.items()
+        }
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
         self.seed = seed
@@ -115,14 +134,25 @@ class VisionChatDataset(torch.utils.data.Dataset):
 
         if self.prompt_template is not None:
             rng = random.Random(hash((self.seed, self.epoch, index)) & 0xFFFFFFFF)
-            sample = apply_template(sample, self.prompt_template, rng if isinstance(self.prompt_template, list) else None)
+            sample = apply_template(
+                sample,
+                self.prompt_template,
+                rng if isinstance(self.prompt_template, list) else None,
+            )
         if self.system_prompt:
             from medtune.data.sample import Message
 
-            sample = Sample(sample.id, sample.images, [Message("system", self.system_prompt), *sample.messages], sample.meta)
+            sample = Sample(
+                sample.id,
+                sample.images,
+                [Message("system", self.system_prompt), *sample.messages],
+                sample.meta,
+            )
         return sample
 
-    def encode(self, sample: Sample, *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def encode(
+        self, sample: Sample, *, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Sample -> (ids, labels). With ``add_generation_prompt`` the last assistant turn is left out
         and the ids end with an open assistant header (for generation)."""
         from medtune.models.llama3 import encode_messages
@@ -137,15 +167,23 @@ class VisionChatDataset(torch.utils.data.Dataset):
             for p in parts:
                 flat += placeholder if p is None else [p]
             msgs.append((role, flat))
-        ids, mask = encode_messages(self.tokenizer, msgs, add_generation_prompt=add_generation_prompt)
+        ids, mask = encode_messages(
+            self.tokenizer, msgs, add_generation_prompt=add_generation_prompt
+        )
         n_ph = sum(1 for t in ids if t == self.image_token_id)
         want = len(sample.images) * self.tokens_per_image
         if n_ph != want:
-            raise DataError(f"sample {sample.id}: {n_ph} image placeholders for {len(sample.images)} image(s) "
-                            f"x {self.tokens_per_image} tokens = {want}", reason="image token mismatch")
+            raise DataError(
+                f"sample {sample.id}: {n_ph} image placeholders for {len(sample.images)} image(s) "
+                f"x {self.tokens_per_image} tokens = {want}",
+                reason="image token mismatch",
+            )
         if self.max_seq_len is not None and len(ids) > self.max_seq_len:
-            raise DataError(f"sample {sample.id}: {len(ids)} tokens exceed max_seq_len={self.max_seq_len} "
-                            "(raise max_seq_len or shorten the sample)", reason="too long")
+            raise DataError(
+                f"sample {sample.id}: {len(ids)} tokens exceed max_seq_len={self.max_seq_len} "
+                "(raise max_seq_len or shorten the sample)",
+                reason="too long",
+            )
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         return ids, labels
 
@@ -157,14 +195,22 @@ class VisionChatDataset(torch.utils.data.Dataset):
                 pil.append(None)
             elif isinstance(ref, (str, Path)):
                 try:
-                    pil.append(load_image(ref, window=self.window, modality=sample.meta.get("modality")))
+                    pil.append(
+                        load_image(ref, window=self.window, modality=sample.meta.get("modality"))
+                    )
                 except DataError as e:
-                    raise DataError(f"sample {sample.id}: {e}", reason=getattr(e, "reason", "bad image")) from None
+                    raise DataError(
+                        f"sample {sample.id}: {e}", reason=getattr(e, "reason", "bad image")
+                    ) from None
             elif isinstance(ref, Image.Image):
                 pil.append(ref.convert("RGB"))
             else:
                 arr = np.asarray(ref)
-                pil.append(Image.fromarray(arr if arr.ndim == 3 else np.stack([arr] * 3, -1)).convert("RGB"))
+                pil.append(
+                    Image.fromarray(arr if arr.ndim == 3 else np.stack([arr] * 3, -1)).convert(
+                        "RGB"
+                    )
+                )
         out = {}
         for name, tf in self.transforms.items():
             if not pil:
@@ -179,5 +225,10 @@ class VisionChatDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.prepare(self.samples[index], index)
         ids, labels = self.encode(sample)
-        return {"tokens": ids, "labels": labels, "images": self.load_images(sample),
-                "n_images": len(sample.images), "id": sample.id}
+        return {
+            "tokens": ids,
+            "labels": labels,
+            "images": self.load_images(sample),
+            "n_images": len(sample.images),
+            "id": sample.id,
+        }

@@ -9,8 +9,12 @@ import torch
 from medtune.data.chat import IGNORE_INDEX
 
 
-def collate_vision_chat(batch: list[dict[str, Any]], pad_id: int, ignore_index: int = IGNORE_INDEX,
-                        padding_side: str = "right") -> dict[str, Any]:
+def collate_vision_chat(
+    batch: list[dict[str, Any]],
+    pad_id: int,
+    ignore_index: int = IGNORE_INDEX,
+    padding_side: str = "right",
+) -> dict[str, Any]:
     """Pad token ids and labels; concatenate images in sample order.
 
     Args:

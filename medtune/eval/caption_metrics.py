@@ -150,7 +150,9 @@ def caption_scores(
 
 def is_caption_row(row: Mapping[str, Any]) -> bool:
     """A predictions row of a caption dataset (``task: caption``, as ``eval`` writes them)."""
-    return row.get("task") == "caption" or str(row.get("answer_type", "")).strip().upper() == "CAPTION"
+    return (
+        row.get("task") == "caption" or str(row.get("answer_type", "")).strip().upper() == "CAPTION"
+    )
 
 
 def score_caption_rows(rows: Sequence[Mapping[str, Any]], meteor: bool = True) -> dict[str, Any]:
@@ -165,7 +167,12 @@ def score_caption_rows(rows: Sequence[Mapping[str, Any]], meteor: bool = True) -
         ValueError: two rows share an id.
     """
     if not rows:
-        return {"n": 0, **dict.fromkeys(CAPTION_METRIC_KEYS), "rules": dict(CAPTION_RULES), "checkpoints": []}
+        return {
+            "n": 0,
+            **dict.fromkeys(CAPTION_METRIC_KEYS),
+            "rules": dict(CAPTION_RULES),
+            "checkpoints": [],
+        }
     refs: dict[Any, list[str]] = {}
     preds: dict[Any, str] = {}
     for n, r in enumerate(rows):

@@ -58,8 +58,13 @@ def medvlm(
     return MedVLM(decoder, encoders, connectors, image_token_id=image_token_id, fuse=fuse)
 
 
-def _biomedclip_llama(decoder_fn: Callable[[], TransformerDecoder], encoder_path: str | None, output: str,
-                      connector: str, connector_kwargs: dict | None) -> MedVLM:
+def _biomedclip_llama(
+    decoder_fn: Callable[[], TransformerDecoder],
+    encoder_path: str | None,
+    output: str,
+    connector: str,
+    connector_kwargs: dict | None,
+) -> MedVLM:
     enc = biomedclip_vision(encoder_path, output=output)
     return medvlm(decoder_fn(), enc, connector=connector, connector_kwargs=connector_kwargs)
 
@@ -69,18 +74,26 @@ def medvlm_biomedclip_llama3_8b(encoder_path: str | None = None, connector: str 
     return _biomedclip_llama(_llama3.llama3_8b, encoder_path, "patch", connector, None)
 
 
-def medvlm_biomedclip_llama3_1_8b(encoder_path: str | None = None, connector: str = "mlp") -> MedVLM:
+def medvlm_biomedclip_llama3_1_8b(
+    encoder_path: str | None = None, connector: str = "mlp"
+) -> MedVLM:
     """BiomedCLIP patch tokens -> LLaVA MLP -> Llama-3.1-8B-Instruct."""
     return _biomedclip_llama(_llama3.llama3_1_8b, encoder_path, "patch", connector, None)
 
 
 def medvlm_medcap_llama3_8b(encoder_path: str | None = None, num_tokens: int = 32) -> MedVLM:
     """medcap: BiomedCLIP's pooled 512-d embedding -> ``pooled_unfold`` to 32 tokens -> Llama-3-8B."""
-    return _biomedclip_llama(_llama3.llama3_8b, encoder_path, "pooled", "pooled_unfold", {"num_tokens": num_tokens})
+    return _biomedclip_llama(
+        _llama3.llama3_8b, encoder_path, "pooled", "pooled_unfold", {"num_tokens": num_tokens}
+    )
 
 
-def medvlm_msmedcap_llama3_8b(encoder_path: str | None = None, sam_checkpoint: str | None = None,
-                              num_queries: int = 32, sam_image_size: int = 1024) -> MedVLM:
+def medvlm_msmedcap_llama3_8b(
+    encoder_path: str | None = None,
+    sam_checkpoint: str | None = None,
+    num_queries: int = 32,
+    sam_image_size: int = 1024,
+) -> MedVLM:
     """MSMedCap-style dual encoder: SAM ViT-B (detail) and BiomedCLIP (semantics), each through its
     own BLIP-2 style Q-Former, into Llama-3-8B-Instruct.
 
@@ -97,14 +110,26 @@ def medvlm_msmedcap_llama3_8b(encoder_path: str | None = None, sam_checkpoint: s
         num_queries: learned queries per Q-Former.
         sam_image_size: SAM's input size.
     """
-    sam = timm_vision("samvit_base_patch16", checkpoint_path=sam_checkpoint, image_size=sam_image_size)
+    sam = timm_vision(
+        "samvit_base_patch16", checkpoint_path=sam_checkpoint, image_size=sam_image_size
+    )
     clip = biomedclip_vision(encoder_path, output="patch")
-    return medvlm(_llama3.llama3_8b(), {"sam": sam, "clip": clip}, connector="qformer",
-                  connector_kwargs={"num_queries": num_queries})
+    return medvlm(
+        _llama3.llama3_8b(),
+        {"sam": sam, "clip": clip},
+        connector="qformer",
+        connector_kwargs={"num_queries": num_queries},
+    )
 
 
-def medvlm_open_clip_llama3(llm_config: str, encoder_path: str, connector: str = "mlp", output: str = "patch",
-                            connector_kwargs: dict | None = None, max_seq_len: int | None = None) -> MedVLM:
+def medvlm_open_clip_llama3(
+    llm_config: str,
+    encoder_path: str,
+    connector: str = "mlp",
+    output: str = "patch",
+    connector_kwargs: dict | None = None,
+    max_seq_len: int | None = None,
+) -> MedVLM:
     """Any open_clip tower (hub-layout folder) + a Llama-3 shaped by an HF ``config.json``.
 
     Works for the tiny test assets and for real downloads alike. The placeholder id follows
@@ -114,15 +139,29 @@ def medvlm_open_clip_llama3(llm_config: str, encoder_path: str, connector: str =
     dec = _llama3.llama3_from_hf_config(llm_config, max_seq_len=max_seq_len)
     enc = open_clip_vision(encoder_path, output=output)
     vocab = dec.tok_embeddings.num_embeddings
-    return medvlm(dec, enc, connector=connector, connector_kwargs=connector_kwargs,
-                  image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000))
+    return medvlm(
+        dec,
+        enc,
+        connector=connector,
+        connector_kwargs=connector_kwargs,
+        image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000),
+    )
 
 
-def tiny_medvlm(assets_dir: str, connector: str = "mlp", output: str = "patch",
-                connector_kwargs: dict | None = None) -> MedVLM:
+def tiny_medvlm(
+    assets_dir: str,
+    connector: str = "mlp",
+    output: str = "patch",
+    connector_kwargs: dict | None = None,
+) -> MedVLM:
     """The tiny MedVLM of the generated test/demo assets (``medtune.testing.assets``)."""
-    return medvlm_open_clip_llama3(f"{assets_dir}/llama3_tiny/config.json", f"{assets_dir}/tiny_clip",
-                                   connector=connector, output=output, connector_kwargs=connector_kwargs)
+    return medvlm_open_clip_llama3(
+        f"{assets_dir}/llama3_tiny/config.json",
+        f"{assets_dir}/tiny_clip",
+        connector=connector,
+        output=output,
+        connector_kwargs=connector_kwargs,
+    )
 
 
 def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
@@ -132,12 +171,28 @@ def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
     from medtune.models.connectors import QFormer
 
     dec = _llama3.llama3_from_hf_config(f"{assets_dir}/llama3_tiny/config.json")
-    sam = timm_vision("samvit_base_patch16", image_size=64, depth=2, embed_dim=32, num_heads=2,
-                      global_attn_indexes=(1,), window_size=2, neck_chans=24)
+    sam = timm_vision(
+        "samvit_base_patch16",
+        image_size=64,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        global_attn_indexes=(1,),
+        window_size=2,
+        neck_chans=24,
+    )
     clip = open_clip_vision(f"{assets_dir}/tiny_clip", output="patch")
     d = dec.tok_embeddings.embedding_dim
-    connectors = {name: QFormer(enc.out_dim, d, num_queries=num_queries, hidden_dim=32, num_layers=1, num_heads=2)
-                  for name, enc in (("sam", sam), ("clip", clip))}
+    connectors = {
+        name: QFormer(
+            enc.out_dim, d, num_queries=num_queries, hidden_dim=32, num_layers=1, num_heads=2
+        )
+        for name, enc in (("sam", sam), ("clip", clip))
+    }
     vocab = dec.tok_embeddings.num_embeddings
-    return MedVLM(dec, {"sam": sam, "clip": clip}, connectors,
-                  image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000))
+    return MedVLM(
+        dec,
+        {"sam": sam, "clip": clip},
+        connectors,
+        image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000),
+    )

@@ -99,12 +99,21 @@ class _CrossBlock(nn.Module):
 
 
 class QFormer(Connector):
-    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 32, hidden_dim: int = 768,
-                 num_layers: int = 2, num_heads: int = 8):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 32,
+        hidden_dim: int = 768,
+        num_layers: int = 2,
+        num_heads: int = 8,
+    ):
         super().__init__()
         self.in_dim, self.out_dim, self.n = in_dim, out_dim, num_queries
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_dim) * 0.02)
-        self.layers = nn.ModuleList(_CrossBlock(hidden_dim, in_dim, num_heads, self_attn=True) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            _CrossBlock(hidden_dim, in_dim, num_heads, self_attn=True) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(hidden_dim)
         self.proj = nn.Linear(hidden_dim, out_dim)
 
@@ -120,13 +129,23 @@ class QFormer(Connector):
 
 
 class Resampler(Connector):
-    def __init__(self, in_dim: int, out_dim: int, num_latents: int = 64, hidden_dim: int = 1024,
-                 num_layers: int = 2, num_heads: int = 8):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_latents: int = 64,
+        hidden_dim: int = 1024,
+        num_layers: int = 2,
+        num_heads: int = 8,
+    ):
         super().__init__()
         self.in_dim, self.out_dim, self.n = in_dim, out_dim, num_latents
         self.in_proj = nn.Linear(in_dim, hidden_dim)
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_dim) * 0.02)
-        self.layers = nn.ModuleList(_CrossBlock(hidden_dim, hidden_dim, num_heads, self_attn=False) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            _CrossBlock(hidden_dim, hidden_dim, num_heads, self_attn=False)
+            for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(hidden_dim)
         self.proj = nn.Linear(hidden_dim, out_dim)
 

@@ -60,7 +60,16 @@ class VisionEncoder(nn.Module):
             (``image_size``, ``mean``, ``std``, optional ``interpolation``, ``resize_mode``).
     """
 
-    def __init__(self, tower: nn.Module, *, kind: str, output: str, num_tokens: int, out_dim: int, transform: dict):
+    def __init__(
+        self,
+        tower: nn.Module,
+        *,
+        kind: str,
+        output: str,
+        num_tokens: int,
+        out_dim: int,
+        transform: dict,
+    ):
         super().__init__()
         if output not in ("patch", "pooled"):
             raise ValueError(f"encoder output must be 'patch' or 'pooled', got {output!r}")
@@ -113,13 +122,13 @@ def _timm_patch_tokens(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     feats = trunk.forward_features(images)
     if feats.ndim == 4:  # [b, C, H, W] (e.g. SAM's neck output) -> [b, H*W, C]
         return feats.flatten(2).transpose(1, 2)
-    return feats[:, getattr(trunk, "num_prefix_tokens", 1):]
+    return feats[:, getattr(trunk, "num_prefix_tokens", 1) :]
 
 
 def _resolve_hub_dir(path: str) -> Path:
     """A local folder, or ``hf-hub:org/repo`` looked up in the HF cache without network."""
     if path.startswith("hf-hub:"):
-        repo = path[len("hf-hub:"):]
+        repo = path[len("hf-hub:") :]
         from huggingface_hub import snapshot_download
 
         try:
@@ -131,10 +140,12 @@ def _resolve_hub_dir(path: str) -> Path:
                 f"{repo}` or pass the folder path"
             ) from e
     if path.startswith("local-dir:"):
-        path = path[len("local-dir:"):]
+        path = path[len("local-dir:") :]
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(f"open_clip model folder not found: {p} (expected open_clip_config.json + weights)")
+        raise FileNotFoundError(
+            f"open_clip model folder not found: {p} (expected open_clip_config.json + weights)"
+        )
     return p
 
 
@@ -143,7 +154,9 @@ def read_open_clip_config(path: str) -> tuple[dict, Path]:
     folder = _resolve_hub_dir(path)
     cfg_file = folder / "open_clip_config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{folder}: no open_clip_config.json (expected open_clip hub layout)")
+        raise FileNotFoundError(
+            f"{folder}: no open_clip_config.json (expected open_clip hub layout)"
+        )
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -166,18 +179,24 @@ def load_visual_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                 try:
                     sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as e:  # noqa: BLE001
-                    raise ValueError(f"{f}: cannot read weights ({e.__class__.__name__}: {e})") from None
+                    raise ValueError(
+                        f"{f}: cannot read weights ({e.__class__.__name__}: {e})"
+                    ) from None
             if "state_dict" in sd:
                 sd = sd["state_dict"]
             sd = {k.removeprefix("module."): v for k, v in sd.items()}
-            visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+            visual = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
             if not visual:
                 raise ValueError(f"{f}: no 'visual.*' weights found")
             return visual
-    raise FileNotFoundError(f"{folder}: no weights file (expected one of {', '.join(_WEIGHT_FILES)})")
+    raise FileNotFoundError(
+        f"{folder}: no weights file (expected one of {', '.join(_WEIGHT_FILES)})"
+    )
 
 
-def _build_open_clip_visual(config: dict, output: str, device: torch.device | str | None = None) -> VisionEncoder:
+def _build_open_clip_visual(
+    config: dict, output: str, device: torch.device | str | None = None
+) -> VisionEncoder:
     from open_clip.model import _build_vision_tower
 
     mc = config["model_cfg"]
@@ -201,11 +220,25 @@ def _build_open_clip_visual(config: dict, output: str, device: torch.device | st
         trunk = visual.trunk
         n_patch = math.prod(trunk.patch_embed.grid_size)
         tokens, dim = (1, embed_dim) if output == "pooled" else (n_patch, trunk.num_features)
-        return VisionEncoder(visual, kind="open_clip_timm", output=output, num_tokens=tokens, out_dim=dim, transform=transform)
+        return VisionEncoder(
+            visual,
+            kind="open_clip_timm",
+            output=output,
+            num_tokens=tokens,
+            out_dim=dim,
+            transform=transform,
+        )
     visual.output_tokens = True
     grid = visual.grid_size
     tokens, dim = (1, embed_dim) if output == "pooled" else (grid[0] * grid[1], vcfg["width"])
-    return VisionEncoder(visual, kind="open_clip_vit", output=output, num_tokens=tokens, out_dim=dim, transform=transform)
+    return VisionEncoder(
+        visual,
+        kind="open_clip_vit",
+        output=output,
+        num_tokens=tokens,
+        out_dim=dim,
+        transform=transform,
+    )
 
 
 def open_clip_vision(path: str, output: str = "patch", load_weights: bool = True) -> VisionEncoder:
@@ -233,7 +266,9 @@ def open_clip_vision(path: str, output: str = "patch", load_weights: bool = True
     return enc
 
 
-def biomedclip_vision(path: str | None = None, output: str = "patch", device: str | None = None) -> VisionEncoder:
+def biomedclip_vision(
+    path: str | None = None, output: str = "patch", device: str | None = None
+) -> VisionEncoder:
     """BiomedCLIP's vision tower (timm ViT-B/16, 224 px; 512-d pooled, 768-d patch tokens).
 
     Args:
@@ -282,12 +317,24 @@ def timm_vision(
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{checkpoint_path}: weights do not match timm '{model_name}' "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+            raise ValueError(
+                f"{checkpoint_path}: weights do not match timm '{model_name}' "
+                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
     dc = model.pretrained_cfg
     size = image_size or dc.get("input_size", (3, 224, 224))[-1]
-    transform = {"image_size": size, "mean": list(mean or dc.get("mean", OPENAI_CLIP_MEAN)),
-                 "std": list(std or dc.get("std", OPENAI_CLIP_STD))}
+    transform = {
+        "image_size": size,
+        "mean": list(mean or dc.get("mean", OPENAI_CLIP_MEAN)),
+        "std": list(std or dc.get("std", OPENAI_CLIP_STD)),
+    }
     grid = model.patch_embed.grid_size
     tokens = 1 if output == "pooled" else grid[0] * grid[1]
-    return VisionEncoder(model, kind="timm", output=output, num_tokens=tokens, out_dim=model.num_features, transform=transform)
+    return VisionEncoder(
+        model,
+        kind="timm",
+        output=output,
+        num_tokens=tokens,
+        out_dim=model.num_features,
+        transform=transform,
+    )

@@ -41,9 +41,17 @@ __all__ = [
 # follows Llama-3.2 instead (``<|step_id|>`` at +5, ``<|video|>`` at +12, nothing at +11), so it is not
 # used to lay out a tokenizer.
 _LLAMA31_SPECIAL_OFFSETS: dict[str, int] = {
-    "<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|reserved_special_token_0|>": 2,
-    "<|reserved_special_token_1|>": 3, "<|finetune_right_pad_id|>": 4, "<|reserved_special_token_2|>": 5,
-    "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eom_id|>": 8, "<|eot_id|>": 9, "<|python_tag|>": 10,
+    "<|begin_of_text|>": 0,
+    "<|end_of_text|>": 1,
+    "<|reserved_special_token_0|>": 2,
+    "<|reserved_special_token_1|>": 3,
+    "<|finetune_right_pad_id|>": 4,
+    "<|reserved_special_token_2|>": 5,
+    "<|start_header_id|>": 6,
+    "<|end_header_id|>": 7,
+    "<|eom_id|>": 8,
+    "<|eot_id|>": 9,
+    "<|python_tag|>": 10,
     **{f"<|reserved_special_token_{i}|>": 11 + i - 3 for i in range(3, 248)},
 }
 # Names torchtune's Llama3Tokenizer requires. A real Llama-3.0 tokenizer.json lacks the first three
@@ -105,7 +113,9 @@ def llama3_tokenizer(
         FileNotFoundError: naming the missing file.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tiktoken tokenizer.model)")
+        raise FileNotFoundError(
+            f"tokenizer file not found: {path} (expected a tiktoken tokenizer.model)"
+        )
     if special_tokens_path is not None:
         if not Path(special_tokens_path).is_file():
             raise FileNotFoundError(f"special tokens file not found: {special_tokens_path}")
@@ -113,7 +123,9 @@ def llama3_tokenizer(
     else:
         special = special_tokens_for_base_vocab(_count_ranks(path))
     if IMAGE_TOKEN not in special:
-        raise ValueError(f"{special_tokens_path or path}: tokenizer lacks the image placeholder {IMAGE_TOKEN}")
+        raise ValueError(
+            f"{special_tokens_path or path}: tokenizer lacks the image placeholder {IMAGE_TOKEN}"
+        )
     special = _complete_specials(special)  # e.g. a real Llama-3 tokenizer.json has no <|step_id|>
     return Llama3Tokenizer(path=path, special_tokens=special, max_seq_len=max_seq_len)
 
@@ -151,8 +163,12 @@ def encode_messages(
     mask: list[bool] = [False]
     nl2 = tokenizer.encode("\n\n", add_bos=False, add_eos=False)
     for role, parts in messages:
-        header = [tokenizer.start_header_id, *tokenizer.encode(role, add_bos=False, add_eos=False),
-                  tokenizer.end_header_id, *nl2]
+        header = [
+            tokenizer.start_header_id,
+            *tokenizer.encode(role, add_bos=False, add_eos=False),
+            tokenizer.end_header_id,
+            *nl2,
+        ]
         ids += header
         mask += [False] * len(header)
         target = role in train_on
@@ -161,8 +177,14 @@ def encode_messages(
         parts = list(parts)
         text_idx = [i for i, p in enumerate(parts) if isinstance(p, str)]
         if text_idx:
-            parts[text_idx[0]] = parts[text_idx[0]].lstrip() if text_idx[0] == 0 else parts[text_idx[0]]
-            parts[text_idx[-1]] = parts[text_idx[-1]].rstrip() if text_idx[-1] == len(parts) - 1 else parts[text_idx[-1]]
+            parts[text_idx[0]] = (
+                parts[text_idx[0]].lstrip() if text_idx[0] == 0 else parts[text_idx[0]]
+            )
+            parts[text_idx[-1]] = (
+                parts[text_idx[-1]].rstrip()
+                if text_idx[-1] == len(parts) - 1
+                else parts[text_idx[-1]]
+            )
         for part in parts:
             if isinstance(part, str):
                 if part:
@@ -173,8 +195,12 @@ def encode_messages(
         ids += body
         mask += [target] * len(body)
     if add_generation_prompt:
-        header = [tokenizer.start_header_id, *tokenizer.encode("assistant", add_bos=False, add_eos=False),
-                  tokenizer.end_header_id, *nl2]
+        header = [
+            tokenizer.start_header_id,
+            *tokenizer.encode("assistant", add_bos=False, add_eos=False),
+            tokenizer.end_header_id,
+            *nl2,
+        ]
         ids += header
         mask += [False] * len(header)
     return ids, mask
@@ -201,7 +227,9 @@ def llama3_tiny(
     )
 
 
-def hf_config_kwargs(config_path: str | Path, max_seq_len: int | None = None) -> tuple[dict, float | None]:
+def hf_config_kwargs(
+    config_path: str | Path, max_seq_len: int | None = None
+) -> tuple[dict, float | None]:
     """torchtune Llama-3 builder arguments from an HF ``config.json``.
 
     Returns:
@@ -230,7 +258,9 @@ def hf_config_kwargs(config_path: str | Path, max_seq_len: int | None = None) ->
     return kwargs, (scaling.get("factor", 8) if scaling.get("rope_type") == "llama3" else None)
 
 
-def llama3_from_hf_config(config_path: str | Path, max_seq_len: int | None = None) -> TransformerDecoder:
+def llama3_from_hf_config(
+    config_path: str | Path, max_seq_len: int | None = None
+) -> TransformerDecoder:
     """Build a torchtune Llama-3 decoder with the shape given in an HF ``config.json``.
 
     Llama-3.1 rope scaling (``rope_scaling.rope_type == "llama3"``) selects torchtune's
@@ -244,7 +274,12 @@ def llama3_from_hf_config(config_path: str | Path, max_seq_len: int | None = Non
 
 def decoder_dtype(name: str | None) -> torch.dtype:
     """``"bf16" | "fp32" | "fp16"`` -> torch dtype."""
-    table = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    table = {
+        None: torch.float32,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}: expected one of fp32, bf16, fp16")
     return table[name]

@@ -13,8 +13,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-def load_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
-                         llm_dtype: str | None = None, overrides: dict | None = None):
+def load_from_checkpoint(
+    ckpt_dir: str | Path,
+    device: str | torch.device = "cpu",
+    llm_dtype: str | None = None,
+    overrides: dict | None = None,
+):
     """Build tokenizer + model from a run's checkpoint folder and load every weight.
 
     Args:
@@ -35,8 +39,10 @@ def load_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu
     ckpt_dir = Path(ckpt_dir)
     cfg_file = ckpt_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: no config.yaml (expected a medtune checkpoint folder such as "
-                                "output_dir/epoch_0)")
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no config.yaml (expected a medtune checkpoint folder such as "
+            "output_dir/epoch_0)"
+        )
     cfg: DictConfig = OmegaConf.load(cfg_file)
     for k, v in (overrides or {}).items():
         OmegaConf.update(cfg, k, v, force_add=True)
@@ -53,16 +59,20 @@ def load_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu
     adapters = {f"decoder.{k}" for k in missing if is_adapter_key(k)}
     missing = [k for k in missing if not is_adapter_key(k)]
     if missing or unexpected:
-        raise ValueError(f"{cfg_file}: the LLM checkpoint does not match the model builder: "
-                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        raise ValueError(
+            f"{cfg_file}: the LLM checkpoint does not match the model builder: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
     del state
     model.decoder.to(dtype)
     model.encoders.float()
     model.connectors.float()
     absent = adapters - set(load_trained(model, ckpt_dir))
     if absent:
-        raise ValueError(f"{ckpt_dir}: the model has LoRA adapters that model.safetensors lacks, "
-                         f"e.g. {sorted(absent)[:3]}")
+        raise ValueError(
+            f"{ckpt_dir}: the model has LoRA adapters that model.safetensors lacks, "
+            f"e.g. {sorted(absent)[:3]}"
+        )
     model.eval()
     return model, tokenizer, cfg

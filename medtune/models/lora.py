@@ -45,7 +45,9 @@ __all__ = [
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
-_DECODER_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("medtune_decoder_device", default=None)
+_DECODER_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "medtune_decoder_device", default=None
+)
 
 
 @contextlib.contextmanager
@@ -71,15 +73,32 @@ def _check_modules(lora_attn_modules: Sequence[str]) -> list[str]:
     mods = list(lora_attn_modules)
     bad = [m for m in mods if m not in LORA_ATTN_MODULES]
     if bad:
-        raise ValueError(f"lora_attn_modules: unknown {bad} (choose among {', '.join(LORA_ATTN_MODULES)})")
+        raise ValueError(
+            f"lora_attn_modules: unknown {bad} (choose among {', '.join(LORA_ATTN_MODULES)})"
+        )
     return mods
 
 
-def _lora_kwargs(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
-                 lora_dropout, use_dora, quantize_base) -> dict:
-    return dict(lora_attn_modules=_check_modules(lora_attn_modules), apply_lora_to_mlp=apply_lora_to_mlp,
-                apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout, use_dora=use_dora, quantize_base=quantize_base)
+def _lora_kwargs(
+    lora_attn_modules,
+    apply_lora_to_mlp,
+    apply_lora_to_output,
+    lora_rank,
+    lora_alpha,
+    lora_dropout,
+    use_dora,
+    quantize_base,
+) -> dict:
+    return dict(
+        lora_attn_modules=_check_modules(lora_attn_modules),
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+    )
 
 
 def lora_llama3_from_hf_config(
@@ -112,8 +131,16 @@ def lora_llama3_from_hf_config(
         A ``TransformerDecoder``: tokens [b, s] (or embeddings [b, s, d]) -> logits [b, s, vocab].
     """
     kwargs, scale = hf_config_kwargs(config_path, max_seq_len)
-    lora = _lora_kwargs(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
-                        lora_dropout, use_dora, quantize_base)
+    lora = _lora_kwargs(
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+    )
     if scale is not None:
         return _decoder(lora_llama3_1, **kwargs, **lora, scale_factor=scale)
     return _decoder(lora_llama3, **kwargs, **lora)
@@ -141,15 +168,31 @@ def medvlm_open_clip_lora_llama3(
     :func:`medtune.models.builders.medvlm_open_clip_llama3`.
     """
     dec = lora_llama3_from_hf_config(
-        llm_config, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
-        lora_dropout, use_dora, quantize_base, max_seq_len=max_seq_len)
+        llm_config,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+        max_seq_len=max_seq_len,
+    )
     enc = open_clip_vision(encoder_path, output=output)
     vocab = dec.tok_embeddings.num_embeddings
-    return medvlm(dec, enc, connector=connector, connector_kwargs=connector_kwargs,
-                  image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000))
+    return medvlm(
+        dec,
+        enc,
+        connector=connector,
+        connector_kwargs=connector_kwargs,
+        image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000),
+    )
 
 
-def tiny_medvlm_lora(assets_dir: str, connector: str = "mlp", llm_dir: str = "llama3_tiny", **lora) -> MedVLM:
+def tiny_medvlm_lora(
+    assets_dir: str, connector: str = "mlp", llm_dir: str = "llama3_tiny", **lora
+) -> MedVLM:
     """The tiny MedVLM of the generated assets (``medtune.testing.assets``) with a LoRA decoder.
 
     Args:
@@ -158,8 +201,12 @@ def tiny_medvlm_lora(assets_dir: str, connector: str = "mlp", llm_dir: str = "ll
         llm_dir: sub-folder of the LLM (its ``config.json`` shapes the decoder).
         **lora: arguments of :func:`lora_llama3_from_hf_config`.
     """
-    return medvlm_open_clip_lora_llama3(f"{assets_dir}/{llm_dir}/config.json", f"{assets_dir}/tiny_clip",
-                                        connector=connector, **lora)
+    return medvlm_open_clip_lora_llama3(
+        f"{assets_dir}/{llm_dir}/config.json",
+        f"{assets_dir}/tiny_clip",
+        connector=connector,
+        **lora,
+    )
 
 
 def _biomedclip_lora_builder(llm_builder: Callable[..., TransformerDecoder], name: str, llm: str):
@@ -177,22 +224,37 @@ def _biomedclip_lora_builder(llm_builder: Callable[..., TransformerDecoder], nam
         use_dora: bool = False,
         quantize_base: bool = False,
     ) -> MedVLM:
-        dec = _decoder(llm_builder, **_lora_kwargs(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-                                                   lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base))
+        dec = _decoder(
+            llm_builder,
+            **_lora_kwargs(
+                lora_attn_modules,
+                apply_lora_to_mlp,
+                apply_lora_to_output,
+                lora_rank,
+                lora_alpha,
+                lora_dropout,
+                use_dora,
+                quantize_base,
+            ),
+        )
         return medvlm(dec, biomedclip_vision(encoder_path, output="patch"), connector=connector)
 
     builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (f"BiomedCLIP patch tokens (196 x 768) -> LLaVA MLP -> LoRA {llm} (torchtune's "
-                       f"``{llm_builder.__name__}``).\n\n    ``encoder_path=None`` builds the tower with random weights "
-                       "(e.g. on the meta device); the LoRA arguments are those of\n    "
-                       ":func:`lora_llama3_from_hf_config`.\n    ")
+    builder.__doc__ = (
+        f"BiomedCLIP patch tokens (196 x 768) -> LLaVA MLP -> LoRA {llm} (torchtune's "
+        f"``{llm_builder.__name__}``).\n\n    ``encoder_path=None`` builds the tower with random weights "
+        "(e.g. on the meta device); the LoRA arguments are those of\n    "
+        ":func:`lora_llama3_from_hf_config`.\n    "
+    )
     return builder
 
 
 medvlm_biomedclip_lora_llama3_8b = _biomedclip_lora_builder(
-    lora_llama3_8b, "medvlm_biomedclip_lora_llama3_8b", "Llama-3-8B-Instruct")
+    lora_llama3_8b, "medvlm_biomedclip_lora_llama3_8b", "Llama-3-8B-Instruct"
+)
 medvlm_biomedclip_lora_llama3_1_8b = _biomedclip_lora_builder(
-    lora_llama3_1_8b, "medvlm_biomedclip_lora_llama3_1_8b", "Llama-3.1-8B-Instruct")
+    lora_llama3_1_8b, "medvlm_biomedclip_lora_llama3_1_8b", "Llama-3.1-8B-Instruct"
+)
 
 
 def lora_settings(model: torch.nn.Module) -> dict:
@@ -208,7 +270,9 @@ def lora_settings(model: torch.nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, (LoRALinear, DoRALinear)):
             rank = int(m.lora_a.weight.shape[0])
-            alpha = getattr(m, "alpha", None) or m.scaling * rank  # DoRALinear keeps only alpha / rank
+            alpha = (
+                getattr(m, "alpha", None) or m.scaling * rank
+            )  # DoRALinear keeps only alpha / rank
             dropout = float(getattr(m.dropout, "p", 0.0))
             dora = dora or isinstance(m, DoRALinear)
             leaf = name.rsplit(".", 1)[-1]
@@ -216,5 +280,10 @@ def lora_settings(model: torch.nn.Module) -> dict:
                 targets.append(leaf)
     if rank is None:
         return {}
-    return {"r": rank, "lora_alpha": float(alpha), "target_modules": targets, "use_dora": dora,
-            "lora_dropout": dropout}
+    return {
+        "r": rank,
+        "lora_alpha": float(alpha),
+        "target_modules": targets,
+        "use_dora": dora,
+        "lora_dropout": dropout,
+    }

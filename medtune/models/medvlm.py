@@ -89,8 +89,14 @@ class MedVLM(nn.Module):
         ValueError: on any width or token-count mismatch between the parts, naming them.
     """
 
-    def __init__(self, decoder: TransformerDecoder, encoders: dict[str, nn.Module], connectors: dict[str, nn.Module],
-                 image_token_id: int, fuse: str = "sequence"):
+    def __init__(
+        self,
+        decoder: TransformerDecoder,
+        encoders: dict[str, nn.Module],
+        connectors: dict[str, nn.Module],
+        image_token_id: int,
+        fuse: str = "sequence",
+    ):
         super().__init__()
         if not encoders:
             raise ValueError("MedVLM needs at least one encoder")
@@ -107,14 +113,18 @@ class MedVLM(nn.Module):
         self.embed_dim = decoder.tok_embeddings.embedding_dim
         vocab = decoder.tok_embeddings.num_embeddings
         if not 0 <= self.image_token_id < vocab:
-            raise ValueError(f"image_token_id {self.image_token_id} is outside the decoder's vocabulary of {vocab}")
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is outside the decoder's vocabulary of {vocab}"
+            )
         self.tokens_per_image = self._check_shapes()
 
     def _check_shapes(self) -> int:
         if self.fuse == "sequence":
             if set(self.connectors) != set(self.encoders):
-                raise ValueError(f"fuse='sequence' needs one connector per encoder: encoders {sorted(self.encoders)}, "
-                                 f"connectors {sorted(self.connectors)}")
+                raise ValueError(
+                    f"fuse='sequence' needs one connector per encoder: encoders {sorted(self.encoders)}, "
+                    f"connectors {sorted(self.connectors)}"
+                )
             total = 0
             for name, enc in self.encoders.items():
                 total += self._check_pair(name, enc.out_dim, enc.num_tokens, self.connectors[name])
@@ -124,16 +134,24 @@ class MedVLM(nn.Module):
                 raise ValueError("fuse='channel' needs exactly one connector named 'fused'")
             counts = {n: e.num_tokens for n, e in self.encoders.items()}
             if len(set(counts.values())) != 1:
-                raise ValueError(f"fuse='channel' needs equal token counts per encoder, got {counts}; use fuse='sequence'")
+                raise ValueError(
+                    f"fuse='channel' needs equal token counts per encoder, got {counts}; use fuse='sequence'"
+                )
             width = sum(e.out_dim for e in self.encoders.values())
-            return self._check_pair("fused", width, next(iter(counts.values())), self.connectors["fused"])
+            return self._check_pair(
+                "fused", width, next(iter(counts.values())), self.connectors["fused"]
+            )
         raise ValueError(f"unknown fuse {self.fuse!r}: expected 'sequence' or 'channel'")
 
     def _check_pair(self, name: str, width: int, n_in: int, conn: nn.Module) -> int:
         if getattr(conn, "in_dim", width) != width:
-            raise ValueError(f"connector '{name}' expects {conn.in_dim}-d input but encoder output is {width}-d")
+            raise ValueError(
+                f"connector '{name}' expects {conn.in_dim}-d input but encoder output is {width}-d"
+            )
         if getattr(conn, "out_dim", self.embed_dim) != self.embed_dim:
-            raise ValueError(f"connector '{name}' outputs {conn.out_dim}-d tokens but the LLM embedding is {self.embed_dim}-d")
+            raise ValueError(
+                f"connector '{name}' outputs {conn.out_dim}-d tokens but the LLM embedding is {self.embed_dim}-d"
+            )
         return conn.num_tokens(n_in) if hasattr(conn, "num_tokens") else n_in
 
     @property
@@ -152,16 +170,22 @@ class MedVLM(nn.Module):
         """
         if isinstance(images, torch.Tensor):
             if len(self.encoders) != 1:
-                raise ValueError(f"several encoders ({', '.join(self.encoders)}): pass images as a dict by encoder name")
+                raise ValueError(
+                    f"several encoders ({', '.join(self.encoders)}): pass images as a dict by encoder name"
+                )
             images = {next(iter(self.encoders)): images}
         if set(images) != set(self.encoders):
-            raise ValueError(f"images given for {sorted(images)} but encoders are {sorted(self.encoders)}")
+            raise ValueError(
+                f"images given for {sorted(images)} but encoders are {sorted(self.encoders)}"
+            )
         feats = {name: enc(images[name]) for name, enc in self.encoders.items()}
         if self.fuse == "channel":
             return self.connectors["fused"](torch.cat(list(feats.values()), dim=-1))
         return torch.cat([self.connectors[n](f) for n, f in feats.items()], dim=1)
 
-    def embed(self, tokens: torch.Tensor, images=None, image_counts: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, tokens: torch.Tensor, images=None, image_counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids + images -> fused input embeddings [b, s, embed_dim]."""
         is_img = tokens == self.image_token_id
         h = self.decoder.tok_embeddings(tokens.masked_fill(is_img, 0))
@@ -169,7 +193,9 @@ class MedVLM(nn.Module):
         n_ph = int(per_sample.sum())
         if images is None:
             if n_ph:
-                raise ImageTokenError(f"the prompt holds {n_ph} image placeholders but no images were given")
+                raise ImageTokenError(
+                    f"the prompt holds {n_ph} image placeholders but no images were given"
+                )
             return h
         img = self.encode_images(images)
         n_img, n_tok = img.shape[0], img.shape[1]
@@ -178,15 +204,26 @@ class MedVLM(nn.Module):
             bad = (want != per_sample).nonzero().flatten().tolist()
             if bad:
                 i = bad[0]
-                raise ImageTokenError(f"sample {i} holds {int(per_sample[i])} image placeholders but has "
-                                      f"{int(image_counts[i])} image(s) x {n_tok} tokens = {int(want[i])}")
+                raise ImageTokenError(
+                    f"sample {i} holds {int(per_sample[i])} image placeholders but has "
+                    f"{int(image_counts[i])} image(s) x {n_tok} tokens = {int(want[i])}"
+                )
         if n_ph != n_img * n_tok:
-            raise ImageTokenError(f"the batch holds {n_ph} image placeholders but {n_img} image(s) x {n_tok} tokens "
-                                  f"= {n_img * n_tok} were given")
+            raise ImageTokenError(
+                f"the batch holds {n_ph} image placeholders but {n_img} image(s) x {n_tok} tokens "
+                f"= {n_img * n_tok} were given"
+            )
         return h.masked_scatter(is_img.unsqueeze(-1), img.reshape(-1, img.shape[-1]).to(h.dtype))
 
-    def forward(self, tokens: torch.Tensor, *, images=None, image_counts: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        images=None,
+        image_counts: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Args:
             tokens: [b, s] ids with placeholders.
             images: encoder name -> [n_img, 3, H, W], images of the batch in sample order; None for
@@ -202,7 +239,9 @@ class MedVLM(nn.Module):
         return self.decoder(h, mask=mask, input_pos=input_pos)
 
     # KV-cache helpers, delegated to the decoder
-    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, decoder_max_seq_len: int | None = None) -> None:
+    def setup_caches(
+        self, batch_size: int, dtype: torch.dtype, *, decoder_max_seq_len: int | None = None
+    ) -> None:
         self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
 
     def caches_are_enabled(self) -> bool:

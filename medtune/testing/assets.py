@@ -27,9 +27,90 @@ from pathlib import Path
 import torch
 
 # Words the synthetic data and chat format use get whole-word BPE merges so sequences stay short.
-_WORDS = ["user", "assistant", "system", "the", "a", "an", "is", "of", "in", "on", "which", "what", "where", "side", "organ", "lesion", "image", "scan", "modality", "shown", "this", "there", "yes", "no", "left", "right", "upper", "lower", "lung", "liver", "kidney", "brain", "heart", "spleen", "ct", "mri", "x", "ray", "xray", "t1", "t2", "abnormal", "normal", "does", "contain", "have", "has", "any", "abnormality", "answer", "with", "single", "word", "or", "phrase", "describe", "medical", "picture", "question", "location", "located", "appear", "appears", "region", "found", "bright", "dark", "spot", "circle", "square", "shape", "how", "many", "one", "two", "three", "zero", "none"]
+_WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "the",
+    "a",
+    "an",
+    "is",
+    "of",
+    "in",
+    "on",
+    "which",
+    "what",
+    "where",
+    "side",
+    "organ",
+    "lesion",
+    "image",
+    "scan",
+    "modality",
+    "shown",
+    "this",
+    "there",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "upper",
+    "lower",
+    "lung",
+    "liver",
+    "kidney",
+    "brain",
+    "heart",
+    "spleen",
+    "ct",
+    "mri",
+    "x",
+    "ray",
+    "xray",
+    "t1",
+    "t2",
+    "abnormal",
+    "normal",
+    "does",
+    "contain",
+    "have",
+    "has",
+    "any",
+    "abnormality",
+    "answer",
+    "with",
+    "single",
+    "word",
+    "or",
+    "phrase",
+    "describe",
+    "medical",
+    "picture",
+    "question",
+    "location",
+    "located",
+    "appear",
+    "appears",
+    "region",
+    "found",
+    "bright",
+    "dark",
+    "spot",
+    "circle",
+    "square",
+    "shape",
+    "how",
+    "many",
+    "one",
+    "two",
+    "three",
+    "zero",
+    "none",
+]
 
-TINY_LLAMA = dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_dim=128, max_seq_len=512)
+TINY_LLAMA = dict(
+    embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_dim=128, max_seq_len=512
+)
 TINY_CLIP = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, embed_dim=48)
 
 
@@ -93,13 +174,24 @@ def write_tokenizer(llama_dir: Path) -> int:
     (llama_dir / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
     special = special_tokens_for_base_vocab(len(ranks))
     special.pop("<|image|>")  # Llama-3 / 3.1 text models have no <|image|> token
-    added = [{"id": i, "content": name, "special": True} for name, i in sorted(special.items(), key=lambda kv: kv[1])]
-    (llama_dir / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": added}, indent=1))
+    added = [
+        {"id": i, "content": name, "special": True}
+        for name, i in sorted(special.items(), key=lambda kv: kv[1])
+    ]
+    (llama_dir / "tokenizer.json").write_text(
+        json.dumps({"version": "1.0", "added_tokens": added}, indent=1)
+    )
     return len(ranks) + 256
 
 
-def pretrain_on_text(model: torch.nn.Module, llama_dir: Path, steps: int = 150, batch_size: int = 32,
-                     lr: float = 3e-3, seed: int = 0) -> float:
+def pretrain_on_text(
+    model: torch.nn.Module,
+    llama_dir: Path,
+    steps: int = 150,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> float:
     """Teach the tiny Llama-3 the synthetic task from text (image described in words).
 
     A real Llama-3-Instruct already knows medicine; a random tiny one knows nothing, and no amount of
@@ -113,7 +205,9 @@ def pretrain_on_text(model: torch.nn.Module, llama_dir: Path, steps: int = 150, 
     from medtune.models.llama3 import encode_messages, llama3_tokenizer
     from medtune.testing.synthetic import text_qa_corpus
 
-    tok = llama3_tokenizer(str(llama_dir / "original" / "tokenizer.model"), str(llama_dir / "tokenizer.json"))
+    tok = llama3_tokenizer(
+        str(llama_dir / "original" / "tokenizer.model"), str(llama_dir / "tokenizer.json")
+    )
     rows = []
     for desc, q, a in text_qa_corpus(2000, seed=seed + 1):
         ids, mask = encode_messages(tok, [("user", [desc + " " + q]), ("assistant", [a])])
@@ -154,8 +248,14 @@ def write_llama(llama_dir: Path, vocab_size: int, seed: int = 0, pretrain_steps:
         pretrain_on_text(model, llama_dir, steps=pretrain_steps, seed=seed)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     c = TINY_LLAMA
-    hf = tune_to_hf(sd, num_heads=c["num_heads"], num_kv_heads=c["num_kv_heads"], dim=c["embed_dim"])
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(llama_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf = tune_to_hf(
+        sd, num_heads=c["num_heads"], num_kv_heads=c["num_kv_heads"], dim=c["embed_dim"]
+    )
+    save_file(
+        {k: v.contiguous() for k, v in hf.items()},
+        str(llama_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     hf_config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -176,7 +276,12 @@ def write_llama(llama_dir: Path, vocab_size: int, seed: int = 0, pretrain_steps:
     }
     (llama_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (llama_dir / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": vocab_size - 256, "eos_token_id": [vocab_size - 256 + 1, vocab_size - 256 + 9]})
+        json.dumps(
+            {
+                "bos_token_id": vocab_size - 256,
+                "eos_token_id": [vocab_size - 256 + 1, vocab_size - 256 + 9],
+            }
+        )
     )
     meta = tune_to_meta(sd)
     torch.save(meta, llama_dir / "original" / "consolidated.00.pth")
@@ -204,13 +309,25 @@ def write_llama_256(out_dir: Path, like: Path, seed: int = 0) -> None:
     from medtune.training.export import save_hf
 
     cfg = json.loads((like / "config.json").read_text())
-    cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-               num_hidden_layers=1)
+    cfg.update(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     torch.manual_seed(seed)
-    model = llama3_tiny(cfg["vocab_size"], embed_dim=256, num_layers=1, num_heads=4, num_kv_heads=2,
-                        intermediate_dim=512, max_seq_len=cfg["max_position_embeddings"])
+    model = llama3_tiny(
+        cfg["vocab_size"],
+        embed_dim=256,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_dim=512,
+        max_seq_len=cfg["max_position_embeddings"],
+    )
     save_hf(model.state_dict(), out_dir, out_dir / "config.json")
 
 
@@ -225,13 +342,21 @@ def write_open_clip(clip_dir: Path, seed: int = 0) -> None:
     c = TINY_CLIP
     model_cfg = {
         "embed_dim": c["embed_dim"],
-        "vision_cfg": {"image_size": c["image_size"], "patch_size": c["patch_size"], "width": c["width"],
-                       "layers": c["layers"], "head_width": c["width"] // c["heads"]},
+        "vision_cfg": {
+            "image_size": c["image_size"],
+            "patch_size": c["patch_size"],
+            "width": c["width"],
+            "layers": c["layers"],
+            "head_width": c["width"] // c["heads"],
+        },
         "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
     }
     config = {
         "model_cfg": model_cfg,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+        "preprocess_cfg": {
+            "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711],
+        },
     }
     clip_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -240,7 +365,9 @@ def write_open_clip(clip_dir: Path, seed: int = 0) -> None:
     torch.save(model.state_dict(), clip_dir / "open_clip_pytorch_model.bin")
 
 
-def make_tiny_assets(out: str | Path, *, n_train: int = 384, n_val: int = 96, n_test: int = 96, seed: int = 0) -> TinyAssets:
+def make_tiny_assets(
+    out: str | Path, *, n_train: int = 384, n_val: int = 96, n_test: int = 96, seed: int = 0
+) -> TinyAssets:
     """Write all tiny assets under ``out`` (idempotent: an existing complete folder is reused)."""
     from medtune.testing.synthetic import write_synthetic_slake
 

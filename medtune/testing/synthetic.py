@@ -29,7 +29,9 @@ MODALITIES = {"CT": "ct", "MRI": "mri", "X-Ray": "x ray"}
 LOCATIONS = ["Lung", "Abdomen", "Brain"]
 
 
-def render_scan(modality: str, lesion: tuple[str, str] | None, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+def render_scan(
+    modality: str, lesion: tuple[str, str] | None, rng: np.random.Generator, size: int = 64
+) -> np.ndarray:
     """Render one synthetic scan.
 
     Args:
@@ -65,8 +67,17 @@ def render_scan(modality: str, lesion: tuple[str, str] | None, rng: np.random.Ge
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def _row(img_id: int, img_name: str, qid: int, question: str, answer: str, answer_type: str,
-         content_type: str, modality: str, location: str) -> dict:
+def _row(
+    img_id: int,
+    img_name: str,
+    qid: int,
+    question: str,
+    answer: str,
+    answer_type: str,
+    content_type: str,
+    modality: str,
+    location: str,
+) -> dict:
     return {
         "img_id": img_id,
         "img_name": img_name,
@@ -83,21 +94,79 @@ def _row(img_id: int, img_name: str, qid: int, question: str, answer: str, answe
     }
 
 
-def _questions(img_id: int, img_name: str, qid: int, modality: str, lesion, location: str) -> list[dict]:
+def _questions(
+    img_id: int, img_name: str, qid: int, modality: str, lesion, location: str
+) -> list[dict]:
     rows = []
     has = "yes" if lesion else "no"
-    rows.append(_row(img_id, img_name, qid, "Does this image contain a lesion?", has, "CLOSED", "Abnormality", modality, location))
-    rows.append(_row(img_id, img_name, qid + 1, "What modality is shown?", MODALITIES[modality], "OPEN", "Modality", modality, location))
+    rows.append(
+        _row(
+            img_id,
+            img_name,
+            qid,
+            "Does this image contain a lesion?",
+            has,
+            "CLOSED",
+            "Abnormality",
+            modality,
+            location,
+        )
+    )
+    rows.append(
+        _row(
+            img_id,
+            img_name,
+            qid + 1,
+            "What modality is shown?",
+            MODALITIES[modality],
+            "OPEN",
+            "Modality",
+            modality,
+            location,
+        )
+    )
     if lesion:
         image_side, part = lesion
         patient_side = "left" if image_side == "right" else "right"  # radiological convention
-        rows.append(_row(img_id, img_name, qid + 2, "Which side is the lesion on?", patient_side, "OPEN", "Position", modality, location))
-        rows.append(_row(img_id, img_name, qid + 3, "Is the lesion in the upper or lower part?", part, "CLOSED", "Position", modality, location))
+        rows.append(
+            _row(
+                img_id,
+                img_name,
+                qid + 2,
+                "Which side is the lesion on?",
+                patient_side,
+                "OPEN",
+                "Position",
+                modality,
+                location,
+            )
+        )
+        rows.append(
+            _row(
+                img_id,
+                img_name,
+                qid + 3,
+                "Is the lesion in the upper or lower part?",
+                part,
+                "CLOSED",
+                "Position",
+                modality,
+                location,
+            )
+        )
     return rows
 
 
-def write_synthetic_slake(root: str | Path, *, n_train: int = 384, n_val: int = 96, n_test: int = 96,
-                          seed: int = 0, image_size: int = 64, with_dicom: bool = True) -> Path:
+def write_synthetic_slake(
+    root: str | Path,
+    *,
+    n_train: int = 384,
+    n_val: int = 96,
+    n_test: int = 96,
+    seed: int = 0,
+    image_size: int = 64,
+    with_dicom: bool = True,
+) -> Path:
     """Write ``root/{train,validation,test}.json`` and ``root/imgs/xmlab<N>/source.png``.
 
     Args:
@@ -119,10 +188,16 @@ def write_synthetic_slake(root: str | Path, *, n_train: int = 384, n_val: int = 
         rows: list[dict] = []
         while len(rows) < n_rows:
             modality = pyrng.choice(list(MODALITIES))
-            lesion = None if pyrng.random() < 0.25 else (pyrng.choice(["left", "right"]), pyrng.choice(["upper", "lower"]))
+            lesion = (
+                None
+                if pyrng.random() < 0.25
+                else (pyrng.choice(["left", "right"]), pyrng.choice(["upper", "lower"]))
+            )
             name = f"xmlab{img_id}/source.png"
             (root / "imgs" / f"xmlab{img_id}").mkdir(exist_ok=True)
-            Image.fromarray(render_scan(modality, lesion, rng, image_size)).save(root / "imgs" / name)
+            Image.fromarray(render_scan(modality, lesion, rng, image_size)).save(
+                root / "imgs" / name
+            )
             rows += _questions(img_id, name, qid, modality, lesion, pyrng.choice(LOCATIONS))
             img_id += 1
             qid += 4
@@ -142,7 +217,19 @@ def _dicom_rows(root: Path, split: str, img_id: int, qid: int) -> list[dict]:
         name = f"xmlab{img_id + i}/source.dcm"
         (root / "imgs" / f"xmlab{img_id + i}").mkdir(exist_ok=True)
         shutil.copy(get_testdata_file(fname), root / "imgs" / name)
-        rows.append(_row(img_id + i, name, qid + i, "What modality is shown?", MODALITIES[modality], "OPEN", "Modality", modality, "Brain"))
+        rows.append(
+            _row(
+                img_id + i,
+                name,
+                qid + i,
+                "What modality is shown?",
+                MODALITIES[modality],
+                "OPEN",
+                "Modality",
+                modality,
+                "Brain",
+            )
+        )
     return rows
 
 
@@ -162,7 +249,11 @@ def text_qa_corpus(n_images: int, seed: int = 1) -> list[tuple[str, str, str]]:
     out = []
     for _ in range(n_images):
         modality = rng.choice(list(MODALITIES))
-        lesion = None if rng.random() < 0.25 else (rng.choice(["left", "right"]), rng.choice(["upper", "lower"]))
+        lesion = (
+            None
+            if rng.random() < 0.25
+            else (rng.choice(["left", "right"]), rng.choice(["upper", "lower"]))
+        )
         desc = describe(modality, lesion)
         for row in _questions(0, "", 0, modality, lesion, "Lung"):
             out.append((desc, row["question"], row["answer"]))

@@ -42,7 +42,9 @@ def trained_state_dict(model: nn.Module, names: list[str] | None = None) -> dict
     return out
 
 
-def save_trained(state: dict[str, torch.Tensor], ckpt_dir: Path, config_yaml: str | None = None) -> Path:
+def save_trained(
+    state: dict[str, torch.Tensor], ckpt_dir: Path, config_yaml: str | None = None
+) -> Path:
     """Write ``model.safetensors`` (+ ``config.yaml``) into ``ckpt_dir``."""
     from safetensors.torch import save_file
 
@@ -68,7 +70,9 @@ def load_trained(model: nn.Module, ckpt_dir: str | Path, strict_keys: bool = Tru
 
     f = Path(ckpt_dir) / MODEL_FILE
     if not f.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: no {MODEL_FILE} (expected a medtune checkpoint folder such as epoch_0/)")
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no {MODEL_FILE} (expected a medtune checkpoint folder such as epoch_0/)"
+        )
     sd = load_file(str(f))
     own = dict(model.named_parameters())
     unknown = [k for k in sd if k not in own]
@@ -76,7 +80,9 @@ def load_trained(model: nn.Module, ckpt_dir: str | Path, strict_keys: bool = Tru
         raise ValueError(f"{f}: {len(unknown)} key(s) not in the model, e.g. {unknown[:3]}")
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{f}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise ValueError(
+                f"{f}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+            )
     with torch.no_grad():
         for k, v in sd.items():
             if k in own:
@@ -88,7 +94,9 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "python": repr(random.getstate()),
-        "numpy": repr(np.random.get_state()[1].tolist()[:8]),  # informative; numpy is reseeded from torch
+        "numpy": repr(
+            np.random.get_state()[1].tolist()[:8]
+        ),  # informative; numpy is reseeded from torch
     }
 
 
@@ -101,5 +109,7 @@ def save_recipe_state(output_dir: Path, state: dict[str, Any]) -> None:
 def load_recipe_state(output_dir: Path) -> dict[str, Any]:
     f = Path(output_dir) / RECIPE_STATE
     if not f.is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint=True but {f} does not exist (nothing to resume)")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=True but {f} does not exist (nothing to resume)"
+        )
     return torch.load(f, map_location="cpu", weights_only=True)

@@ -31,15 +31,23 @@ MERGED_DIR = "merged"
 HF_MODEL_FILE = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "special_tokens_map.json")
+_COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _shape(hf_config: str | Path) -> dict:
     cfg = json.loads(Path(hf_config).read_text())
-    return {"num_heads": cfg["num_attention_heads"],
-            "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            "dim": cfg["hidden_size"], "head_dim": cfg.get("head_dim")}
+    return {
+        "num_heads": cfg["num_attention_heads"],
+        "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "dim": cfg["hidden_size"],
+        "head_dim": cfg.get("head_dim"),
+    }
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -47,7 +55,11 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"format": "pt"},
+    )
     os.replace(tmp, path)
 
 
@@ -72,8 +84,13 @@ def save_hf(state: dict[str, torch.Tensor], out_dir: str | Path, hf_config: str 
 
     s = _shape(hf_config)
     base = {k: v for k, v in state.items() if not is_adapter_key(k)}
-    hf = tune_to_hf(base, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], dim=s["dim"],
-                    head_dim=s["head_dim"])
+    hf = tune_to_hf(
+        base,
+        num_heads=s["num_heads"],
+        num_kv_heads=s["num_kv_heads"],
+        dim=s["dim"],
+        head_dim=s["head_dim"],
+    )
     out = Path(out_dir)
     _save(hf, out / HF_MODEL_FILE)
     for name in _COPIED:
@@ -83,8 +100,13 @@ def save_hf(state: dict[str, torch.Tensor], out_dir: str | Path, hf_config: str 
     return out / HF_MODEL_FILE
 
 
-def save_peft_adapter(state: dict[str, torch.Tensor], settings: dict, out_dir: str | Path,
-                      hf_config: str | Path, base_model: str | None = None) -> Path:
+def save_peft_adapter(
+    state: dict[str, torch.Tensor],
+    settings: dict,
+    out_dir: str | Path,
+    hf_config: str | Path,
+    base_model: str | None = None,
+) -> Path:
     """Write the adapters of a torchtune LoRA/DoRA Llama-3 in PEFT layout.
 
     Args:
@@ -108,14 +130,31 @@ def save_peft_adapter(state: dict[str, torch.Tensor], settings: dict, out_dir: s
     adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
     if not adapters:
         raise ValueError("save_peft_adapter: the state dict holds no LoRA/DoRA weights")
-    weights = tune_to_peft_adapter_weights(adapters, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
-                                           dim=s["dim"], head_dim=s["head_dim"])
+    weights = tune_to_peft_adapter_weights(
+        adapters,
+        num_heads=s["num_heads"],
+        num_kv_heads=s["num_kv_heads"],
+        dim=s["dim"],
+        head_dim=s["head_dim"],
+    )
     _permute_dora_magnitudes(weights, s)
-    cfg = tune_to_peft_adapter_config({"r": settings["r"], "lora_alpha": settings["lora_alpha"],
-                                       "target_modules": list(settings["target_modules"])}, base_model)
-    cfg.update(peft_type="LORA", task_type="CAUSAL_LM", use_dora=bool(settings.get("use_dora", False)),
-               lora_dropout=float(settings.get("lora_dropout", 0.0)), bias="none", fan_in_fan_out=False,
-               inference_mode=True)
+    cfg = tune_to_peft_adapter_config(
+        {
+            "r": settings["r"],
+            "lora_alpha": settings["lora_alpha"],
+            "target_modules": list(settings["target_modules"]),
+        },
+        base_model,
+    )
+    cfg.update(
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        use_dora=bool(settings.get("use_dora", False)),
+        lora_dropout=float(settings.get("lora_dropout", 0.0)),
+        bias="none",
+        fan_in_fan_out=False,
+        inference_mode=True,
+    )
     out = Path(out_dir)
     _save(weights, out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))

@@ -58,17 +58,56 @@ from medtune.training.memory import estimate_memory, format_memory
 from medtune.training.params import model_parts, parameter_table, set_trainable
 
 KNOWN_KEYS = {
-    "output_dir", "assets_dir", "data_dir", "model_dir", "encoder_dir", "tokenizer", "model", "checkpointer",
-    "trainable", "llm_dtype", "autocast", "device", "dataset", "val_dataset", "prompt_template",
-    "system_prompt", "augment", "blank_images", "max_seq_len", "seed", "shuffle", "batch_size", "epochs",
-    "max_steps_per_epoch", "gradient_accumulation_steps", "optimizer", "lr", "warmup_steps",
-    "clip_grad_norm", "enable_activation_checkpointing", "metric_logger", "log_every_n_steps",
-    "num_workers", "resume_from_checkpoint", "save_every_n_steps", "window", "save_merged",
+    "output_dir",
+    "assets_dir",
+    "data_dir",
+    "model_dir",
+    "encoder_dir",
+    "tokenizer",
+    "model",
+    "checkpointer",
+    "trainable",
+    "llm_dtype",
+    "autocast",
+    "device",
+    "dataset",
+    "val_dataset",
+    "prompt_template",
+    "system_prompt",
+    "augment",
+    "blank_images",
+    "max_seq_len",
+    "seed",
+    "shuffle",
+    "batch_size",
+    "epochs",
+    "max_steps_per_epoch",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "lr",
+    "warmup_steps",
+    "clip_grad_norm",
+    "enable_activation_checkpointing",
+    "metric_logger",
+    "log_every_n_steps",
+    "num_workers",
+    "resume_from_checkpoint",
+    "save_every_n_steps",
+    "window",
+    "save_merged",
 }
 """Config keys every full/LoRA recipe understands."""
 
-_LLAMA3_BUILDERS = ("llama3", "llama3_1", "llama3_8b", "llama3_70b", "llama3_1_8b", "llama3_1_70b", "llama3_tiny",
-                    "llama3_from_hf_config")
+_LLAMA3_BUILDERS = (
+    "llama3",
+    "llama3_1",
+    "llama3_8b",
+    "llama3_70b",
+    "llama3_1_8b",
+    "llama3_1_70b",
+    "llama3_tiny",
+    "llama3_from_hf_config",
+)
 
 
 @contextlib.contextmanager
@@ -88,6 +127,7 @@ def decoders_on_meta() -> Iterator[None]:
         def wrapper(*args, **kwargs):
             with torch.device("meta"):
                 return fn(*args, **kwargs)
+
         return wrapper
 
     saved = {name: getattr(l3, name) for name in _LLAMA3_BUILDERS}
@@ -108,7 +148,9 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))}
 
 
-def adapter_init_state(model: nn.Module, base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def adapter_init_state(
+    model: nn.Module, base: dict[str, torch.Tensor], seed: int
+) -> dict[str, torch.Tensor]:
     """Full (unsharded) initial adapter tensors for every LoRA layer of ``model``, from ``seed``.
 
     Args:
@@ -126,16 +168,22 @@ def adapter_init_state(model: nn.Module, base: dict[str, torch.Tensor], seed: in
         a = torch.empty(tuple(m.lora_a.weight.shape), dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
         out[f"{name}.lora_a.weight"] = a
-        out[f"{name}.lora_b.weight"] = torch.zeros(tuple(m.lora_b.weight.shape), dtype=torch.float32)
+        out[f"{name}.lora_b.weight"] = torch.zeros(
+            tuple(m.lora_b.weight.shape), dtype=torch.float32
+        )
         if hasattr(m, "magnitude"):
             w = base[f"{name}.weight"].float()
-            out[f"{name}.magnitude"] = torch.linalg.norm(w, dim=1)  # lora_b = 0: ||W + s*B@A|| = ||W||
+            out[f"{name}.magnitude"] = torch.linalg.norm(
+                w, dim=1
+            )  # lora_b = 0: ||W + s*B@A|| = ||W||
     return out
 
 
 def clean_name(name: str) -> str:
     """A parameter name without activation-checkpointing wrapper parts (as ``state_dict`` names it)."""
-    return name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
+    return name.replace("._checkpoint_wrapped_module", "").replace(
+        "_checkpoint_wrapped_module.", ""
+    )
 
 
 def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -155,8 +203,11 @@ def run(recipe_cls: type[FinetuneRecipe], cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("MEDTUNE_TRACEBACK"):
             raise
-        print(f"{recipe_cls.name}: error: {e}\n(set MEDTUNE_TRACEBACK=1 for the traceback)", file=sys.stderr,
-              flush=True)
+        print(
+            f"{recipe_cls.name}: error: {e}\n(set MEDTUNE_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
 
 
@@ -171,7 +222,10 @@ def shard_vlm(model: nn.Module, decoder: nn.Module) -> None:
     """
     for layer in decoder.layers:
         shard_module(layer)
-    for part in (*getattr(model, "encoders", {}).values(), *getattr(model, "connectors", {}).values()):
+    for part in (
+        *getattr(model, "encoders", {}).values(),
+        *getattr(model, "connectors", {}).values(),
+    ):
         shard_module(part)
     shard_module(model)
 
@@ -194,7 +248,10 @@ def drop_images(source: list | dict) -> list:
         source = config.instantiate(OmegaConf.create(source))
     out = []
     for s in source:
-        msgs = [dataclasses.replace(m, content=m.content.replace(IMAGE_MARKER, "").strip()) for m in s.messages]
+        msgs = [
+            dataclasses.replace(m, content=m.content.replace(IMAGE_MARKER, "").strip())
+            for m in s.messages
+        ]
         out.append(dataclasses.replace(s, images=[], messages=msgs))
     return out
 
@@ -224,7 +281,7 @@ class _SkipSampler(torch.utils.data.Sampler):
         self.base, self.skip = base, 0
 
     def __iter__(self):
-        return iter(list(self.base)[self.skip:])
+        return iter(list(self.base)[self.skip :])
 
     def __len__(self) -> int:
         return len(self.base) - self.skip
@@ -245,15 +302,19 @@ class FinetuneRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         unknown = sorted(set(cfg.keys()) - set(self.known_keys))
         if unknown:
-            raise ValueError(f"config key(s) not known to {self.name}: {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(self.known_keys))})")
+            raise ValueError(
+                f"config key(s) not known to {self.name}: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(self.known_keys))})"
+            )
         self.cfg = cfg
         self.device = resolve_device(cfg.get("device", "auto"))
         if self.distributed:
             self.rank, self.world_size = init_process_group(self.device)
         else:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError(f"{self.name} runs on one device; use the _distributed recipe under torchrun")
+                raise ValueError(
+                    f"{self.name} runs on one device; use the _distributed recipe under torchrun"
+                )
             self.rank, self.world_size = 0, 1
         self.is_rank_zero = self.rank == 0
         self.output_dir = Path(cfg.output_dir)
@@ -261,7 +322,9 @@ class FinetuneRecipe:
         # trained LLM weights are fp32 masters; a frozen LoRA base may sit in bf16
         self.base_dtype = torch.float32 if self.llm_mode == "full" else llm_dtype
         lora_mixed = self.llm_mode == "lora" and self.base_dtype != torch.float32
-        self.autocast = (bool(cfg.get("autocast", False)) and self.device.type == "cuda") or lora_mixed
+        self.autocast = (
+            bool(cfg.get("autocast", False)) and self.device.type == "cuda"
+        ) or lora_mixed
         self.seed = int(cfg.get("seed", 0))
         seed_everything(self.seed)  # the same on every rank (torchtune's set_seed adds the rank)
         self.batch_size = int(cfg.batch_size)
@@ -284,11 +347,18 @@ class FinetuneRecipe:
             self._resume_state = ckpt.load_recipe_state(self.output_dir)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model()
-        self.metric_logger = (config.instantiate(cfg.metric_logger)
-                              if self.is_rank_zero and cfg.get("metric_logger") else None)
+        self.metric_logger = (
+            config.instantiate(cfg.metric_logger)
+            if self.is_rank_zero and cfg.get("metric_logger")
+            else None
+        )
         self.train_ds, self.train_loader, self.sampler = self._setup_data(cfg.dataset, train=True)
-        val = cfg.get("val_dataset")  # ``val_dataset=null`` on the command line leaves {_component_: None}
-        self.val_loader = self._setup_data(val, train=False)[1] if val and val.get("_component_") else None
+        val = cfg.get(
+            "val_dataset"
+        )  # ``val_dataset=null`` on the command line leaves {_component_: None}
+        self.val_loader = (
+            self._setup_data(val, train=False)[1] if val and val.get("_component_") else None
+        )
         n_batches = len(self.train_loader)
         if self.max_steps_per_epoch is not None:
             n_batches = min(n_batches, int(self.max_steps_per_epoch) * self.accum)
@@ -296,19 +366,29 @@ class FinetuneRecipe:
         self.total_steps = self.steps_per_epoch * self.epochs
         self.optimizer = self._setup_optimizer()
         self.scheduler = training.lr_schedulers.get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=int(cfg.get("warmup_steps", 0)), num_training_steps=self.total_steps)
+            self.optimizer,
+            num_warmup_steps=int(cfg.get("warmup_steps", 0)),
+            num_training_steps=self.total_steps,
+        )
         if self._resume_state is not None:
             self._resume_recipe_state(self._resume_state)
         mem = estimate_memory(self.model, self.optimizer, world_size=self.world_size)
         if self.is_rank_zero:
             print(parameter_table(self.model, dict(cfg.trainable)), flush=True)
             print(format_memory(mem, self.world_size), flush=True)
-            print(f"{self.name}: {len(self.train_ds)} training samples, {self.steps_per_epoch} steps/epoch x "
-                  f"{self.epochs} epochs, global batch {self.batch_size * self.world_size * self.accum} "
-                  f"({self.world_size} process(es), device {self.device})", flush=True)
+            print(
+                f"{self.name}: {len(self.train_ds)} training samples, {self.steps_per_epoch} steps/epoch x "
+                f"{self.epochs} epochs, global batch {self.batch_size * self.world_size * self.accum} "
+                f"({self.world_size} process(es), device {self.device})",
+                flush=True,
+            )
 
     def _allowed(self) -> dict[str, tuple[str, ...]]:
-        return {"encoder": ("full", "frozen"), "connector": ("full", "frozen"), "llm": (self.llm_mode,)}
+        return {
+            "encoder": ("full", "frozen"),
+            "connector": ("full", "frozen"),
+            "llm": (self.llm_mode,),
+        }
 
     def _llm_state(self) -> dict[str, torch.Tensor]:
         """The LLM's weights (torchtune names) from the checkpointer, or, when resuming a full run,
@@ -317,7 +397,9 @@ class FinetuneRecipe:
         ck = cfg.checkpointer
         if self._resume_state is not None and self.llm_mode == "full":
             folder = self.output_dir / self._resume_state["checkpoint"] / export.LLM_DIR
-            ck = OmegaConf.merge(ck, {"checkpoint_dir": str(folder), "checkpoint_files": [export.HF_MODEL_FILE]})
+            ck = OmegaConf.merge(
+                ck, {"checkpoint_dir": str(folder), "checkpoint_files": [export.HF_MODEL_FILE]}
+            )
         return config.instantiate(ck).load_checkpoint()["model"]
 
     def _resumed_trained(self) -> dict[str, torch.Tensor]:
@@ -331,9 +413,14 @@ class FinetuneRecipe:
         cfg = self.cfg
         spec = dict(cfg.trainable)
         quantized = self.llm_mode == "lora" and bool(cfg.model.get("quantize_base", False))
-        on_meta = not quantized  # torchao cannot quantize on meta: QLoRA decoders are built on the device
-        with training.set_default_dtype(self.base_dtype), self.device, \
-                (decoders_on_meta() if on_meta else contextlib.nullcontext()):
+        on_meta = (
+            not quantized
+        )  # torchao cannot quantize on meta: QLoRA decoders are built on the device
+        with (
+            training.set_default_dtype(self.base_dtype),
+            self.device,
+            decoders_on_meta() if on_meta else contextlib.nullcontext(),
+        ):
             model = config.instantiate(cfg.model)
         self.is_vlm = hasattr(model, "encoders")
         decoder = model.decoder if self.is_vlm else model
@@ -341,12 +428,16 @@ class FinetuneRecipe:
         if self.is_vlm:
             tok_img = self.tokenizer.special_tokens.get(IMAGE_TOKEN)
             if tok_img != model.image_token_id:
-                raise ValueError(f"tokenizer's {IMAGE_TOKEN} id is {tok_img} but the model's image_token_id is "
-                                 f"{model.image_token_id}: tokenizer and model do not belong together")
+                raise ValueError(
+                    f"tokenizer's {IMAGE_TOKEN} id is {tok_img} but the model's image_token_id is "
+                    f"{model.image_token_id}: tokenizer and model do not belong together"
+                )
             model.encoders.float()
             model.connectors.float()
         if self.llm_mode == "lora" and not lora_modules(decoder):
-            raise ValueError("model: the LoRA recipes need a LoRA decoder (builders in medtune.models.lora)")
+            raise ValueError(
+                "model: the LoRA recipes need a LoRA decoder (builders in medtune.models.lora)"
+            )
         if self.llm_mode != "lora" and lora_modules(decoder):
             raise ValueError(f"model: a LoRA model in {self.name}; use the lora_finetune recipes")
         for m in lora_modules(decoder).values():  # adapters: fp32 masters over a bf16 / NF4 base
@@ -362,7 +453,9 @@ class FinetuneRecipe:
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
-            training.set_activation_checkpointing(decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
+            training.set_activation_checkpointing(
+                decoder, auto_wrap_policy={TransformerSelfAttentionLayer}
+            )
             for enc in getattr(model, "encoders", {}).values():
                 enc.set_grad_checkpointing(True)
         self._check_start(model, start)
@@ -390,26 +483,38 @@ class FinetuneRecipe:
         own = {clean_name(n): tuple(p.shape) for n, p in model.named_parameters()}
         unknown = [k for k in start if k not in own]
         if unknown:
-            raise ValueError(f"checkpoint: {len(unknown)} trained tensor(s) are not parameters of the model, e.g. "
-                             f"{unknown[:3]} (a checkpoint of another model or connector?)")
+            raise ValueError(
+                f"checkpoint: {len(unknown)} trained tensor(s) are not parameters of the model, e.g. "
+                f"{unknown[:3]} (a checkpoint of another model or connector?)"
+            )
         for k, v in start.items():
             if tuple(v.shape) != own[k]:
-                raise ValueError(f"checkpoint: '{k}' has shape {tuple(v.shape)}, the model expects {own[k]}")
+                raise ValueError(
+                    f"checkpoint: '{k}' has shape {tuple(v.shape)}, the model expects {own[k]}"
+                )
 
     def _check_llm_shapes(self, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
         own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        bad = [(k, tuple(v.shape), own[k]) for k, v in full.items() if k in own and own[k] != tuple(v.shape)]
+        bad = [
+            (k, tuple(v.shape), own[k])
+            for k, v in full.items()
+            if k in own and own[k] != tuple(v.shape)
+        ]
         if bad:
             k, got, want = bad[0]
-            raise ValueError(f"checkpointer: LLM weights do not fit the model's decoder: {len(bad)} tensor(s) differ "
-                             f"in shape, e.g. '{k}' is {got} in {self.cfg.checkpointer.checkpoint_dir} but {want} in "
-                             "the model (a checkpoint of another Llama-3 size or width?)")
+            raise ValueError(
+                f"checkpointer: LLM weights do not fit the model's decoder: {len(bad)} tensor(s) differ "
+                f"in shape, e.g. '{k}' is {got} in {self.cfg.checkpointer.checkpoint_dir} but {want} in "
+                "the model (a checkpoint of another Llama-3 size or width?)"
+            )
 
     def _check_llm_keys(self, missing, unexpected) -> None:
         missing = [k for k in missing if not is_adapter_key(k)]
         if missing or unexpected:
-            raise ValueError(f"checkpointer: LLM weights do not fit the model's decoder "
-                             f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+            raise ValueError(
+                f"checkpointer: LLM weights do not fit the model's decoder "
+                f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
+            )
 
     def _load_single(self, model, decoder, base, start) -> None:
         if any(p.is_meta for p in decoder.parameters()):
@@ -437,7 +542,9 @@ class FinetuneRecipe:
             for k in [k for k, p in own.items() if k in full and not hasattr(p, "device_mesh")]:
                 if not own[k].is_meta:
                     own[k].copy_(full.pop(k))
-        missing, unexpected = training.load_from_full_model_state_dict(model, full, self.device, strict=False)
+        missing, unexpected = training.load_from_full_model_state_dict(
+            model, full, self.device, strict=False
+        )
         self._check_llm_keys([k for k in missing if k.startswith(self.dec_prefix)], unexpected)
         training.validate_no_params_on_meta_device(model)
 
@@ -445,21 +552,47 @@ class FinetuneRecipe:
         cfg = self.cfg
         samples = config.instantiate(ds_cfg)
         if self.is_vlm:
-            img_id, n_img, tfs = self.model.image_token_id, self.model.tokens_per_image, self.model.image_transforms
+            img_id, n_img, tfs = (
+                self.model.image_token_id,
+                self.model.tokens_per_image,
+                self.model.image_transforms,
+            )
         else:  # text-only SFT with a bare decoder: a sample with images is an error (see _loss_sum)
             img_id, n_img, tfs = self.tokenizer.special_tokens[IMAGE_TOKEN], 0, {}
         template = cfg.get("prompt_template")
         ds = VisionChatDataset(
-            samples, self.tokenizer, image_token_id=img_id, tokens_per_image=n_img, transforms=tfs, train=train,
+            samples,
+            self.tokenizer,
+            image_token_id=img_id,
+            tokens_per_image=n_img,
+            transforms=tfs,
+            train=train,
             augment=OmegaConf.to_container(cfg.augment) if train and cfg.get("augment") else None,
-            prompt_template=OmegaConf.to_container(template) if OmegaConf.is_list(template) else template,
-            system_prompt=cfg.get("system_prompt"), seed=self.seed, max_seq_len=cfg.get("max_seq_len"),
-            blank_images=bool(cfg.get("blank_images", False)), window=cfg.get("window"))
-        base = DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank,
-                                  shuffle=train and cfg.get("shuffle", True), seed=self.seed, drop_last=False)
+            prompt_template=OmegaConf.to_container(template)
+            if OmegaConf.is_list(template)
+            else template,
+            system_prompt=cfg.get("system_prompt"),
+            seed=self.seed,
+            max_seq_len=cfg.get("max_seq_len"),
+            blank_images=bool(cfg.get("blank_images", False)),
+            window=cfg.get("window"),
+        )
+        base = DistributedSampler(
+            ds,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=train and cfg.get("shuffle", True),
+            seed=self.seed,
+            drop_last=False,
+        )
         sampler = _SkipSampler(base)
-        loader = DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=int(cfg.get("num_workers", 0)),
-                            collate_fn=functools.partial(collate_vision_chat, pad_id=self.tokenizer.pad_id))
+        loader = DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=int(cfg.get("num_workers", 0)),
+            collate_fn=functools.partial(collate_vision_chat, pad_id=self.tokenizer.pad_id),
+        )
         return ds, loader, sampler
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
@@ -470,14 +603,22 @@ class FinetuneRecipe:
             params = [p for p in module.parameters() if p.requires_grad]
             if params:
                 if part not in lrs:
-                    raise ValueError(f"lr.{part}: missing learning rate for the trained part '{part}'")
+                    raise ValueError(
+                        f"lr.{part}: missing learning rate for the trained part '{part}'"
+                    )
                 groups.append({"params": params, "lr": float(lrs[part]), "name": part})
         try:
             return config.instantiate(cfg.optimizer, groups)
         except (ImportError, ModuleNotFoundError) as e:
-            opt_cfg = {k: v for k, v in cfg.optimizer.items() if k not in ("_component_", "optim_bits", "is_paged")}
-            print(f"optimizer: {cfg.optimizer._component_} unavailable ({e}); falling back to torch.optim.AdamW",
-                  flush=True)
+            opt_cfg = {
+                k: v
+                for k, v in cfg.optimizer.items()
+                if k not in ("_component_", "optim_bits", "is_paged")
+            }
+            print(
+                f"optimizer: {cfg.optimizer._component_} unavailable ({e}); falling back to torch.optim.AdamW",
+                flush=True,
+            )
             return torch.optim.AdamW(groups, **opt_cfg)
 
     # ------------------------------------------------------------------ checkpoints
@@ -497,14 +638,23 @@ class FinetuneRecipe:
         self.scheduler.load_state_dict(state["scheduler"])
         # the schedule's length comes from this run's config (a run may be resumed with more epochs)
         step = self.scheduler.last_epoch
-        for group, fn, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs):
+        for group, fn, base in zip(
+            self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs
+        ):
             group["lr"] = base * fn(step)
-        self.epoch, self.global_step, self.batches_done = state["epoch"], state["global_step"], state["batches_done"]
+        self.epoch, self.global_step, self.batches_done = (
+            state["epoch"],
+            state["global_step"],
+            state["batches_done"],
+        )
         self.loss_history = list(state.get("loss_history", []))
         torch.set_rng_state(state["rng"]["torch"])
         if self.is_rank_zero:
-            print(f"resumed from {self.output_dir / state['checkpoint']} at epoch {self.epoch}, "
-                  f"step {self.global_step} ({self.batches_done} batches into the epoch)", flush=True)
+            print(
+                f"resumed from {self.output_dir / state['checkpoint']} at epoch {self.epoch}, "
+                f"step {self.global_step} ({self.batches_done} batches into the epoch)",
+                flush=True,
+            )
 
     def _gather_state(self) -> dict[str, torch.Tensor]:
         """Full CPU state dict of the model (collective under FSDP; NF4 dequantized)."""
@@ -520,8 +670,11 @@ class FinetuneRecipe:
             get_optimizer_state_dict,
         )
 
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
 
     def save_checkpoint(self, tag: str) -> None:
         """Write ``output_dir/<tag>/`` and ``output_dir/recipe_state.pt``.
@@ -535,31 +688,56 @@ class FinetuneRecipe:
         if self.is_rank_zero:
             folder = self.output_dir / tag
             trained = set(self.trained_names)
-            parts = {k: v.contiguous() for k, v in full.items()
-                     if k in trained and not (self.llm_mode == "full" and k.startswith(self.dec_prefix))}
+            parts = {
+                k: v.contiguous()
+                for k, v in full.items()
+                if k in trained and not (self.llm_mode == "full" and k.startswith(self.dec_prefix))
+            }
             cfg_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
             hf_config = Path(self.cfg.checkpointer.checkpoint_dir) / "config.json"
-            dec = {k[len(self.dec_prefix):]: v for k, v in full.items() if k.startswith(self.dec_prefix)}
+            dec = {
+                k[len(self.dec_prefix) :]: v
+                for k, v in full.items()
+                if k.startswith(self.dec_prefix)
+            }
             if self.llm_mode == "full":
                 export.save_hf(dec, folder / export.LLM_DIR, hf_config)
                 out_cfg = OmegaConf.to_container(self.cfg, resolve=True)
-                out_cfg["checkpointer"].update(checkpoint_dir=str(folder / export.LLM_DIR),
-                                               checkpoint_files=[export.HF_MODEL_FILE])
+                out_cfg["checkpointer"].update(
+                    checkpoint_dir=str(folder / export.LLM_DIR),
+                    checkpoint_files=[export.HF_MODEL_FILE],
+                )
                 cfg_yaml = OmegaConf.to_yaml(OmegaConf.create(out_cfg))
             elif self.llm_mode == "lora":
                 from medtune.models.lora import lora_settings
 
                 settings = lora_settings(self.model)
-                export.save_peft_adapter(dec, settings, folder / export.ADAPTER_DIR, hf_config,
-                                         base_model=str(self.cfg.checkpointer.checkpoint_dir))
+                export.save_peft_adapter(
+                    dec,
+                    settings,
+                    folder / export.ADAPTER_DIR,
+                    hf_config,
+                    base_model=str(self.cfg.checkpointer.checkpoint_dir),
+                )
                 if self.cfg.get("save_merged", False):
-                    export.save_hf(export.merge_lora(dec, settings), folder / export.MERGED_DIR, hf_config)
+                    export.save_hf(
+                        export.merge_lora(dec, settings), folder / export.MERGED_DIR, hf_config
+                    )
             ckpt.save_trained(parts, folder, cfg_yaml)
-            ckpt.save_recipe_state(self.output_dir, {
-                "checkpoint": tag, "epoch": self.epoch, "global_step": self.global_step,
-                "batches_done": self.batches_done, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state()}, "seed": self.seed, "loss_history": self.loss_history,
-            })
+            ckpt.save_recipe_state(
+                self.output_dir,
+                {
+                    "checkpoint": tag,
+                    "epoch": self.epoch,
+                    "global_step": self.global_step,
+                    "batches_done": self.batches_done,
+                    "optimizer": optim,
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state()},
+                    "seed": self.seed,
+                    "loss_history": self.loss_history,
+                },
+            )
             print(f"saved {folder}", flush=True)
         barrier()
 
@@ -572,21 +750,29 @@ class FinetuneRecipe:
         """
         tokens = batch["tokens"].to(self.device)  # [b, s]
         labels = batch["labels"].to(self.device)  # [b, s]
-        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # [b, s]
+        targets = torch.cat(
+            [labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1
+        )  # [b, s]
         keep = targets != IGNORE_INDEX  # [b, s]
         decoder = self.model.decoder if self.is_vlm else self.model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), \
-                output_at(decoder, keep):
+        with (
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+            output_at(decoder, keep),
+        ):
             if self.is_vlm:
                 images = self._batch_images(batch)
                 logits = self.model(tokens, images=images, image_counts=batch["image_counts"])
             else:
                 if int(batch["image_counts"].sum()):
-                    raise ValueError(f"samples {batch['ids']} hold images but the model is a text-only LLM")
+                    raise ValueError(
+                        f"samples {batch['ids']} hold images but the model is a text-only LLM"
+                    )
                 logits = self.model(tokens)
         if logits.dim() == 3:  # output_at could not select (no output module): [b, s, vocab]
             logits = logits[keep]
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")  # logits [n_keep, vocab]
+        loss = F.cross_entropy(
+            logits.float(), targets[keep], reduction="sum"
+        )  # logits [n_keep, vocab]
         return loss, keep.sum()
 
     def _batch_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
@@ -599,9 +785,11 @@ class FinetuneRecipe:
         if self.world_size > 1:
             ranks_with = int(all_reduce_sum(torch.tensor(int(n_img > 0), device=self.device)))
             if 0 < ranks_with < self.world_size and n_img == 0:
-                raise ValueError(f"rank {self.rank}: a batch without images while other ranks have images; "
-                                 "MedVLM cannot run its sharded encoders on no image (mix text-only and image "
-                                 "samples within each batch, or train text-only data with a bare Llama-3)")
+                raise ValueError(
+                    f"rank {self.rank}: a batch without images while other ranks have images; "
+                    "MedVLM cannot run its sharded encoders on no image (mix text-only and image "
+                    "samples within each batch, or train text-only data with a bare Llama-3)"
+                )
         if n_img == 0:
             return None
         return {k: v.to(self.device) for k, v in batch["images"].items()}
@@ -609,7 +797,10 @@ class FinetuneRecipe:
     def validate(self) -> float:
         """Mean validation loss over all answer tokens (all ranks)."""
         self.model.eval()
-        tot, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long)
+        tot, n = (
+            torch.zeros((), device=self.device),
+            torch.zeros((), device=self.device, dtype=torch.long),
+        )
         with torch.no_grad():
             for batch in self.val_loader:
                 loss, k = self._loss_sum(batch)
@@ -619,14 +810,18 @@ class FinetuneRecipe:
         tot, n = all_reduce_sum(tot), all_reduce_sum(n)
         return float(tot / n.clamp(min=1))
 
-    def _optimizer_step(self, run_loss: torch.Tensor, run_tok: torch.Tensor, params) -> tuple[float, Any]:
+    def _optimizer_step(
+        self, run_loss: torch.Tensor, run_tok: torch.Tensor, params
+    ) -> tuple[float, Any]:
         # mean over the tokens of the global batch; FSDP already averages gradients over ranks
         glob_tok = all_reduce_sum(run_tok.clone())
         glob_loss = all_reduce_sum(run_loss.clone())
         training.scale_grads(self.model, self.world_size / glob_tok.clamp(min=1))
         grad_norm = None
         if self.clip is not None:
-            grad_norm = ckpt.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.clip)))
+            grad_norm = ckpt.full_tensor(
+                torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.clip))
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -636,14 +831,19 @@ class FinetuneRecipe:
     def _log(self, step_loss: float, grad_norm, n_tok: float, dt: float, pbar) -> None:
         if self.global_step % self.log_every or not self.is_rank_zero:
             return
-        metrics = {"loss": step_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                   "tokens_per_second_per_gpu": n_tok / max(dt, 1e-9)}
+        metrics = {
+            "loss": step_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens_per_second_per_gpu": n_tok / max(dt, 1e-9),
+        }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.metric_logger is not None:
             self.metric_logger.log_dict(metrics, step=self.global_step)
         pbar.set_postfix(loss=f"{step_loss:.4f}")
-        tqdm.write(f"step {self.global_step} epoch {self.epoch} loss {step_loss:.4f} lr {metrics['lr']:.2e}")
+        tqdm.write(
+            f"step {self.global_step} epoch {self.epoch} loss {step_loss:.4f} lr {metrics['lr']:.2e}"
+        )
 
     def train(self) -> None:
         """Epochs of accumulated steps; validation and a checkpoint after each epoch."""
@@ -654,8 +854,13 @@ class FinetuneRecipe:
             self.train_ds.set_epoch(self.epoch)
             self.sampler.skip = self.batches_done * self.batch_size
             n_batches = self.steps_per_epoch * self.accum
-            pbar = tqdm(total=self.steps_per_epoch, initial=self.batches_done // self.accum,
-                        disable=not self.is_rank_zero, desc=f"epoch {self.epoch}", leave=False)
+            pbar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.batches_done // self.accum,
+                disable=not self.is_rank_zero,
+                desc=f"epoch {self.epoch}",
+                leave=False,
+            )
             run_loss = torch.zeros((), device=self.device)
             run_tok = torch.zeros((), device=self.device, dtype=torch.long)
             t0 = time.perf_counter()
@@ -676,7 +881,11 @@ class FinetuneRecipe:
                 run_loss.zero_()
                 run_tok.zero_()
                 t0 = time.perf_counter()
-                if self.save_every and self.global_step % int(self.save_every) == 0 and self.batches_done < n_batches:
+                if (
+                    self.save_every
+                    and self.global_step % int(self.save_every) == 0
+                    and self.batches_done < n_batches
+                ):
                     self.save_checkpoint(f"step_{self.global_step}")
             pbar.close()
             msg = f"epoch {self.epoch} done: train loss {self.loss_history[-1] if self.loss_history else math.nan:.4f}"

@@ -33,7 +33,12 @@ def _nf4_local(p: torch.Tensor):
     return t
 
 
-def nf4_bytes(numel: int, block_size: int = 64, scaler_block_size: int = 256, dtype: torch.dtype = torch.bfloat16) -> int:
+def nf4_bytes(
+    numel: int,
+    block_size: int = 64,
+    scaler_block_size: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
     """Storage of ``numel`` values in torchao's NF4 format.
 
     Returns:
@@ -74,8 +79,9 @@ def _optimizer_slots(optimizer: torch.optim.Optimizer | None) -> tuple[int, int 
     return 2, None, 0
 
 
-def estimate_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    world_size: int = 1) -> dict[str, dict[str, int]]:
+def estimate_memory(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, world_size: int = 1
+) -> dict[str, dict[str, int]]:
     """Bytes per rank of parameters, gradients and optimizer state, by dtype.
 
     Args:
@@ -88,8 +94,11 @@ def estimate_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         under ``"nf4"``.
     """
     slots, slot_bytes, scalars = _optimizer_slots(optimizer)
-    out: dict[str, dict[str, int]] = {"params": defaultdict(int), "grads": defaultdict(int),
-                                      "optimizer": defaultdict(int)}
+    out: dict[str, dict[str, int]] = {
+        "params": defaultdict(int),
+        "grads": defaultdict(int),
+        "optimizer": defaultdict(int),
+    }
     for p in model.parameters():  # shared parameters are listed once
         n = local_numel(p)
         if _is_nf4(p):
@@ -97,7 +106,9 @@ def estimate_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
             out["params"]["nf4"] += nf4_bytes(n, t.block_size, t.scaler_block_size, t.dtype)
             continue
         dtype = str(p.dtype).removeprefix("torch.")
-        size = p.element_size() if not hasattr(p, "_local_tensor") else p._local_tensor.element_size()
+        size = (
+            p.element_size() if not hasattr(p, "_local_tensor") else p._local_tensor.element_size()
+        )
         out["params"][dtype] += n * size
         if p.requires_grad:
             out["grads"][dtype] += n * size
@@ -132,7 +143,9 @@ def format_memory(est: dict[str, dict[str, int]], world_size: int = 1) -> str:
     return "\n".join(lines)
 
 
-def allocated_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def allocated_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, int]:
     """What is actually allocated on this rank: ``untyped_storage().nbytes()`` summed over the
     parameters (NF4: its inner tensors), their gradients and the optimizer state (each storage
     counted once).
@@ -156,8 +169,10 @@ def allocated_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         seen.add(s.data_ptr())
         return s.nbytes()
 
-    out = {"params": sum(nbytes(p) for p in model.parameters()),
-           "grads": sum(nbytes(p.grad) for p in model.parameters())}
+    out = {
+        "params": sum(nbytes(p) for p in model.parameters()),
+        "grads": sum(nbytes(p.grad) for p in model.parameters()),
+    }
     opt = 0
     if optimizer is not None:
         for state in optimizer.state.values():

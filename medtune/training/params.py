@@ -17,7 +17,9 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
     return {"llm": model}
 
 
-def set_trainable(model: nn.Module, spec: dict[str, str], allowed: dict[str, Iterable[str]] | None = None) -> None:
+def set_trainable(
+    model: nn.Module, spec: dict[str, str], allowed: dict[str, Iterable[str]] | None = None
+) -> None:
     """Set ``requires_grad`` per part from ``spec`` (part -> ``frozen | full | lora``).
 
     ``lora`` marks only parameters named ``lora_*`` / ``magnitude`` (torchtune's LoRA/DoRA) as trainable.
@@ -32,8 +34,10 @@ def set_trainable(model: nn.Module, spec: dict[str, str], allowed: dict[str, Ite
         if state not in PART_STATES:
             raise ValueError(f"trainable.{part}: {state!r} is not one of {', '.join(PART_STATES)}")
         if allowed is not None and state not in allowed.get(part, PART_STATES):
-            raise ValueError(f"trainable.{part}={state} is not supported by this recipe "
-                             f"(allowed: {', '.join(allowed[part])})")
+            raise ValueError(
+                f"trainable.{part}={state} is not supported by this recipe "
+                f"(allowed: {', '.join(allowed[part])})"
+            )
     for part, module in parts.items():
         state = spec.get(part, "frozen")
         for name, p in module.named_parameters():
@@ -61,7 +65,9 @@ def parameter_table(model: nn.Module, spec: dict[str, str] | None = None) -> str
         n = sum(p.numel() for p in ps)
         tr = sum(p.numel() for p in ps if p.requires_grad)
         dtypes = ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in ps})) or "-"
-        state = (spec or {}).get(part, "full" if tr == n and n else ("frozen" if tr == 0 else "partial"))
+        state = (spec or {}).get(
+            part, "full" if tr == n and n else ("frozen" if tr == 0 else "partial")
+        )
         rows.append((part, state, f"{n:,} ({_fmt(n)})", f"{tr:,}", dtypes))
         tot += n
         tot_tr += tr

@@ -13,8 +13,12 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vision_fine
 
 def test_bench_vision_finetune_tiny():
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "2", "--warmup", "1", "--threads", "1"],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--steps", "2", "--warmup", "1", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -44,9 +44,13 @@ def test_roco_reads_the_release_layout(tmp_path):
     root = _release(tmp_path)
     s = roco(root, split="validation")
     assert [x.id for x in s] == ["ROCO_00020", "ROCO_00027", "ROCO_00059"]
-    assert s[1].meta["caption"] == "Postoperative anteroposterior radiograph of the pelvis."  # stripped
+    assert (
+        s[1].meta["caption"] == "Postoperative anteroposterior radiograph of the pelvis."
+    )  # stripped
     assert s[1].messages[1].content == s[1].meta["answer"] == s[1].meta["caption"]
-    assert s[1].images == [str(root / "data/validation/radiology/images/PMC4085828_opth-9-169Fig1.jpg")]
+    assert s[1].images == [
+        str(root / "data/validation/radiology/images/PMC4085828_opth-9-169Fig1.jpg")
+    ]
     assert s[1].meta["pmc_id"] == "PMC4085828" and s[1].meta["task"] == "caption"
     assert s[1].meta["dataset"] == "roco" and s[1].meta["split"] == "validation"
     # root may also be the data/ folder
@@ -55,7 +59,9 @@ def test_roco_reads_the_release_layout(tmp_path):
 
 def test_roco_missing_image_is_named_or_skipped_and_counted(tmp_path):
     root = _release(tmp_path, fetched=(0, 2))
-    with pytest.raises(MissingImageError, match=r"dlinks\.txt row 1.*ROCO_00027.*PMC4085828_opth-9-169Fig1\.jpg"):
+    with pytest.raises(
+        MissingImageError, match=r"dlinks\.txt row 1.*ROCO_00027.*PMC4085828_opth-9-169Fig1\.jpg"
+    ):
         roco(root, split="validation")
     s = roco(root, split="validation", skip_bad_rows=True)
     assert [x.id for x in s] == ["ROCO_00020", "ROCO_00059"] and s.num_skipped == 1
@@ -67,9 +73,13 @@ def test_roco_bad_layouts_are_clear(tmp_path):
     with pytest.raises(DataError, match="unknown subset 'ct'"):
         roco(tmp_path, subset="ct")
     bad = _release(tmp_path / "b", captions=CAPTIONS + "ROCO_00060 no tab here\n")
-    with pytest.raises(MalformedJSONError, match=r"captions\.txt row 3: expected 2 tab-separated columns"):
+    with pytest.raises(
+        MalformedJSONError, match=r"captions\.txt row 3: expected 2 tab-separated columns"
+    ):
         roco(bad, split="validation")
-    nolink = _release(tmp_path / "c", captions=CAPTIONS + "ROCO_00061\t A caption without a link.\n")
+    nolink = _release(
+        tmp_path / "c", captions=CAPTIONS + "ROCO_00061\t A caption without a link.\n"
+    )
     with pytest.raises(MissingImageError, match=r"ROCO_00061.*no download link"):
         roco(nolink, split="validation")
 
@@ -82,10 +92,27 @@ def test_roco_converts_to_sharegpt(tmp_path):
     root = _release(tmp_path)
     out = tmp_path / "roco_val.json"
     tool = Path(__file__).resolve().parents[2] / "tools" / "convert_to_sharegpt.py"
-    proc = subprocess.run([sys.executable, str(tool), "--dataset", "roco", "--input", str(root), "--split", "validation",
-                           "--output", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "--dataset",
+            "roco",
+            "--input",
+            str(root),
+            "--split",
+            "validation",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [r["id"] for r in rows] == ["ROCO_00020", "ROCO_00027", "ROCO_00059"]
-    assert rows[1]["conversations"][1]["value"] == "Postoperative anteroposterior radiograph of the pelvis."
+    assert (
+        rows[1]["conversations"][1]["value"]
+        == "Postoperative anteroposterior radiograph of the pelvis."
+    )
     assert Path(rows[1]["image"]).is_file()

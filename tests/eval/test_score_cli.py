@@ -111,16 +111,22 @@ def test_through_medtune_main(tmp_path):
 
 
 def _caption_row(i, answer, prediction):
-    return {**make_row(i, answer=answer, prediction=prediction, answer_type="CAPTION"), "task": "caption"}
+    return {
+        **make_row(i, answer=answer, prediction=prediction, answer_type="CAPTION"),
+        "task": "caption",
+    }
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs java")
 def test_score_caption_file(tmp_path, capsys):
     same = "axial ct of the abdomen shows a lesion in the liver"
-    pred = _write(tmp_path / "cap.jsonl", [
-        _caption_row(1, same, same),
-        _caption_row(2, "chest x ray with a right lower lobe opacity", "brain mri"),
-    ])
+    pred = _write(
+        tmp_path / "cap.jsonl",
+        [
+            _caption_row(1, same, same),
+            _caption_row(2, "chest x ray with a right lower lobe opacity", "brain mri"),
+        ],
+    )
     args = _parser().parse_args(["score", str(pred), "--no-meteor"])
     assert args.func(args) == 0
     m = json.loads(capsys.readouterr().out)

@@ -23,17 +23,26 @@ assert LLAMA3_8B == 8_030_261_248  # the published figure
 # BiomedCLIP visual tower: timm vit_base_patch16_224 trunk without classifier head + a bias-free
 # 768 -> 512 linear projection (open_clip TimmModel, proj "linear").
 W, P, T = 768, 16, 14 * 14 + 1  # width, patch size, tokens (196 patches + CLS)
-VIT_BLOCK = (2 * W  # norm1
-             + W * 3 * W + 3 * W  # qkv
-             + W * W + W  # attention proj
-             + 2 * W  # norm2
-             + W * 4 * W + 4 * W  # mlp fc1
-             + 4 * W * W + W)  # mlp fc2
-VIT_B16_TRUNK = (3 * P * P * W + W  # patch embedding conv
-                 + W  # CLS token
-                 + T * W  # position embedding
-                 + 12 * VIT_BLOCK
-                 + 2 * W)  # final norm
+VIT_BLOCK = (
+    2 * W  # norm1
+    + W * 3 * W
+    + 3 * W  # qkv
+    + W * W
+    + W  # attention proj
+    + 2 * W  # norm2
+    + W * 4 * W
+    + 4 * W  # mlp fc1
+    + 4 * W * W
+    + W
+)  # mlp fc2
+VIT_B16_TRUNK = (
+    3 * P * P * W
+    + W  # patch embedding conv
+    + W  # CLS token
+    + T * W  # position embedding
+    + 12 * VIT_BLOCK
+    + 2 * W
+)  # final norm
 BIOMEDCLIP_VISUAL = VIT_B16_TRUNK + 768 * 512
 assert BIOMEDCLIP_VISUAL == 86_191_872
 
@@ -41,15 +50,20 @@ MLP_CONNECTOR = 768 * 4096 + 4096 + 4096 * 4096 + 4096
 POOLED_UNFOLD_32 = 512 * 32 * 4096 + 32 * 4096
 
 
-@pytest.mark.parametrize("name,connector_params,tokens,enc_out", [
-    ("medvlm_biomedclip_llama3_8b", MLP_CONNECTOR, 196, 768),
-    ("medvlm_biomedclip_llama3_1_8b", MLP_CONNECTOR, 196, 768),
-    ("medvlm_medcap_llama3_8b", POOLED_UNFOLD_32, 32, 512),
-])
+@pytest.mark.parametrize(
+    "name,connector_params,tokens,enc_out",
+    [
+        ("medvlm_biomedclip_llama3_8b", MLP_CONNECTOR, 196, 768),
+        ("medvlm_biomedclip_llama3_1_8b", MLP_CONNECTOR, 196, 768),
+        ("medvlm_medcap_llama3_8b", POOLED_UNFOLD_32, 32, 512),
+    ],
+)
 def test_full_size_builders_on_meta(name, connector_params, tokens, enc_out):
     with torch.device("meta"):
         model = getattr(builders, name)()
-    assert all(p.is_meta for p in model.parameters()), "a full-size builder must not allocate real weights"
+    assert all(p.is_meta for p in model.parameters()), (
+        "a full-size builder must not allocate real weights"
+    )
     assert _n(model.decoder) == LLAMA3_8B
     (enc,) = model.encoders.values()
     assert _n(enc) == BIOMEDCLIP_VISUAL
@@ -83,9 +97,17 @@ def _qformer(in_dim: int, n_q: int = 32, h: int = 768, layers: int = 2, out: int
     """medtune's QFormer: queries; per layer self-attn, cross-attn, MLP, 3 LayerNorms over the queries and
     one over the encoder tokens; final LayerNorm + projection."""
     self_attn = 4 * h * h + 4 * h
-    cross = h * h + h + 2 * (in_dim * h + h) + h * h + h  # q from queries, k/v from the encoder, out proj
+    cross = (
+        h * h + h + 2 * (in_dim * h + h) + h * h + h
+    )  # q from queries, k/v from the encoder, out proj
     mlp = h * 4 * h + 4 * h + 4 * h * h + h
-    return n_q * h + layers * (self_attn + cross + mlp + 3 * 2 * h + 2 * in_dim) + 2 * h + h * out + out
+    return (
+        n_q * h
+        + layers * (self_attn + cross + mlp + 3 * 2 * h + 2 * in_dim)
+        + 2 * h
+        + h * out
+        + out
+    )
 
 
 def test_msmedcap_dual_encoder_builder_on_meta():

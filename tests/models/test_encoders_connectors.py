@@ -40,7 +40,11 @@ def test_tiny_open_clip_matches_open_clip_factory(tiny_assets):
         ref.visual.output_tokens = True
         ref_pooled, ref_tokens = ref.visual(x)
         p, t = pooled(x), patch(x)
-    assert t.shape == (2, grid * grid, vc["width"]) and patch.num_tokens == grid * grid and patch.out_dim == vc["width"]
+    assert (
+        t.shape == (2, grid * grid, vc["width"])
+        and patch.num_tokens == grid * grid
+        and patch.out_dim == vc["width"]
+    )
     assert p.shape == (2, 1, cfg["model_cfg"]["embed_dim"]) and pooled.num_tokens == 1
     torch.testing.assert_close(t, ref_tokens)
     torch.testing.assert_close(p[:, 0], ref_pooled)
@@ -62,7 +66,9 @@ def test_open_clip_folder_errors(tiny_assets, tmp_path):
     cfg = json.loads((tiny_assets / "tiny_clip" / "open_clip_config.json").read_text())
     cfg["model_cfg"]["vision_cfg"]["layers"] += 1
     (bad / "open_clip_config.json").write_text(json.dumps(cfg))
-    (bad / "open_clip_pytorch_model.bin").write_bytes((tiny_assets / "tiny_clip" / "open_clip_pytorch_model.bin").read_bytes())
+    (bad / "open_clip_pytorch_model.bin").write_bytes(
+        (tiny_assets / "tiny_clip" / "open_clip_pytorch_model.bin").read_bytes()
+    )
     with pytest.raises(ValueError, match="do not match open_clip_config.json"):
         open_clip_vision(str(bad))
 
@@ -71,11 +77,27 @@ def test_open_clip_folder_errors(tiny_assets, tmp_path):
 def _write_timm_open_clip_dir(path: Path, embed_dim: int = 32) -> dict[str, torch.Tensor]:
     from open_clip.model import _build_vision_tower
 
-    vision_cfg = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
-                  "timm_pool": "", "timm_proj": "linear", "image_size": 224}
-    cfg = {"model_cfg": {"embed_dim": embed_dim, "vision_cfg": vision_cfg,
-                         "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 16, "heads": 2, "layers": 1}},
-           "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    vision_cfg = {
+        "timm_model_name": "vit_tiny_patch16_224",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 224,
+    }
+    cfg = {
+        "model_cfg": {
+            "embed_dim": embed_dim,
+            "vision_cfg": vision_cfg,
+            "text_cfg": {
+                "context_length": 8,
+                "vocab_size": 16,
+                "width": 16,
+                "heads": 2,
+                "layers": 1,
+            },
+        },
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    }
     torch.manual_seed(1)
     visual = _build_vision_tower(embed_dim, dict(vision_cfg))
     sd = {f"visual.{k}": v for k, v in visual.state_dict().items()}
@@ -83,7 +105,7 @@ def _write_timm_open_clip_dir(path: Path, embed_dim: int = 32) -> dict[str, torc
     path.mkdir(parents=True)
     (path / "open_clip_config.json").write_text(json.dumps(cfg))
     torch.save(sd, path / "open_clip_pytorch_model.bin")
-    return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
 
 
 def test_timm_backed_open_clip_dir(tmp_path):
@@ -121,21 +143,40 @@ def test_timm_vit_encoder_and_checkpoint(tmp_path):
     save_file(enc.tower.state_dict(), str(tmp_path / "w.safetensors"))
     torch.save(enc.tower.state_dict(), tmp_path / "w.pt")
     for f in ("w.safetensors", "w.pt"):
-        again = timm_vision("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / f), output="patch", **kw).eval()
+        again = timm_vision(
+            "vit_tiny_patch16_224", checkpoint_path=str(tmp_path / f), output="patch", **kw
+        ).eval()
         with torch.no_grad():
             torch.testing.assert_close(again(x), out)
-    pooled = timm_vision("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "w.pt"), output="pooled", **kw).eval()
+    pooled = timm_vision(
+        "vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "w.pt"), output="pooled", **kw
+    ).eval()
     with torch.no_grad():
         p = pooled(x)
     assert p.shape == (3, 1, 48) and pooled.num_tokens == 1
     with pytest.raises(ValueError, match="weights do not match timm"):
-        timm_vision("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "w.pt"), image_size=32, depth=3,
-                    embed_dim=48, num_heads=3)
+        timm_vision(
+            "vit_tiny_patch16_224",
+            checkpoint_path=str(tmp_path / "w.pt"),
+            image_size=32,
+            depth=3,
+            embed_dim=48,
+            num_heads=3,
+        )
 
 
 def test_timm_sam_style_encoder():
-    enc = timm_vision("samvit_base_patch16", output="patch", image_size=64, depth=2, embed_dim=32, num_heads=2,
-                      global_attn_indexes=(1,), window_size=2, neck_chans=24).eval()
+    enc = timm_vision(
+        "samvit_base_patch16",
+        output="patch",
+        image_size=64,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        global_attn_indexes=(1,),
+        window_size=2,
+        neck_chans=24,
+    ).eval()
     x = _images(2, 64)
     with torch.no_grad():
         out = enc(x)
@@ -146,14 +187,17 @@ def test_timm_sam_style_encoder():
 
 
 # ----------------------------------------------------------------------------- connectors
-@pytest.mark.parametrize("kind,kwargs,n_out", [
-    ("linear", {}, 5),
-    ("mlp", {}, 5),
-    ("mlp", {"hidden_dim": 7}, 5),
-    ("pooled_unfold", {"num_tokens": 3}, 3),
-    ("qformer", {"num_queries": 4, "hidden_dim": 16, "num_heads": 2}, 4),
-    ("resampler", {"num_latents": 6, "hidden_dim": 16, "num_heads": 2}, 6),
-])
+@pytest.mark.parametrize(
+    "kind,kwargs,n_out",
+    [
+        ("linear", {}, 5),
+        ("mlp", {}, 5),
+        ("mlp", {"hidden_dim": 7}, 5),
+        ("pooled_unfold", {"num_tokens": 3}, 3),
+        ("qformer", {"num_queries": 4, "hidden_dim": 16, "num_heads": 2}, 4),
+        ("resampler", {"num_latents": 6, "hidden_dim": 16, "num_heads": 2}, 6),
+    ],
+)
 def test_connector_shapes(kind, kwargs, n_out):
     conn = build_connector(kind, 12, 20, **kwargs)
     x = torch.randn(2, 5, 12)
@@ -169,8 +213,14 @@ def test_connector_shapes(kind, kwargs, n_out):
 
 
 def test_connector_parameter_counts():
-    assert sum(p.numel() for p in build_connector("mlp", 12, 20).parameters()) == 12 * 20 + 20 + 20 * 20 + 20
-    assert sum(p.numel() for p in build_connector("pooled_unfold", 12, 20, num_tokens=3).parameters()) == 12 * 60 + 60
+    assert (
+        sum(p.numel() for p in build_connector("mlp", 12, 20).parameters())
+        == 12 * 20 + 20 + 20 * 20 + 20
+    )
+    assert (
+        sum(p.numel() for p in build_connector("pooled_unfold", 12, 20, num_tokens=3).parameters())
+        == 12 * 60 + 60
+    )
     with pytest.raises(ValueError, match="unknown connector 'conv'"):
         build_connector("conv", 1, 1)
     assert set(CONNECTORS) == {"linear", "mlp", "pooled_unfold", "qformer", "resampler"}
@@ -187,6 +237,10 @@ def test_towers_build_in_fp32_under_a_bf16_default(tiny_assets):
         vit = timm_vision("vit_tiny_patch16_224", image_size=32, depth=1, embed_dim=48, num_heads=3)
     finally:
         torch.set_default_dtype(old)
-    assert {p.dtype for p in enc.parameters()} == {p.dtype for p in vit.parameters()} == {torch.float32}
+    assert (
+        {p.dtype for p in enc.parameters()}
+        == {p.dtype for p in vit.parameters()}
+        == {torch.float32}
+    )
     for k, v in enc.tower.state_dict().items():
         assert torch.equal(v, ref[k]), k

@@ -20,22 +20,36 @@ from medtune.models.llama3 import (
 
 def _tokenizer(assets: Path, with_json: bool = True):
     d = assets / "llama3_tiny"
-    return llama3_tokenizer(str(d / "original" / "tokenizer.model"),
-                            str(d / "tokenizer.json") if with_json else None)
+    return llama3_tokenizer(
+        str(d / "original" / "tokenizer.model"), str(d / "tokenizer.json") if with_json else None
+    )
 
 
 def _n_base(assets: Path) -> int:
-    return sum(1 for line in (assets / "llama3_tiny" / "original" / "tokenizer.model").read_bytes().splitlines()
-               if line.strip())
+    return sum(
+        1
+        for line in (assets / "llama3_tiny" / "original" / "tokenizer.model")
+        .read_bytes()
+        .splitlines()
+        if line.strip()
+    )
 
 
 # ----------------------------------------------------------------------------- checkpointers
 def test_hf_and_meta_checkpointers_give_identical_weights_and_logits(tiny_assets, tmp_path):
     d = tiny_assets / "llama3_tiny"
-    hf = FullModelHFCheckpointer(checkpoint_dir=str(d), checkpoint_files=["model.safetensors"],
-                                 model_type="LLAMA3", output_dir=str(tmp_path / "hf_out"))
-    meta = FullModelMetaCheckpointer(checkpoint_dir=str(d / "original"), checkpoint_files=["consolidated.00.pth"],
-                                     model_type="LLAMA3", output_dir=str(tmp_path / "meta_out"))
+    hf = FullModelHFCheckpointer(
+        checkpoint_dir=str(d),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3",
+        output_dir=str(tmp_path / "hf_out"),
+    )
+    meta = FullModelMetaCheckpointer(
+        checkpoint_dir=str(d / "original"),
+        checkpoint_files=["consolidated.00.pth"],
+        model_type="LLAMA3",
+        output_dir=str(tmp_path / "meta_out"),
+    )
     sd_hf = hf.load_checkpoint()["model"]
     sd_meta = meta.load_checkpoint()["model"]
     assert sorted(sd_hf) == sorted(sd_meta)
@@ -50,7 +64,9 @@ def test_hf_and_meta_checkpointers_give_identical_weights_and_logits(tiny_assets
         models.append(m)
     cfg = json.loads((d / "config.json").read_text())
     assert models[0].tok_embeddings.num_embeddings == cfg["vocab_size"]
-    x = torch.randint(0, cfg["vocab_size"] - 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(
+        0, cfg["vocab_size"] - 256, (2, 12), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         a, b = models[0](x), models[1](x)
     assert a.shape == (2, 12, cfg["vocab_size"])
@@ -63,14 +79,21 @@ def test_hf_and_meta_checkpointers_give_identical_weights_and_logits(tiny_assets
 
 def test_hf_config_rope_scaling_selects_llama3_1(tiny_assets, tmp_path):
     cfg = json.loads((tiny_assets / "llama3_tiny" / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m31 = llama3_from_hf_config(tmp_path / "config.json")
     m3 = llama3_from_hf_config(tiny_assets / "llama3_tiny" / "config.json")
     assert m31.layers[0].attn.pos_embeddings.is_cache_built
     # Llama-3.1 scaling changes the rotary frequencies of the low-frequency half
-    assert not torch.allclose(m31.layers[0].attn.pos_embeddings.theta, m3.layers[0].attn.pos_embeddings.theta)
+    assert not torch.allclose(
+        m31.layers[0].attn.pos_embeddings.theta, m3.layers[0].attn.pos_embeddings.theta
+    )
 
 
 def test_hf_config_missing_key_is_a_clear_error(tmp_path):
@@ -80,8 +103,15 @@ def test_hf_config_missing_key_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- tokenizer
-@pytest.mark.parametrize("text", ["Which side is the lesion on?", "  the CT scan\n\nshows a lesion. ",
-                                  "Unicode: \u00e9\u00e8 \u4e2d\u6587 \u2192 ok", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Which side is the lesion on?",
+        "  the CT scan\n\nshows a lesion. ",
+        "Unicode: \u00e9\u00e8 \u4e2d\u6587 \u2192 ok",
+        "",
+    ],
+)
 def test_tokenizer_round_trips_text(tiny_assets, text):
     tok = _tokenizer(tiny_assets)
     ids = tok.encode(text, add_bos=False, add_eos=False)
@@ -90,16 +120,32 @@ def test_tokenizer_round_trips_text(tiny_assets, text):
 
 # The real Llama-3.1 layout of ids 128000..128255 (offsets from the first special id), written out
 # independently of medtune and torchtune (whose table follows Llama-3.2).
-LLAMA31_OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|reserved_special_token_0|>": 2,
-                   "<|reserved_special_token_1|>": 3, "<|finetune_right_pad_id|>": 4,
-                   "<|reserved_special_token_2|>": 5, "<|start_header_id|>": 6, "<|end_header_id|>": 7,
-                   "<|eom_id|>": 8, "<|eot_id|>": 9, "<|python_tag|>": 10,
-                   **{f"<|reserved_special_token_{i}|>": 11 + i - 3 for i in range(3, 248)}}
+LLAMA31_OFFSETS = {
+    "<|begin_of_text|>": 0,
+    "<|end_of_text|>": 1,
+    "<|reserved_special_token_0|>": 2,
+    "<|reserved_special_token_1|>": 3,
+    "<|finetune_right_pad_id|>": 4,
+    "<|reserved_special_token_2|>": 5,
+    "<|start_header_id|>": 6,
+    "<|end_header_id|>": 7,
+    "<|eom_id|>": 8,
+    "<|eot_id|>": 9,
+    "<|python_tag|>": 10,
+    **{f"<|reserved_special_token_{i}|>": 11 + i - 3 for i in range(3, 248)},
+}
 # Llama-3.0's: no pad/eom/python_tag names, reserved tokens in their place.
-LLAMA30_OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|start_header_id|>": 6,
-                   "<|end_header_id|>": 7, "<|eot_id|>": 9,
-                   **{f"<|reserved_special_token_{i}|>": off
-                      for i, off in enumerate([2, 3, 4, 5, 8, *range(10, 256)])}}
+LLAMA30_OFFSETS = {
+    "<|begin_of_text|>": 0,
+    "<|end_of_text|>": 1,
+    "<|start_header_id|>": 6,
+    "<|end_header_id|>": 7,
+    "<|eot_id|>": 9,
+    **{
+        f"<|reserved_special_token_{i}|>": off
+        for i, off in enumerate([2, 3, 4, 5, 8, *range(10, 256)])
+    },
+}
 
 
 def test_tokenizer_has_llama3_specials_after_base_vocab(tiny_assets):
@@ -110,11 +156,17 @@ def test_tokenizer_has_llama3_specials_after_base_vocab(tiny_assets):
         for name, off in LLAMA31_OFFSETS.items():
             assert tok.special_tokens[name] == n + off, name
         in_vocab = sorted(v for v in tok.special_tokens.values() if v < n + 256)
-        assert in_vocab == list(range(n, n + 256))  # exactly the 256 specials right after the base ranks
-        assert tok.bos_id == n and tok.eot_id == n + 9 and tok.eos_id == n + 1 and tok.pad_id == n + 4
+        assert in_vocab == list(
+            range(n, n + 256)
+        )  # exactly the 256 specials right after the base ranks
+        assert (
+            tok.bos_id == n and tok.eot_id == n + 9 and tok.eos_id == n + 1 and tok.pad_id == n + 4
+        )
         assert image_token_id(tok) == n + 2
         # names torchtune needs that Llama-3 text models lack sit past the embedding table
-        assert min(tok.special_tokens[k] for k in ("<|image|>", "<|step_id|>", "<|video|>")) >= n + 256
+        assert (
+            min(tok.special_tokens[k] for k in ("<|image|>", "<|step_id|>", "<|video|>")) >= n + 256
+        )
     cfg = json.loads((tiny_assets / "llama3_tiny" / "config.json").read_text())
     assert cfg["vocab_size"] == n + 256
 
@@ -128,13 +180,22 @@ def test_tokenizer_reads_real_llama3_tokenizer_json_layouts(tiny_assets, tmp_pat
     assert sorted(offsets.values()) == list(range(256))
     added = [{"id": n + off, "content": name, "special": True} for name, off in offsets.items()]
     (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
-    tok = llama3_tokenizer(str(tiny_assets / "llama3_tiny" / "original" / "tokenizer.model"),
-                           str(tmp_path / "tokenizer.json"))
-    assert (tok.bos_id, tok.eos_id, tok.start_header_id, tok.end_header_id, tok.eot_id) == (n, n + 1, n + 6, n + 7, n + 9)
+    tok = llama3_tokenizer(
+        str(tiny_assets / "llama3_tiny" / "original" / "tokenizer.model"),
+        str(tmp_path / "tokenizer.json"),
+    )
+    assert (tok.bos_id, tok.eos_id, tok.start_header_id, tok.end_header_id, tok.eot_id) == (
+        n,
+        n + 1,
+        n + 6,
+        n + 7,
+        n + 9,
+    )
     assert image_token_id(tok) == n + 2
     ids, _ = encode_messages(tok, [("user", ["Is there a lesion?"]), ("assistant", ["yes"])])
     assert tok.decode(ids, truncate_at_eos=False, skip_special_tokens=False).startswith(
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nIs there a lesion?<|eot_id|>")
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nIs there a lesion?<|eot_id|>"
+    )
 
 
 def test_placeholder_text_is_not_the_placeholder_id(tiny_assets):
@@ -155,11 +216,13 @@ def test_encode_messages_emits_llama3_chat_layout_and_masks_assistant_only(tiny_
     nl2 = enc("\n\n")
     assert len(nl2) == 1  # one token, as in the real vocabulary (id 271)
     bos, sh, eh, eot = tok.bos_id, tok.start_header_id, tok.end_header_id, tok.eot_id
-    msgs = [("system", ["Answer briefly."]),
-            ("user", [img, img, img, " Which side is the lesion on? "]),
-            ("assistant", ["left"]),
-            ("user", ["And the modality?"]),
-            ("assistant", ["ct"])]
+    msgs = [
+        ("system", ["Answer briefly."]),
+        ("user", [img, img, img, " Which side is the lesion on? "]),
+        ("assistant", ["left"]),
+        ("user", ["And the modality?"]),
+        ("assistant", ["ct"]),
+    ]
     ids, mask = encode_messages(tok, msgs)
     exp_ids: list[int] = [bos]
     exp_mask: list[bool] = [False]
@@ -170,21 +233,27 @@ def test_encode_messages_emits_llama3_chat_layout_and_masks_assistant_only(tiny_
         exp_mask.extend([False] * len(head) + [target] * (len(body) + 1))
 
     turn("system", enc("Answer briefly."), False)
-    turn("user", [img, img, img, *enc(" Which side is the lesion on?")], False)  # outer end stripped
+    turn(
+        "user", [img, img, img, *enc(" Which side is the lesion on?")], False
+    )  # outer end stripped
     turn("assistant", enc("left"), True)
     turn("user", enc("And the modality?"), False)
     turn("assistant", enc("ct"), True)
     assert ids == exp_ids
     assert mask == exp_mask
-    text = tok.decode([t for t in ids if t != img], truncate_at_eos=False, skip_special_tokens=False)
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>"
-                    "<|start_header_id|>user<|end_header_id|>\n\n Which side is the lesion on?<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\nleft<|eot_id|>"
-                    "<|start_header_id|>user<|end_header_id|>\n\nAnd the modality?<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\nct<|eot_id|>")
+    text = tok.decode(
+        [t for t in ids if t != img], truncate_at_eos=False, skip_special_tokens=False
+    )
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n Which side is the lesion on?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nleft<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd the modality?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nct<|eot_id|>"
+    )
     targets = [t for t, m in zip(ids, mask) if m]
     assert targets == [*enc("left"), eot, *enc("ct"), eot]
 
     gen_ids, gen_mask = encode_messages(tok, msgs[:3][:2], add_generation_prompt=True)
-    assert gen_ids[-(3 + len(enc("assistant"))):] == [sh, *enc("assistant"), eh, *nl2]
+    assert gen_ids[-(3 + len(enc("assistant"))) :] == [sh, *enc("assistant"), eh, *nl2]
     assert not any(gen_mask)

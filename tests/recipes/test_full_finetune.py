@@ -48,10 +48,23 @@ def _run(recipe: str, config: str, *overrides: str, nproc: int = 0) -> str:
             main(["run", recipe, "--config", config, *overrides])
         assert e.value.code in (0, None)
         return ""
-    cmd = [str(Path(sys.executable).parent / "medtune"), "run", "--nproc_per_node", str(nproc), recipe,
-           "--config", config, *overrides]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"), capture_output=True,
-                          text=True, timeout=400)
+    cmd = [
+        str(Path(sys.executable).parent / "medtune"),
+        "run",
+        "--nproc_per_node",
+        str(nproc),
+        recipe,
+        "--config",
+        config,
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 
@@ -83,32 +96,51 @@ def test_single_device_resume_equals_uninterrupted_and_exports(tiny_assets, tmp_
 
     from medtune.models.loading import load_from_checkpoint
 
-    hf = LlamaForCausalLM.from_pretrained(str(ref / "epoch_1" / "llm"), torch_dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(
+        str(ref / "epoch_1" / "llm"), torch_dtype=torch.float32
+    ).eval()
     model, _, _ = load_from_checkpoint(ref / "epoch_1")
     tokens = torch.randint(0, 300, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(model.decoder(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
     trained = load_file(str(ref / "epoch_1" / "model.safetensors"))
-    assert trained and all(k.startswith("connectors.") for k in trained)  # encoder frozen, LLM in llm/
+    assert trained and all(
+        k.startswith("connectors.") for k in trained
+    )  # encoder frozen, LLM in llm/
 
 
 def test_two_processes_equal_one(tiny_assets, tmp_path):
     """2 ranks x batch 2 x 2 accumulation steps (FSDP2, gloo) == 1 process x batch 8."""
     common = [f"assets_dir={tiny_assets}", "epochs=1", *SMALL]
     _run(SINGLE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
-    log = _run(DIST, "demo", *common, f"output_dir={tmp_path / 'two'}", "batch_size=2",  # 2 ranks x 2 x 2 steps
-               "gradient_accumulation_steps=2", nproc=2)
+    log = _run(
+        DIST,
+        "demo",
+        *common,
+        f"output_dir={tmp_path / 'two'}",
+        "batch_size=2",  # 2 ranks x 2 x 2 steps
+        "gradient_accumulation_steps=2",
+        nproc=2,
+    )
     assert "2 process(es)" in log and "memory estimate per rank (2 rank(s)" in log
-    assert _state(tmp_path / "two")["loss_history"] == pytest.approx(_state(tmp_path / "one")["loss_history"],
-                                                                     abs=1e-5)
+    assert _state(tmp_path / "two")["loss_history"] == pytest.approx(
+        _state(tmp_path / "one")["loss_history"], abs=1e-5
+    )
     a, b = _llm(tmp_path / "one" / "epoch_0"), _llm(tmp_path / "two" / "epoch_0")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_text_only_full_sft(tiny_assets, tmp_path, capsys):
-    _run(SINGLE, "demo_text", f"assets_dir={tiny_assets}", f"output_dir={tmp_path}", "epochs=1", "batch_size=8",
-         *SMALL)
+    _run(
+        SINGLE,
+        "demo_text",
+        f"assets_dir={tiny_assets}",
+        f"output_dir={tmp_path}",
+        "epochs=1",
+        "batch_size=8",
+        *SMALL,
+    )
     out = capsys.readouterr().out
     assert "encoder" not in out.split("memory estimate")[0]  # a bare decoder: one part, the LLM
     assert len(_state(tmp_path)["loss_history"]) == 2
@@ -130,7 +162,9 @@ def test_config_keys_known_and_components_bind(recipe, name):
     assert collect_problems(OmegaConf.to_container(cfg, resolve=True)) == []
 
 
-@pytest.mark.parametrize(("recipe", "name"), [(r, n) for r in (SINGLE, DIST) for n in ("slake", "vqa_rad")])
+@pytest.mark.parametrize(
+    ("recipe", "name"), [(r, n) for r in (SINGLE, DIST) for n in ("slake", "vqa_rad")]
+)
 def test_full_size_model_on_meta_device(recipe, name):
     from torchtune import config
 

@@ -147,8 +147,12 @@ def test_generate_configs_are_valid(name):
 
 def test_prompts_file_resumes_after_a_killed_run(checkpoint, images, tmp_path, capsys):
     prompts = tmp_path / "in.jsonl"
-    rows = [{"id": i, "image": "ct.png" if i % 2 else "mri.png", "question": q}
-            for i, q in enumerate(["Which side is the lesion on?", "What modality is shown?", "Is there a lesion?"])]
+    rows = [
+        {"id": i, "image": "ct.png" if i % 2 else "mri.png", "question": q}
+        for i, q in enumerate(
+            ["Which side is the lesion on?", "What modality is shown?", "Is there a lesion?"]
+        )
+    ]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     args = (f"prompts={prompts}", f"image_root={images}", f"output={out}", "batch_size=2")
@@ -166,4 +170,6 @@ def test_prompts_file_resumes_after_a_killed_run(checkpoint, images, tmp_path, c
     err = capsys.readouterr().err
     assert status == 1 and "other generation settings" in err and "overwrite=true" in err
     assert _generate(checkpoint, *args, "max_new_tokens=3", "overwrite=true")[0] == 0
-    assert all(json.loads(r)["generation"]["max_new_tokens"] == 3 for r in out.read_text().splitlines())
+    assert all(
+        json.loads(r)["generation"]["max_new_tokens"] == 3 for r in out.read_text().splitlines()
+    )

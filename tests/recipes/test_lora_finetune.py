@@ -45,7 +45,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def run_recipe(recipe: str, config: str, *overrides: str, nproc: int = 0, cwd: Path | None = None) -> str:
+def run_recipe(
+    recipe: str, config: str, *overrides: str, nproc: int = 0, cwd: Path | None = None
+) -> str:
     """``medtune run`` in this process, or with ``nproc`` under torchrun in a subprocess.
 
     Returns:
@@ -57,8 +59,16 @@ def run_recipe(recipe: str, config: str, *overrides: str, nproc: int = 0, cwd: P
         assert e.value.code in (0, None)
         return ""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    cmd = [str(Path(sys.executable).parent / "medtune"), "run", "--nproc_per_node", str(nproc), recipe,
-           "--config", config, *overrides]
+    cmd = [
+        str(Path(sys.executable).parent / "medtune"),
+        "run",
+        "--nproc_per_node",
+        str(nproc),
+        recipe,
+        "--config",
+        config,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
@@ -79,7 +89,15 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
 def uninterrupted(tiny_assets, tmp_path_factory) -> Path:
     """Single-device LoRA demo, 2 epochs x 2 steps, global batch 8 (the reference run)."""
     out = tmp_path_factory.mktemp("lora_ref")
-    run_recipe(SINGLE, "demo", f"assets_dir={tiny_assets}", f"output_dir={out}", "epochs=2", "batch_size=8", *SMALL)
+    run_recipe(
+        SINGLE,
+        "demo",
+        f"assets_dir={tiny_assets}",
+        f"output_dir={out}",
+        "epochs=2",
+        "batch_size=8",
+        *SMALL,
+    )
     return out
 
 
@@ -91,8 +109,12 @@ def test_single_device_resume_equals_uninterrupted(tiny_assets, tmp_path, uninte
     assert "resumed from" in out and "memory estimate per rank" in out
     assert losses(tmp_path) == pytest.approx(losses(uninterrupted), abs=1e-6)
     assert_same_weights(tmp_path / "epoch_1", uninterrupted / "epoch_1", atol=1e-6)
-    for sub in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/model.safetensors",
-                "config.yaml"):
+    for sub in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "config.yaml",
+    ):
         assert (uninterrupted / "epoch_1" / sub).is_file(), sub
 
 
@@ -107,14 +129,24 @@ def test_two_processes_equal_one_with_resume(tiny_assets, tmp_path, uninterrupte
 
 
 def test_dora_two_processes_equal_one(tiny_assets, tmp_path):
-    common = [f"assets_dir={tiny_assets}", "epochs=1", "model.use_dora=True", "enable_activation_checkpointing=True",
-              *SMALL]
+    common = [
+        f"assets_dir={tiny_assets}",
+        "epochs=1",
+        "model.use_dora=True",
+        "enable_activation_checkpointing=True",
+        *SMALL,
+    ]
     run_recipe(SINGLE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
     run_recipe(DIST, "demo", *common, f"output_dir={tmp_path / 'two'}", "batch_size=4", nproc=2)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert_same_weights(tmp_path / "two" / "epoch_0", tmp_path / "one" / "epoch_0")
-    assert any(k.endswith("magnitude") for k in load_file(str(tmp_path / "one" / "epoch_0" / "model.safetensors")))
-    assert json.loads((tmp_path / "one" / "epoch_0" / "adapter" / "adapter_config.json").read_text())["use_dora"]
+    assert any(
+        k.endswith("magnitude")
+        for k in load_file(str(tmp_path / "one" / "epoch_0" / "model.safetensors"))
+    )
+    assert json.loads(
+        (tmp_path / "one" / "epoch_0" / "adapter" / "adapter_config.json").read_text()
+    )["use_dora"]
 
 
 def _medtune_logits(assets: Path, ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -124,13 +156,23 @@ def _medtune_logits(assets: Path, ckpt: Path, tokens: torch.Tensor) -> torch.Ten
     from medtune.models.lora import lora_llama3_from_hf_config
 
     cfg = OmegaConf.load(ckpt / "config.yaml").model
-    dec = lora_llama3_from_hf_config(assets / "llama3_tiny" / "config.json", list(cfg.lora_attn_modules),
-                                     cfg.apply_lora_to_mlp, cfg.apply_lora_to_output, cfg.lora_rank, cfg.lora_alpha)
-    base = FullModelHFCheckpointer(str(assets / "llama3_tiny"), ["model.safetensors"], "LLAMA3",
-                                   str(ckpt / "tmp")).load_checkpoint()["model"]
+    dec = lora_llama3_from_hf_config(
+        assets / "llama3_tiny" / "config.json",
+        list(cfg.lora_attn_modules),
+        cfg.apply_lora_to_mlp,
+        cfg.apply_lora_to_output,
+        cfg.lora_rank,
+        cfg.lora_alpha,
+    )
+    base = FullModelHFCheckpointer(
+        str(assets / "llama3_tiny"), ["model.safetensors"], "LLAMA3", str(ckpt / "tmp")
+    ).load_checkpoint()["model"]
     dec.load_state_dict(base, strict=False)
-    adapters = {k.removeprefix("decoder."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()
-                if k.startswith("decoder.")}
+    adapters = {
+        k.removeprefix("decoder."): v
+        for k, v in load_file(str(ckpt / "model.safetensors")).items()
+        if k.startswith("decoder.")
+    }
     missing, unexpected = dec.load_state_dict(adapters, strict=False)
     assert not unexpected and all(k in base for k in missing)
     dec.eval()
@@ -147,13 +189,17 @@ def test_peft_and_merged_exports_give_medtune_logits(tiny_assets, uninterrupted)
     ckpt = uninterrupted / "epoch_1"
     tokens = torch.randint(0, 300, (1, 12))
     ours = _medtune_logits(tiny_assets, ckpt, tokens)
-    base = LlamaForCausalLM.from_pretrained(str(tiny_assets / "llama3_tiny"), torch_dtype=torch.float32).eval()
+    base = LlamaForCausalLM.from_pretrained(
+        str(tiny_assets / "llama3_tiny"), torch_dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         plain = base(tokens).logits
     assert (ours - plain).abs().max() > 1e-4  # the adapters changed something
     with peft_without_torchao():
         peft_model = PeftModel.from_pretrained(base, str(ckpt / "adapter")).eval()
-    merged = LlamaForCausalLM.from_pretrained(str(ckpt / "merged"), torch_dtype=torch.float32).eval()
+    merged = LlamaForCausalLM.from_pretrained(
+        str(ckpt / "merged"), torch_dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(tokens).logits, ours, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(merged(tokens).logits, ours, atol=1e-4, rtol=1e-4)
@@ -165,23 +211,36 @@ def test_lora_checkpoint_loads_for_generate_and_eval(tiny_assets, uninterrupted)
 
     ckpt = uninterrupted / "epoch_1"
     tokens = torch.randint(0, 300, (1, 12))
-    model, _, _ = load_from_checkpoint(ckpt, overrides={"checkpointer.output_dir": str(ckpt / "tmp")})
+    model, _, _ = load_from_checkpoint(
+        ckpt, overrides={"checkpointer.output_dir": str(ckpt / "tmp")}
+    )
     with torch.no_grad():
-        torch.testing.assert_close(model.decoder(tokens), _medtune_logits(tiny_assets, ckpt, tokens),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.decoder(tokens), _medtune_logits(tiny_assets, ckpt, tokens), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys):
     """QLoRA (NF4 base through torchao) at width 256 on one device and on 2 FSDP2 ranks (gloo)."""
     common = [f"assets_dir={tiny_assets}", "epochs=1", *SMALL]
     run_recipe(SINGLE, "demo_qlora", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
-    assert "nf4" in capsys.readouterr().out  # NF4 weights counted at their storage size in the estimate
+    assert (
+        "nf4" in capsys.readouterr().out
+    )  # NF4 weights counted at their storage size in the estimate
     hist = losses(tmp_path / "one")
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(hist)))
-    merged = load_file(str(tmp_path / "one" / "epoch_0" / "merged" / "model.safetensors"))  # NF4 dequantized
+    merged = load_file(
+        str(tmp_path / "one" / "epoch_0" / "merged" / "model.safetensors")
+    )  # NF4 dequantized
     assert merged["model.layers.0.self_attn.q_proj.weight"].shape == (256, 256)
-    log = run_recipe(DIST, f"{SINGLE}/demo_qlora", *common, f"output_dir={tmp_path / 'two'}", "batch_size=4",
-                     nproc=2)
+    log = run_recipe(
+        DIST,
+        f"{SINGLE}/demo_qlora",
+        *common,
+        f"output_dir={tmp_path / 'two'}",
+        "batch_size=4",
+        nproc=2,
+    )
     assert "nf4" in log
     assert losses(tmp_path / "two") == pytest.approx(hist, abs=1e-5)
     assert_same_weights(tmp_path / "two" / "epoch_0", tmp_path / "one" / "epoch_0")
@@ -189,27 +248,58 @@ def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys)
 
 def test_text_only_lora_sft(tiny_assets, tmp_path, capsys):
     """Text-only samples train a bare LoRA Llama-3 (``demo_text``) and a MedVLM alike."""
-    run_recipe(SINGLE, "demo_text", f"assets_dir={tiny_assets}", f"output_dir={tmp_path / 'llm'}", "epochs=1",
-               "batch_size=8", *SMALL)
+    run_recipe(
+        SINGLE,
+        "demo_text",
+        f"assets_dir={tiny_assets}",
+        f"output_dir={tmp_path / 'llm'}",
+        "epochs=1",
+        "batch_size=8",
+        *SMALL,
+    )
     assert "llm    lora" in capsys.readouterr().out
     assert (tmp_path / "llm" / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(losses(tmp_path / "llm")) == 2
     cfg = OmegaConf.load(CONFIGS / SINGLE / "demo.yaml")  # the MedVLM, fed the image-less samples
     cfg.dataset = OmegaConf.load(CONFIGS / SINGLE / "demo_text.yaml").dataset
     OmegaConf.save(cfg, tmp_path / "vlm_text.yaml")
-    run_recipe(SINGLE, str(tmp_path / "vlm_text.yaml"), f"assets_dir={tiny_assets}",
-               f"output_dir={tmp_path / 'vlm'}", "epochs=1", "batch_size=8", *SMALL)
+    run_recipe(
+        SINGLE,
+        str(tmp_path / "vlm_text.yaml"),
+        f"assets_dir={tiny_assets}",
+        f"output_dir={tmp_path / 'vlm'}",
+        "epochs=1",
+        "batch_size=8",
+        *SMALL,
+    )
     assert len(losses(tmp_path / "vlm")) == 2
 
 
-@pytest.mark.parametrize(("config", "override", "fragment"), [
-    ("demo", "trainable.llm=full", "trainable.llm=full is not supported by this recipe"),
-    ("full_finetune_single_device/demo", "trainable.llm=lora", "the LoRA recipes need a LoRA decoder"),
-    ("demo", "+bogus=1", "config key(s) not known to lora_finetune_single_device: bogus"),
-])
+@pytest.mark.parametrize(
+    ("config", "override", "fragment"),
+    [
+        ("demo", "trainable.llm=full", "trainable.llm=full is not supported by this recipe"),
+        (
+            "full_finetune_single_device/demo",
+            "trainable.llm=lora",
+            "the LoRA recipes need a LoRA decoder",
+        ),
+        ("demo", "+bogus=1", "config key(s) not known to lora_finetune_single_device: bogus"),
+    ],
+)
 def test_bad_input_is_one_line_error(tiny_assets, tmp_path, capsys, config, override, fragment):
     with pytest.raises(SystemExit) as e:
-        main(["run", SINGLE, "--config", config, f"assets_dir={tiny_assets}", f"output_dir={tmp_path}", override])
+        main(
+            [
+                "run",
+                SINGLE,
+                "--config",
+                config,
+                f"assets_dir={tiny_assets}",
+                f"output_dir={tmp_path}",
+                override,
+            ]
+        )
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert f"{SINGLE}: error:" in err and fragment in err and "Traceback" not in err
@@ -230,7 +320,9 @@ def test_config_keys_known_and_components_bind(recipe, name):
     assert collect_problems(OmegaConf.to_container(cfg, resolve=True)) == []
 
 
-@pytest.mark.parametrize(("recipe", "name"), [(r, n) for r in (SINGLE, DIST) for n in ("slake", "vqa_rad")])
+@pytest.mark.parametrize(
+    ("recipe", "name"), [(r, n) for r in (SINGLE, DIST) for n in ("slake", "vqa_rad")]
+)
 def test_full_size_lora_model_on_meta_device(recipe, name):
     from torchtune import config
 

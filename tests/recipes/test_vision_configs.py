@@ -19,13 +19,19 @@ LLAMA3_8B = 8_030_261_248  # Meta's published Llama-3-8B parameter count
 # patch embed 3*16*16*768+768, cls 768, pos 197*768, 12 blocks of
 # (2 LN 4*768 + qkv 768*2304+2304 + proj 768*768+768 + fc1 768*3072+3072 + fc2 3072*768+768),
 # final LN 2*768, projection 768*512.
-_BLOCK = 4 * 768 + (768 * 2304 + 2304) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
+_BLOCK = (
+    4 * 768 + (768 * 2304 + 2304) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
+)
 BIOMEDCLIP_VISUAL = (3 * 16 * 16 * 768 + 768) + 768 + 197 * 768 + 12 * _BLOCK + 2 * 768 + 768 * 512
 MLP_768_4096 = 768 * 4096 + 4096 + 4096 * 4096 + 4096
 
 
 def _known_keys() -> set[str]:
-    return set(runpy.run_path(str(REPO / "recipes" / "vision_finetune.py"), run_name="recipe")["KNOWN_KEYS"])
+    return set(
+        runpy.run_path(str(REPO / "recipes" / "vision_finetune.py"), run_name="recipe")[
+            "KNOWN_KEYS"
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", ["slake", "vqa_rad", "roco", "slake_msmedcap", "demo"])
@@ -68,7 +74,10 @@ def test_msmedcap_config_builds_on_meta_and_freezes_the_encoders():
     assert count(model.encoders["clip"]) == BIOMEDCLIP_VISUAL
     assert count(model.encoders["sam"]) == 89_670_912  # SAM ViT-B image encoder
     assert model.tokens_per_image == 2 * cfg.model.num_queries
-    set_trainable(model, dict(cfg.trainable), allowed={"encoder": ("frozen",), "connector": ("full",),
-                                                        "llm": ("frozen",)})
+    set_trainable(
+        model,
+        dict(cfg.trainable),
+        allowed={"encoder": ("frozen",), "connector": ("full",), "llm": ("frozen",)},
+    )
     trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"connectors"} and set(cfg.lr) == {"connector"}

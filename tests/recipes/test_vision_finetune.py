@@ -57,15 +57,25 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
 def _cfg(assets: Path, out: Path, **overrides) -> dict:
     """The demo config as a plain dict, pointed at the tiny assets and ``out``, small."""
     cfg = OmegaConf.to_container(OmegaConf.load(DEMO), resolve=False)
-    cfg.update(assets_dir=str(assets), output_dir=str(out), epochs=1, max_steps_per_epoch=3, batch_size=8,
-               warmup_steps=1, log_every_n_steps=1, num_workers=0)
+    cfg.update(
+        assets_dir=str(assets),
+        output_dir=str(out),
+        epochs=1,
+        max_steps_per_epoch=3,
+        batch_size=8,
+        warmup_steps=1,
+        log_every_n_steps=1,
+        num_workers=0,
+    )
     cfg.update(overrides)
     return cfg
 
@@ -102,8 +112,22 @@ def _expected_trained_keys(assets: Path) -> set[str]:
 # ----------------------------------------------------------------------------- 2. end to end via the CLI
 def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
     out = tmp_path / "run"
-    proc = _run([str(MEDTUNE), "run", "vision_finetune", "--config", "demo", f"assets_dir={tiny_assets}",
-                 f"output_dir={out}", "epochs=1", "max_steps_per_epoch=3", "batch_size=8", "log_every_n_steps=1"], cwd=tmp_path)
+    proc = _run(
+        [
+            str(MEDTUNE),
+            "run",
+            "vision_finetune",
+            "--config",
+            "demo",
+            f"assets_dir={tiny_assets}",
+            f"output_dir={out}",
+            "epochs=1",
+            "max_steps_per_epoch=3",
+            "batch_size=8",
+            "log_every_n_steps=1",
+        ],
+        cwd=tmp_path,
+    )
     text = _ok(proc)
 
     # the parameter table, with the real counts of each part
@@ -114,7 +138,10 @@ def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
     for part, state in (("encoder", "full"), ("connector", "full"), ("llm", "frozen")):
         n = sum(p.numel() for p in counts[part].parameters())
         trainable = n if state == "full" else 0
-        assert re.search(rf"^{part}\s+{state}\s+{n:,} \(.*\)\s+{trainable:,}\s", text, re.M), (part, text[:3000])
+        assert re.search(rf"^{part}\s+{state}\s+{n:,} \(.*\)\s+{trainable:,}\s", text, re.M), (
+            part,
+            text[:3000],
+        )
 
     # trained parts only: exactly the encoder + connector keys, no decoder keys
     sd = load_file(str(out / "epoch_0" / "model.safetensors"))
@@ -139,7 +166,9 @@ def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
 
     init = open_clip_vision(str(tiny_assets / "tiny_clip")).tower.state_dict()
     moved = [k for k, v in init.items() if not torch.equal(sd[f"encoders.image.tower.{k}"], v)]
-    used = [k for k in init if not k.startswith(("ln_post", "proj"))]  # pooled head unused for patch tokens
+    used = [
+        k for k in init if not k.startswith(("ln_post", "proj"))
+    ]  # pooled head unused for patch tokens
     assert set(used) <= set(moved)
 
 
@@ -155,13 +184,23 @@ def test_training_changes_trained_parts_and_keeps_llm_frozen(tiny_assets, tmp_pa
     for n, p in after.items():
         if n.startswith("decoder."):
             assert torch.equal(p, before[n]), f"frozen LLM weight {n} changed"
-    changed = [n for n, p in after.items() if n.startswith(("encoders.", "connectors.")) and not torch.equal(p, before[n])]
-    assert any(n.startswith("connectors.") for n in changed) and any(n.startswith("encoders.") for n in changed)
+    changed = [
+        n
+        for n, p in after.items()
+        if n.startswith(("encoders.", "connectors.")) and not torch.equal(p, before[n])
+    ]
+    assert any(n.startswith("connectors.") for n in changed) and any(
+        n.startswith("encoders.") for n in changed
+    )
     # the LLM also matches the checkpoint on disk (nothing modified it while loading)
     from torchtune.training import FullModelHFCheckpointer
 
-    ref = FullModelHFCheckpointer(checkpoint_dir=str(tiny_assets / "llama3_tiny"), checkpoint_files=["model.safetensors"],
-                                  model_type="LLAMA3", output_dir=str(tmp_path / "llm")).load_checkpoint()["model"]
+    ref = FullModelHFCheckpointer(
+        checkpoint_dir=str(tiny_assets / "llama3_tiny"),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3",
+        output_dir=str(tmp_path / "llm"),
+    ).load_checkpoint()["model"]
     for k, v in ref.items():
         assert torch.equal(after[f"decoder.{k}"], v), k
     saved = load_file(str(tmp_path / "run" / "epoch_0" / "model.safetensors"))
@@ -174,17 +213,31 @@ def _losses_and_weights(cfg: dict) -> tuple[list[float], dict[str, torch.Tensor]
     recipe.save_checkpoint = lambda tag: None
     recipe.train()
     recipe.cleanup()
-    return recipe.loss_history, {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    return recipe.loss_history, {
+        n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad
+    }
 
 
 def test_gradient_accumulation_and_activation_checkpointing_match_plain_run(tiny_assets, tmp_path):
-    common = dict(epochs=1, max_steps_per_epoch=2, val_dataset=None, shuffle=False, clip_grad_norm=None)
-    ref_loss, ref_w = _losses_and_weights(_cfg(tiny_assets, tmp_path / "ref", batch_size=8, **common))
+    common = dict(
+        epochs=1, max_steps_per_epoch=2, val_dataset=None, shuffle=False, clip_grad_norm=None
+    )
+    ref_loss, ref_w = _losses_and_weights(
+        _cfg(tiny_assets, tmp_path / "ref", batch_size=8, **common)
+    )
     # 2 micro-batches of 4 = one batch of 8: the loss is the mean over the step's answer tokens
-    acc_loss, acc_w = _losses_and_weights(_cfg(tiny_assets, tmp_path / "acc", batch_size=4,
-                                               gradient_accumulation_steps=2, **common))
-    ac_loss, ac_w = _losses_and_weights(_cfg(tiny_assets, tmp_path / "ac", batch_size=8,
-                                             enable_activation_checkpointing=True, **common))
+    acc_loss, acc_w = _losses_and_weights(
+        _cfg(tiny_assets, tmp_path / "acc", batch_size=4, gradient_accumulation_steps=2, **common)
+    )
+    ac_loss, ac_w = _losses_and_weights(
+        _cfg(
+            tiny_assets,
+            tmp_path / "ac",
+            batch_size=8,
+            enable_activation_checkpointing=True,
+            **common,
+        )
+    )
     assert len(ref_loss) == len(acc_loss) == len(ac_loss) == 2
     assert acc_loss == pytest.approx(ref_loss, rel=1e-5)
     assert ac_loss == pytest.approx(ref_loss, rel=1e-6)
@@ -194,7 +247,9 @@ def test_gradient_accumulation_and_activation_checkpointing_match_plain_run(tiny
 
 
 def test_bf16_frozen_llm_keeps_fp32_trained_parts(tiny_assets, tmp_path):
-    cfg = _cfg(tiny_assets, tmp_path / "bf16", llm_dtype="bf16", max_steps_per_epoch=2, val_dataset=None)
+    cfg = _cfg(
+        tiny_assets, tmp_path / "bf16", llm_dtype="bf16", max_steps_per_epoch=2, val_dataset=None
+    )
     recipe = _recipe_in_process(cfg)
     assert {p.dtype for p in recipe.model.decoder.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in recipe.model.encoders.parameters()} == {torch.float32}
@@ -234,8 +289,14 @@ runpy.run_path({recipe!r}, run_name="__main__")
 
 
 def test_resume_after_crash_reproduces_uninterrupted_run(tiny_assets, tmp_path):
-    base = dict(epochs=2, max_steps_per_epoch=4, save_every_n_steps=2, batch_size=6,
-                val_dataset=None, augment=None)
+    base = dict(
+        epochs=2,
+        max_steps_per_epoch=4,
+        save_every_n_steps=2,
+        batch_size=6,
+        val_dataset=None,
+        augment=None,
+    )
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     cfg_a = _write_cfg(_cfg(tiny_assets, out_a, **base), tmp_path / "a.yaml")
     cfg_b = _write_cfg(_cfg(tiny_assets, out_b, **base), tmp_path / "b.yaml")
@@ -247,16 +308,38 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tiny_assets, tmp_path):
     wrapper = tmp_path / "crashing_recipe.py"
     wrapper.write_text(_CRASH_WRAPPER.format(recipe=str(RECIPE)))
     env_cmd = [sys.executable, str(wrapper), "--config", str(cfg_b)]
-    proc = subprocess.run(env_cmd, cwd=tmp_path, env={**_env(), "MEDTUNE_TEST_CRASH_AT_STEP": "7"},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        env_cmd,
+        cwd=tmp_path,
+        env={**_env(), "MEDTUNE_TEST_CRASH_AT_STEP": "7"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 17, proc.stdout[-3000:] + proc.stderr[-3000:]
     st = _state(out_b)
-    assert st["checkpoint"] == "step_6" and st["global_step"] == 6 and st["epoch"] == 1 and st["batches_done"] == 2
+    assert (
+        st["checkpoint"] == "step_6"
+        and st["global_step"] == 6
+        and st["epoch"] == 1
+        and st["batches_done"] == 2
+    )
     assert not (out_b / "epoch_1").exists()
     assert st["loss_history"] == pytest.approx(hist_a[:6], rel=1e-6, abs=0)
 
-    text = _ok(_run([str(MEDTUNE), "run", "vision_finetune", "--config", str(cfg_b), "resume_from_checkpoint=True"],
-                    cwd=tmp_path))
+    text = _ok(
+        _run(
+            [
+                str(MEDTUNE),
+                "run",
+                "vision_finetune",
+                "--config",
+                str(cfg_b),
+                "resume_from_checkpoint=True",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert "resumed from" in text and "step 6" in text
     hist_b = _state(out_b)["loss_history"]
     assert len(hist_b) == 8
@@ -273,7 +356,9 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tiny_assets, tmp_path):
     assert set(oa) <= set(ob)
     for fqn, st_a in oa.items():
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(ob[fqn][key], st_a[key], rtol=1e-5, atol=1e-9, msg=f"{fqn} {key}")
+            torch.testing.assert_close(
+                ob[fqn][key], st_a[key], rtol=1e-5, atol=1e-9, msg=f"{fqn} {key}"
+            )
     # parameters that never get a gradient (the pooled head, unused for patch tokens) may only have
     # the all-zero state torch's loader initializes
     for fqn in set(ob) - set(oa):
@@ -320,17 +405,42 @@ recipe.cleanup()
 def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path):
     wrapper = tmp_path / "rank_wrapper.py"
     wrapper.write_text(_RANK_WRAPPER.format(recipe=str(RECIPE)))
-    common = dict(epochs=1, max_steps_per_epoch=3, save_every_n_steps=2, val_dataset=None, shuffle=True, device="cpu")
-    cfg2 = _write_cfg(_cfg(tiny_assets, tmp_path / "two", batch_size=4, **common), tmp_path / "two.yaml")
-    cfg1 = _write_cfg(_cfg(tiny_assets, tmp_path / "one", batch_size=8, **common), tmp_path / "one.yaml")
+    common = dict(
+        epochs=1,
+        max_steps_per_epoch=3,
+        save_every_n_steps=2,
+        val_dataset=None,
+        shuffle=True,
+        device="cpu",
+    )
+    cfg2 = _write_cfg(
+        _cfg(tiny_assets, tmp_path / "two", batch_size=4, **common), tmp_path / "two.yaml"
+    )
+    cfg1 = _write_cfg(
+        _cfg(tiny_assets, tmp_path / "one", batch_size=8, **common), tmp_path / "one.yaml"
+    )
     two = [str(MEDTUNE), "run", "--nproc_per_node", "2", str(wrapper), "--config", str(cfg2)]
     # 2 ranks, killed before the 3rd update (last state: step_2), then resumed: also covers resuming
     # FSDP2-sharded parameters and optimizer state
-    crashed = subprocess.run(two, cwd=tmp_path, env={**_env(), "MEDTUNE_TEST_CRASH_AT_STEP": "3"},
-                             capture_output=True, text=True, timeout=300)
-    assert crashed.returncode != 0 and _state(tmp_path / "two")["checkpoint"] == "step_2", crashed.stderr[-3000:]
-    proc = subprocess.run(two, cwd=tmp_path, env={**_env(), "MEDTUNE_TEST_RESUME": "1"},
-                          capture_output=True, text=True, timeout=300)
+    crashed = subprocess.run(
+        two,
+        cwd=tmp_path,
+        env={**_env(), "MEDTUNE_TEST_CRASH_AT_STEP": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert crashed.returncode != 0 and _state(tmp_path / "two")["checkpoint"] == "step_2", (
+        crashed.stderr[-3000:]
+    )
+    proc = subprocess.run(
+        two,
+        cwd=tmp_path,
+        env={**_env(), "MEDTUNE_TEST_RESUME": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "resumed from" in _ok(proc)
     _ok(_run([str(MEDTUNE), "run", str(wrapper), "--config", str(cfg1)], cwd=tmp_path))
 
@@ -360,18 +470,56 @@ def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path):
 def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
     """``shard_llm: true``: the frozen LLM built on meta and FSDP2-sharded per layer on 2 ranks
     trains the encoder + connector exactly as one process with the same global batch."""
-    common = [f"assets_dir={tiny_assets}", "epochs=1", "max_steps_per_epoch=2", "val_dataset=null", "warmup_steps=1",
-              "log_every_n_steps=1"]
-    two = _ok(_run([str(MEDTUNE), "run", "--nproc_per_node", "2", "vision_finetune", "--config", "demo", *common,
-                    f"output_dir={tmp_path / 'two'}", "batch_size=4", "shard_llm=true"], cwd=tmp_path))
+    common = [
+        f"assets_dir={tiny_assets}",
+        "epochs=1",
+        "max_steps_per_epoch=2",
+        "val_dataset=null",
+        "warmup_steps=1",
+        "log_every_n_steps=1",
+    ]
+    two = _ok(
+        _run(
+            [
+                str(MEDTUNE),
+                "run",
+                "--nproc_per_node",
+                "2",
+                "vision_finetune",
+                "--config",
+                "demo",
+                *common,
+                f"output_dir={tmp_path / 'two'}",
+                "batch_size=4",
+                "shard_llm=true",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert "2 process(es)" in two
-    _ok(_run([str(MEDTUNE), "run", "vision_finetune", "--config", "demo", *common, f"output_dir={tmp_path / 'one'}",
-              "batch_size=8"], cwd=tmp_path))
-    assert _state(tmp_path / "two")["loss_history"] == pytest.approx(_state(tmp_path / "one")["loss_history"],
-                                                                     rel=1e-5, abs=1e-6)
+    _ok(
+        _run(
+            [
+                str(MEDTUNE),
+                "run",
+                "vision_finetune",
+                "--config",
+                "demo",
+                *common,
+                f"output_dir={tmp_path / 'one'}",
+                "batch_size=8",
+            ],
+            cwd=tmp_path,
+        )
+    )
+    assert _state(tmp_path / "two")["loss_history"] == pytest.approx(
+        _state(tmp_path / "one")["loss_history"], rel=1e-5, abs=1e-6
+    )
     a = load_file(str(tmp_path / "two" / "epoch_0" / "model.safetensors"))
     b = load_file(str(tmp_path / "one" / "epoch_0" / "model.safetensors"))
-    assert set(a) == set(b) == _expected_trained_keys(tiny_assets)  # no LLM weight in the checkpoint
+    assert (
+        set(a) == set(b) == _expected_trained_keys(tiny_assets)
+    )  # no LLM weight in the checkpoint
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
 
@@ -382,8 +530,16 @@ def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
     from medtune.generation import generate
     from medtune.models.loading import load_from_checkpoint
 
-    cfg = _cfg(tiny_assets, tmp_path / "dual", max_steps_per_epoch=2, val_dataset=None,
-               model={"_component_": "medtune.models.builders.tiny_msmedcap", "assets_dir": str(tiny_assets)})
+    cfg = _cfg(
+        tiny_assets,
+        tmp_path / "dual",
+        max_steps_per_epoch=2,
+        val_dataset=None,
+        model={
+            "_component_": "medtune.models.builders.tiny_msmedcap",
+            "assets_dir": str(tiny_assets),
+        },
+    )
     recipe = _recipe_in_process(cfg)
     assert recipe.model.image_transforms["sam"]["image_size"] == 64
     assert recipe.model.image_transforms["clip"]["image_size"] == 32
@@ -392,12 +548,21 @@ def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
     recipe.cleanup()
     after = dict(recipe.model.connectors.named_parameters())
     for name in ("sam", "clip"):
-        assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(f"{name}.")), name
+        assert any(
+            not torch.equal(before[n], after[n]) for n in before if n.startswith(f"{name}.")
+        ), name
     model, tok, _ = load_from_checkpoint(tmp_path / "dual" / "epoch_0")
     images = {"sam": torch.randn(1, 3, 64, 64), "clip": torch.randn(1, 3, 32, 32)}
     prompt = [1, 2] + [model.image_token_id] * model.tokens_per_image + [3]
-    out = generate(model, [prompt], pad_id=tok.pad_id, stop_tokens=tok.stop_tokens, images=images,
-                   image_counts=torch.tensor([1]), max_new_tokens=3)
+    out = generate(
+        model,
+        [prompt],
+        pad_id=tok.pad_id,
+        stop_tokens=tok.stop_tokens,
+        images=images,
+        image_counts=torch.tensor([1]),
+        max_new_tokens=3,
+    )
     assert len(out) == 1 and len(out[0]) <= 3
 
 
@@ -417,9 +582,13 @@ def _slake_copy(tiny_assets: Path, dst: Path, n_rows: int = 6) -> Path:
     return dst
 
 
-def _run_recipe_cli(cfg: dict, tmp_path: Path, name: str = "bad.yaml") -> subprocess.CompletedProcess:
-    return _run([str(MEDTUNE), "run", "vision_finetune", "--config", str(_write_cfg(cfg, tmp_path / name))],
-                cwd=tmp_path)
+def _run_recipe_cli(
+    cfg: dict, tmp_path: Path, name: str = "bad.yaml"
+) -> subprocess.CompletedProcess:
+    return _run(
+        [str(MEDTUNE), "run", "vision_finetune", "--config", str(_write_cfg(cfg, tmp_path / name))],
+        cwd=tmp_path,
+    )
 
 
 def _assert_clear_failure(proc: subprocess.CompletedProcess, *patterns: str) -> str:
@@ -453,7 +622,9 @@ def test_unknown_top_level_key_is_named(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match="learning_rate_typo"):
         _recipe_module()["VisionFinetuneRecipe"](OmegaConf.create(cfg))
     proc = _run_recipe_cli(cfg, tmp_path)
-    text = _assert_clear_failure(proc, "config key\\(s\\) not known to vision_finetune: learning_rate_typo")
+    text = _assert_clear_failure(
+        proc, "config key\\(s\\) not known to vision_finetune: learning_rate_typo"
+    )
     assert "Traceback" not in text
 
 
@@ -482,13 +653,21 @@ def test_width_mismatch_is_a_clear_error(tiny_assets, tmp_path):
     small = llama3_tiny(vocab_size=hf_cfg["vocab_size"], embed_dim=32, num_heads=4, num_kv_heads=2)
     from torchtune.models.convert_weights import tune_to_hf
 
-    save_file({k: v.contiguous() for k, v in tune_to_hf(small.state_dict(), num_heads=4, num_kv_heads=2, dim=32).items()},
-              str(other / "model.safetensors"))
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in tune_to_hf(small.state_dict(), num_heads=4, num_kv_heads=2, dim=32).items()
+        },
+        str(other / "model.safetensors"),
+    )
     (other / "config.json").write_text(json.dumps({**hf_cfg, "hidden_size": 32}))
     cfg2 = _cfg(tiny_assets, tmp_path / "out2")
     cfg2["checkpointer"] = {**cfg2["checkpointer"], "checkpoint_dir": str(other)}
-    with pytest.raises(ValueError, match=r"LLM weights do not fit the model's decoder: \d+ tensor\(s\) differ in shape, "
-                                         r"e.g. '[\w.]+' is \(.*32.*\) in .*other_llm but \(.*64.*\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"LLM weights do not fit the model's decoder: \d+ tensor\(s\) differ in shape, "
+        r"e.g. '[\w.]+' is \(.*32.*\) in .*other_llm but \(.*64.*\) in the model",
+    ):
         _recipe_in_process(cfg2)
 
 
@@ -502,15 +681,25 @@ def _teacher_forced_accuracy(recipe, split: str) -> float:
 
     cfg = recipe.cfg
     samples = slake(root=cfg.dataset.root, split=split)
-    ds = VisionChatDataset(samples, recipe.tokenizer, image_token_id=recipe.model.image_token_id,
-                           tokens_per_image=recipe.model.tokens_per_image, transforms=recipe.model.image_transforms,
-                           prompt_template=cfg.prompt_template, blank_images=bool(cfg.blank_images))
+    ds = VisionChatDataset(
+        samples,
+        recipe.tokenizer,
+        image_token_id=recipe.model.image_token_id,
+        tokens_per_image=recipe.model.tokens_per_image,
+        transforms=recipe.model.image_transforms,
+        prompt_template=cfg.prompt_template,
+        blank_images=bool(cfg.blank_images),
+    )
     right = total = 0
     recipe.model.eval()
     with torch.no_grad():
         for i in range(0, len(ds), 32):
-            batch = collate_vision_chat([ds[j] for j in range(i, min(i + 32, len(ds)))], pad_id=recipe.tokenizer.pad_id)
-            logits = recipe.model(batch["tokens"], images=batch["images"], image_counts=batch["image_counts"])
+            batch = collate_vision_chat(
+                [ds[j] for j in range(i, min(i + 32, len(ds)))], pad_id=recipe.tokenizer.pad_id
+            )
+            logits = recipe.model(
+                batch["tokens"], images=batch["images"], image_counts=batch["image_counts"]
+            )
             pred = logits[:, :-1].argmax(-1)
             tgt = batch["labels"][:, 1:]
             ok = ((pred == tgt) | (tgt == IGNORE_INDEX)).all(dim=1)
@@ -522,8 +711,17 @@ def _teacher_forced_accuracy(recipe, split: str) -> float:
 def test_demo_gap_images_beat_blanked_images(tiny_assets, tmp_path):
     accs = {}
     for blank in (False, True):
-        cfg = _cfg(tiny_assets, tmp_path / f"blank{blank}", epochs=8, max_steps_per_epoch=None, batch_size=16,
-                   blank_images=blank, val_dataset=None, warmup_steps=5, log_every_n_steps=100)
+        cfg = _cfg(
+            tiny_assets,
+            tmp_path / f"blank{blank}",
+            epochs=8,
+            max_steps_per_epoch=None,
+            batch_size=16,
+            blank_images=blank,
+            val_dataset=None,
+            warmup_steps=5,
+            log_every_n_steps=100,
+        )
         recipe = _recipe_in_process(cfg)
         recipe.save_checkpoint = lambda tag: None  # nothing to keep on disk here
         recipe.train()

@@ -20,16 +20,27 @@ def _base_state(assets: Path) -> dict[str, torch.Tensor]:
 
     cfg = json.loads((assets / "llama3_tiny" / "config.json").read_text())
     hf = load_file(str(assets / "llama3_tiny" / "model.safetensors"))
-    return hf_to_tune(hf, num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
-                      dim=cfg["hidden_size"])
+    return hf_to_tune(
+        hf,
+        num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg["num_key_value_heads"],
+        dim=cfg["hidden_size"],
+    )
 
 
 def _lora_decoder(assets: Path, use_dora: bool, seed: int = 0):
     """Tiny LoRA/DoRA decoder with the real base weights and random, non-zero adapters."""
     from medtune.models.lora import lora_llama3_from_hf_config, lora_settings
 
-    dec = lora_llama3_from_hf_config(assets / "llama3_tiny" / "config.json", MODULES, apply_lora_to_mlp=True,
-                                     apply_lora_to_output=True, lora_rank=4, lora_alpha=8.0, use_dora=use_dora)
+    dec = lora_llama3_from_hf_config(
+        assets / "llama3_tiny" / "config.json",
+        MODULES,
+        apply_lora_to_mlp=True,
+        apply_lora_to_output=True,
+        lora_rank=4,
+        lora_alpha=8.0,
+        use_dora=use_dora,
+    )
     missing, unexpected = dec.load_state_dict(_base_state(assets), strict=False)
     assert not unexpected and all("lora_" in k or "magnitude" in k for k in missing)
     g = torch.Generator().manual_seed(seed)
@@ -62,11 +73,15 @@ def test_peft_adapter_and_merged_match_torchtune(tiny_assets, tmp_path, tokens, 
         ours = dec(tokens)  # [b, s, vocab]
     state = {k: v.detach() for k, v in dec.state_dict().items()}
     hf_cfg = tiny_assets / "llama3_tiny" / "config.json"
-    save_peft_adapter(state, settings, tmp_path / "adapter", hf_cfg, base_model=str(tiny_assets / "llama3_tiny"))
+    save_peft_adapter(
+        state, settings, tmp_path / "adapter", hf_cfg, base_model=str(tiny_assets / "llama3_tiny")
+    )
     adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["use_dora"] is use_dora and "lm_head" in adapter_cfg["target_modules"]
 
-    base = LlamaForCausalLM.from_pretrained(str(tiny_assets / "llama3_tiny"), torch_dtype=torch.float32).eval()
+    base = LlamaForCausalLM.from_pretrained(
+        str(tiny_assets / "llama3_tiny"), torch_dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         assert (base(tokens).logits - ours).abs().max() > 1e-2  # the adapters matter
     with peft_without_torchao():
@@ -76,10 +91,14 @@ def test_peft_adapter_and_merged_match_torchtune(tiny_assets, tmp_path, tokens, 
 
     merged = merge_lora(state, settings)
     assert not any("lora_" in k or "magnitude" in k for k in merged)
-    assert set(state) - set(merged) and all(torch.equal(state[k], v) for k, v in state.items() if "lora" in k)
+    assert set(state) - set(merged) and all(
+        torch.equal(state[k], v) for k, v in state.items() if "lora" in k
+    )
     save_hf(merged, tmp_path / "merged", hf_cfg)
     assert (tmp_path / "merged" / "config.json").is_file()
-    hf_merged = LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), torch_dtype=torch.float32).eval()
+    hf_merged = LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "merged"), torch_dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf_merged(tokens).logits, ours, atol=1e-4, rtol=1e-4)
 
@@ -88,12 +107,18 @@ def test_save_hf_round_trip_is_exact(tiny_assets, tmp_path):
     from safetensors.torch import load_file
 
     save_hf(_base_state(tiny_assets), tmp_path, tiny_assets / "llama3_tiny" / "config.json")
-    ours, ref = load_file(str(tmp_path / "model.safetensors")), load_file(str(tiny_assets / "llama3_tiny" /
-                                                                              "model.safetensors"))
+    ours, ref = (
+        load_file(str(tmp_path / "model.safetensors")),
+        load_file(str(tiny_assets / "llama3_tiny" / "model.safetensors")),
+    )
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 def test_save_peft_adapter_needs_adapters(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match="no LoRA"):
-        save_peft_adapter(_base_state(tiny_assets), {"r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]},
-                          tmp_path, tiny_assets / "llama3_tiny" / "config.json")
+        save_peft_adapter(
+            _base_state(tiny_assets),
+            {"r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]},
+            tmp_path,
+            tiny_assets / "llama3_tiny" / "config.json",
+        )

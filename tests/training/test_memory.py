@@ -23,8 +23,15 @@ from medtune.training.memory import (
     total_bytes,
 )
 
-TINY = {"vocab_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "hidden_size": 256, "intermediate_size": 512, "max_position_embeddings": 64}
+TINY = {
+    "vocab_size": 512,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "max_position_embeddings": 64,
+}
 
 
 @pytest.fixture
@@ -35,7 +42,9 @@ def hf_config(tmp_path) -> Path:
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, dtype=torch.float32) -> None:
-    tokens = torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
         model(tokens).float().sum().backward()
     opt.step()
@@ -58,8 +67,9 @@ def _lora(hf_config: Path, dtype: torch.dtype, modules: list[str], quantize_base
     from medtune.training.finetune import lora_modules
 
     with training.set_default_dtype(dtype):
-        model = lora_llama3_from_hf_config(hf_config, modules, apply_lora_to_mlp=True, lora_rank=4,
-                                           quantize_base=quantize_base)
+        model = lora_llama3_from_hf_config(
+            hf_config, modules, apply_lora_to_mlp=True, lora_rank=4, quantize_base=quantize_base
+        )
     for m in lora_modules(model).values():
         m.lora_a.float()
         m.lora_b.float()
@@ -74,11 +84,17 @@ def test_full_fp32_model(hf_config, optim):
 
     model = llama3_from_hf_config(hf_config)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params) if optim == "adamw" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    opt = (
+        torch.optim.AdamW(params)
+        if optim == "adamw"
+        else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    )
     est = _assert_matches(model, opt)
     n = sum(p.numel() for p in params)
     assert est["params"] == {"float32": 4 * n} and est["grads"] == {"float32": 4 * n}
-    assert sum(est["optimizer"].values()) == (8 * n + 4 * len(params) if optim == "adamw" else 4 * n)
+    assert sum(est["optimizer"].values()) == (
+        8 * n + 4 * len(params) if optim == "adamw" else 4 * n
+    )
 
 
 def test_lora_over_bf16_base(hf_config):
@@ -89,7 +105,9 @@ def test_lora_over_bf16_base(hf_config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_qlora_nf4_width_256(hf_config, dtype):
-    model, opt = _lora(hf_config, dtype, ["q_proj", "k_proj", "v_proj", "output_proj"], quantize_base=True)
+    model, opt = _lora(
+        hf_config, dtype, ["q_proj", "k_proj", "v_proj", "output_proj"], quantize_base=True
+    )
     est = _assert_matches(model, opt)
     # 4 attention + 3 MLP weights of 1 layer in NF4: about half a byte per value
     n_q = 256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 512
@@ -101,7 +119,8 @@ def test_qlora_nf4_width_256(hf_config, dtype):
 def test_two_fsdp2_ranks_on_cpu(tmp_path, hf_config):
     """Each rank's estimate of its FSDP2 shards equals its allocation (torchrun, gloo)."""
     script = tmp_path / "fsdp_mem.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from medtune.models.lora import lora_llama3_from_hf_config
         from medtune.training.distributed import shard_module
@@ -127,10 +146,24 @@ def test_two_fsdp2_ranks_on_cpu(tmp_path, hf_config):
         assert got["params"] < 0.6 * full, (got, full)  # sharded: about half per rank
         print("rank", dist.get_rank(), "ok", got)
         dist.destroy_process_group()
-    """))
+    """)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count(" ok ") == 2
 

@@ -13,13 +13,31 @@ from medtune.models.medvlm import output_at
 def _decoder(lora: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     if not lora:
-        return llama3_tiny(vocab_size=300, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                           intermediate_dim=64, max_seq_len=64)
+        return llama3_tiny(
+            vocab_size=300,
+            embed_dim=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_dim=64,
+            max_seq_len=64,
+        )
     from torchtune.models.llama3 import lora_llama3
 
-    dec = lora_llama3(["q_proj", "v_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True, vocab_size=300,
-                      num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64,
-                      intermediate_dim=64, lora_rank=4, lora_alpha=8)
+    dec = lora_llama3(
+        ["q_proj", "v_proj"],
+        apply_lora_to_mlp=True,
+        apply_lora_to_output=True,
+        vocab_size=300,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        max_seq_len=64,
+        intermediate_dim=64,
+        lora_rank=4,
+        lora_alpha=8,
+    )
     for n, p in dec.named_parameters():
         if "lora_b" in n:
             torch.nn.init.normal_(p)  # non-zero adapters, so the output LoRA matters
@@ -43,7 +61,9 @@ def test_selected_logits_give_full_loss_and_grads(lora):
     assert sel.shape == (int(keep.sum()), 300)
     loss = F.cross_entropy(sel, targets[keep], reduction="sum")
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    for g, r in zip(torch.autograd.grad(loss, [p for p in dec.parameters() if p.requires_grad]), ref_grads):
+    for g, r in zip(
+        torch.autograd.grad(loss, [p for p in dec.parameters() if p.requires_grad]), ref_grads
+    ):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     # the hook is gone afterwards
     assert dec(tokens).shape == (3, 20, 300)

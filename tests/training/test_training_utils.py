@@ -21,7 +21,9 @@ def model(tiny_assets):
 
 
 def _count(module: nn.Module, trainable: bool | None = None) -> int:
-    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+    return sum(
+        p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable
+    )
 
 
 def test_set_trainable_per_part_and_table(model):
@@ -30,14 +32,25 @@ def test_set_trainable_per_part_and_table(model):
     assert _count(parts["encoder"], True) == 0 and _count(parts["llm"], True) == 0
     assert _count(parts["connector"], True) == _count(parts["connector"]) > 0
     table = parameter_table(model, {"encoder": "frozen", "connector": "full", "llm": "frozen"})
-    lines = {line.split()[0]: line.split() for line in table.splitlines()[2:] if line.strip() and not line.startswith("-")}
-    assert lines["connector"][1] == "full" and lines["connector"][4] == f"{_count(parts['connector']):,}"
+    lines = {
+        line.split()[0]: line.split()
+        for line in table.splitlines()[2:]
+        if line.strip() and not line.startswith("-")
+    }
+    assert (
+        lines["connector"][1] == "full"
+        and lines["connector"][4] == f"{_count(parts['connector']):,}"
+    )
     assert lines["encoder"][1] == "frozen" and lines["encoder"][4] == "0"
     total = sum(_count(m) for m in parts.values())
-    assert lines["total"][1] == f"{total:,}" and lines["total"][3] == f"{_count(parts['connector']):,}"
+    assert (
+        lines["total"][1] == f"{total:,}" and lines["total"][3] == f"{_count(parts['connector']):,}"
+    )
     # a part left out of the spec is frozen
     set_trainable(model, {"encoder": "full"})
-    assert _count(parts["connector"], True) == 0 and _count(parts["encoder"], True) == _count(parts["encoder"])
+    assert _count(parts["connector"], True) == 0 and _count(parts["encoder"], True) == _count(
+        parts["encoder"]
+    )
 
 
 def test_set_trainable_rejects_bad_specs(model):
@@ -52,8 +65,18 @@ def test_set_trainable_rejects_bad_specs(model):
 def test_lora_state_trains_only_adapters():
     from torchtune.models.llama3 import lora_llama3
 
-    dec = lora_llama3(lora_attn_modules=["q_proj", "v_proj"], vocab_size=64, num_layers=1, num_heads=2,
-                      num_kv_heads=1, embed_dim=16, max_seq_len=32, intermediate_dim=32, lora_rank=2, lora_alpha=4)
+    dec = lora_llama3(
+        lora_attn_modules=["q_proj", "v_proj"],
+        vocab_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        embed_dim=16,
+        max_seq_len=32,
+        intermediate_dim=32,
+        lora_rank=2,
+        lora_alpha=4,
+    )
     set_trainable(dec, {"llm": "lora"})
     names = [n for n, p in dec.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
@@ -69,7 +92,9 @@ def test_trained_checkpoint_round_trip_and_errors(model, tmp_path):
     assert not list((tmp_path / "epoch_0").glob("*.tmp"))
 
     fresh_model = _fresh_like(model)
-    assert not torch.equal(fresh_model.connectors["image"].fc1.weight, model.connectors["image"].fc1.weight)
+    assert not torch.equal(
+        fresh_model.connectors["image"].fc1.weight, model.connectors["image"].fc1.weight
+    )
     loaded = ckpt.load_trained(fresh_model, tmp_path / "epoch_0")
     assert sorted(loaded) == sorted(names)
     for n, p in fresh_model.named_parameters():
@@ -79,7 +104,10 @@ def test_trained_checkpoint_round_trip_and_errors(model, tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "bad").mkdir()
-    save_file({"connectors.image.fc1.weight": torch.zeros(3, 3)}, str(tmp_path / "bad" / "model.safetensors"))
+    save_file(
+        {"connectors.image.fc1.weight": torch.zeros(3, 3)},
+        str(tmp_path / "bad" / "model.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"'connectors.image.fc1.weight' has shape \(3, 3\)"):
         ckpt.load_trained(fresh_model, tmp_path / "bad")
     (tmp_path / "unknown").mkdir()
@@ -106,8 +134,14 @@ class _Evil:
 
 
 def test_recipe_state_is_weights_only(tmp_path):
-    state = {"checkpoint": "step_2", "epoch": 0, "global_step": 2, "rng": ckpt.rng_state(),
-             "optimizer": {"state": {"w": {"exp_avg": torch.ones(2)}}}, "loss_history": [1.0, 0.5]}
+    state = {
+        "checkpoint": "step_2",
+        "epoch": 0,
+        "global_step": 2,
+        "rng": ckpt.rng_state(),
+        "optimizer": {"state": {"w": {"exp_avg": torch.ones(2)}}},
+        "loss_history": [1.0, 0.5],
+    }
     ckpt.save_recipe_state(tmp_path, state)
     back = ckpt.load_recipe_state(tmp_path)
     assert back["global_step"] == 2 and back["loss_history"] == [1.0, 0.5]
