@@ -20,6 +20,12 @@ from medtune.models.medvlm import MedVLM
 LLAMA3_IMAGE_TOKEN_ID = 128002  # <|reserved_special_token_0|> in Llama-3 and 3.1
 
 
+def image_token_id_for_vocab(vocab_size: int) -> int:
+    """The placeholder id for a Llama-3 embedding table of ``vocab_size`` rows (base ranks + 256
+    special tokens): 128002 for the real 128,256-row models, the same offset for tiny ones."""
+    return _llama3.special_tokens_for_base_vocab(vocab_size - 256)[_llama3.IMAGE_TOKEN]
+
+
 def medvlm(
     decoder: TransformerDecoder,
     encoders: dict[str, nn.Module] | nn.Module,
@@ -138,13 +144,12 @@ def medvlm_open_clip_llama3(
     """
     dec = _llama3.llama3_from_hf_config(llm_config, max_seq_len=max_seq_len)
     enc = open_clip_vision(encoder_path, output=output)
-    vocab = dec.tok_embeddings.num_embeddings
     return medvlm(
         dec,
         enc,
         connector=connector,
         connector_kwargs=connector_kwargs,
-        image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000),
+        image_token_id=image_token_id_for_vocab(dec.tok_embeddings.num_embeddings),
     )
 
 
@@ -168,8 +173,6 @@ def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
     """A tiny dual-encoder MedVLM shaped like :func:`medvlm_msmedcap_llama3_8b`: a random 2-block
     SAM-style timm encoder (64 px) and the tiny open_clip tower (32 px), a Q-Former each, into the
     tiny Llama-3 of the generated assets. For tests of several encoders with their own transforms."""
-    from medtune.models.connectors import QFormer
-
     dec = _llama3.llama3_from_hf_config(f"{assets_dir}/llama3_tiny/config.json")
     sam = timm_vision(
         "samvit_base_patch16",
@@ -182,17 +185,15 @@ def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
         neck_chans=24,
     )
     clip = open_clip_vision(f"{assets_dir}/tiny_clip", output="patch")
-    d = dec.tok_embeddings.embedding_dim
-    connectors = {
-        name: QFormer(
-            enc.out_dim, d, num_queries=num_queries, hidden_dim=32, num_layers=1, num_heads=2
-        )
-        for name, enc in (("sam", sam), ("clip", clip))
-    }
-    vocab = dec.tok_embeddings.num_embeddings
-    return MedVLM(
+    return medvlm(
         dec,
         {"sam": sam, "clip": clip},
-        connectors,
-        image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000),
+        connector="qformer",
+        connector_kwargs={
+            "num_queries": num_queries,
+            "hidden_dim": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+        },
+        image_token_id=image_token_id_for_vocab(dec.tok_embeddings.num_embeddings),
     )

@@ -27,7 +27,7 @@ from torchtune.models.llama3 import lora_llama3, lora_llama3_8b
 from torchtune.models.llama3_1 import lora_llama3_1, lora_llama3_1_8b
 from torchtune.modules import TransformerDecoder
 
-from medtune.models.builders import LLAMA3_IMAGE_TOKEN_ID, medvlm
+from medtune.models.builders import image_token_id_for_vocab, medvlm
 from medtune.models.encoders import biomedclip_vision, open_clip_vision
 from medtune.models.llama3 import hf_config_kwargs
 from medtune.models.medvlm import MedVLM
@@ -180,13 +180,12 @@ def medvlm_open_clip_lora_llama3(
         max_seq_len=max_seq_len,
     )
     enc = open_clip_vision(encoder_path, output=output)
-    vocab = dec.tok_embeddings.num_embeddings
     return medvlm(
         dec,
         enc,
         connector=connector,
         connector_kwargs=connector_kwargs,
-        image_token_id=vocab - 256 + (LLAMA3_IMAGE_TOKEN_ID - 128000),
+        image_token_id=image_token_id_for_vocab(dec.tok_embeddings.num_embeddings),
     )
 
 
