@@ -305,30 +305,27 @@ class GenerateRecipe:
 
         Raises:
             GenerateConfigError: the file holds answers from another checkpoint or other
-                generation settings (naming the line), so appending would mix them.
+                generation settings (naming the row id), so appending would mix them, or a line
+                that is not JSON (naming the line).
         """
         if not out_path.is_file():
             return {}
+        from medtune.eval.predictions import PredictionsError, read_predictions
+
+        try:  # drops the half-written last line of a killed run
+            rows = read_predictions(out_path, validate=False, skip_truncated_tail=True)
+        except PredictionsError as e:
+            raise GenerateConfigError(f"{e}; fix it or run with overwrite=true") from None
         wanted = {_key(r["id"]) for r in self.rows}
         done: dict[str, dict[str, Any]] = {}
-        lines = out_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines) and not line.endswith("\n"):
-                    break  # the half-written last line of a killed run
-                raise GenerateConfigError(
-                    f"{out_path}:{n}: not valid JSON; fix it or run with overwrite=true"
-                ) from None
+        for row in rows:
             if row.get("checkpoint") != str(self.cfg.checkpoint) or row.get("generation") != dict(
                 self.gen
             ):
                 raise GenerateConfigError(
-                    f"{out_path}:{n}: answers from another checkpoint or other generation settings "
-                    f"({row.get('checkpoint')!r}); use another output= or overwrite=true"
+                    f"{out_path}: id {row.get('id')!r} holds answers from another checkpoint or other "
+                    f"generation settings ({row.get('checkpoint')!r}); use another output= or "
+                    "overwrite=true"
                 )
             if _key(row.get("id")) in wanted:
                 done[_key(row["id"])] = row
