@@ -57,6 +57,36 @@ def save_trained(
     return ckpt_dir / MODEL_FILE
 
 
+def check_trained(
+    sd: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    source: str,
+    strict_keys: bool = True,
+) -> None:
+    """Trained tensors must name parameters of the model, in its shapes.
+
+    Args:
+        sd: name -> tensor, as saved.
+        shapes: the model's parameter name -> shape.
+        source: what ``sd`` came from, for the message.
+        strict_keys: names the model lacks are an error (else they are left for the caller to skip).
+
+    Raises:
+        ValueError: naming ``source`` and the unknown keys or the first mismatched shape.
+    """
+    unknown = [k for k in sd if k not in shapes]
+    if unknown and strict_keys:
+        raise ValueError(
+            f"{source}: {len(unknown)} key(s) not in the model, e.g. {unknown[:3]} "
+            "(a checkpoint of another model or connector?)"
+        )
+    for k, v in sd.items():
+        if k in shapes and tuple(v.shape) != shapes[k]:
+            raise ValueError(
+                f"{source}: '{k}' has shape {tuple(v.shape)}, the model expects {shapes[k]}"
+            )
+
+
 def load_trained(model: nn.Module, ckpt_dir: str | Path, strict_keys: bool = True) -> list[str]:
     """Load a trained-parts checkpoint into ``model`` (before any FSDP wrapping).
 
@@ -75,14 +105,7 @@ def load_trained(model: nn.Module, ckpt_dir: str | Path, strict_keys: bool = Tru
         )
     sd = load_file(str(f))
     own = dict(model.named_parameters())
-    unknown = [k for k in sd if k not in own]
-    if unknown and strict_keys:
-        raise ValueError(f"{f}: {len(unknown)} key(s) not in the model, e.g. {unknown[:3]}")
-    for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(
-                f"{f}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
-            )
+    check_trained(sd, {k: tuple(p.shape) for k, p in own.items()}, str(f), strict_keys)
     with torch.no_grad():
         for k, v in sd.items():
             if k in own:

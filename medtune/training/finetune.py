@@ -481,17 +481,7 @@ class FinetuneRecipe:
     def _check_start(self, model: nn.Module, start: dict[str, torch.Tensor]) -> None:
         """Trained parts loaded from a checkpoint must name parameters of this model, in its shapes."""
         own = {clean_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-        unknown = [k for k in start if k not in own]
-        if unknown:
-            raise ValueError(
-                f"checkpoint: {len(unknown)} trained tensor(s) are not parameters of the model, e.g. "
-                f"{unknown[:3]} (a checkpoint of another model or connector?)"
-            )
-        for k, v in start.items():
-            if tuple(v.shape) != own[k]:
-                raise ValueError(
-                    f"checkpoint: '{k}' has shape {tuple(v.shape)}, the model expects {own[k]}"
-                )
+        ckpt.check_trained(start, own, "checkpoint")
 
     def _check_llm_shapes(self, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
         own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
