@@ -18,7 +18,7 @@ autocast over fp32 weights on CUDA, as the recipe does). Three set-ups, built at
   ``index_put`` of the image tokens at precomputed placeholder positions -> ``decoder.layers`` ->
   ``norm`` -> ``output``), mean CE: a floor with no model or recipe machinery.
 - ``medtune_all_logits``: the ``medtune`` step with logits at every position (the recipe computes them
-  only at the answer positions, :func:`medtune.models.medvlm.output_at`; HF and ``bare`` compute
+  only at the answer positions, :func:`medtune.training.finetune.answer_loss_sum`; HF and ``bare`` compute
   them everywhere, as usual), to show what that selection saves.
 
 All three start from the *same weights* (medtune's are copied into the HF model: torchtune's
@@ -55,7 +55,6 @@ Prints the shapes, the thread count, a parameter table, the step-0 losses, and t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics
@@ -396,24 +395,19 @@ def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Se
     """
     from torchtune import training
 
-    from medtune.models.medvlm import output_at
+    from medtune.training.finetune import answer_loss_sum
 
-    device = batch["tokens"].device
     state = {}
 
     def loss_fn() -> torch.Tensor:
-        tokens, labels, images = batch["tokens"], batch["labels"], {"image": batch["images"]}
-        targets = shifted_targets(labels)
-        keep = targets != IGNORE_INDEX
-        with (
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
-            output_at(model.decoder, keep) if select else contextlib.nullcontext(),
-        ):
-            logits = model(tokens, images=images, image_counts=batch["image_counts"])
-        if logits.dim() == 3:
-            logits = logits[keep]
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        state["n_tok"] = keep.sum()
+        images = {"image": batch["images"]}
+        loss, state["n_tok"] = answer_loss_sum(
+            lambda: model(batch["tokens"], images=images, image_counts=batch["image_counts"]),
+            model.decoder,
+            batch["labels"],
+            autocast,
+            select=select,
+        )
         return loss
 
     def after_backward() -> None:

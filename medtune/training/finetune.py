@@ -28,7 +28,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,41 @@ def decoders_on_meta() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(l3, name, fn)
+
+
+def answer_loss_sum(
+    forward: Callable[[], torch.Tensor],
+    decoder: nn.Module,
+    labels: torch.Tensor,
+    autocast: bool,
+    select: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the answer tokens of a batch, and their count: the loss of every
+    medtune training recipe (and of ``benchmarks/bench_vision_finetune.py``).
+
+    Args:
+        forward: runs the model on the batch and returns its logits.
+        decoder: the Llama-3 decoder inside the model (its output layer is restricted to the
+            answer positions with :func:`~medtune.models.medvlm.output_at`).
+        labels: [b, s] token ids, ``IGNORE_INDEX`` where there is no loss; the target at position
+            t is ``labels[:, t + 1]``.
+        autocast: run ``forward`` under bf16 autocast on the labels' device.
+        select: compute logits only at the answer positions (False: at every position).
+
+    Returns:
+        ``(loss_sum [], n_tokens [])``.
+    """
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    keep = targets != IGNORE_INDEX  # [b, s]
+    with (
+        torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=autocast),
+        output_at(decoder, keep) if select else contextlib.nullcontext(),
+    ):
+        logits = forward()
+    if logits.dim() == 3:  # every position (no selection, or no output module): [b, s, vocab]
+        logits = logits[keep]
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")  # logits [n_keep, vocab]
+    return loss, keep.sum()
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -740,30 +775,16 @@ class FinetuneRecipe:
         """
         tokens = batch["tokens"].to(self.device)  # [b, s]
         labels = batch["labels"].to(self.device)  # [b, s]
-        targets = torch.cat(
-            [labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1
-        )  # [b, s]
-        keep = targets != IGNORE_INDEX  # [b, s]
-        decoder = self.model.decoder if self.is_vlm else self.model
-        with (
-            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
-            output_at(decoder, keep),
-        ):
-            if self.is_vlm:
+        if self.is_vlm:
+
+            def forward() -> torch.Tensor:
                 images = self._batch_images(batch)
-                logits = self.model(tokens, images=images, image_counts=batch["image_counts"])
-            else:
-                if int(batch["image_counts"].sum()):
-                    raise ValueError(
-                        f"samples {batch['ids']} hold images but the model is a text-only LLM"
-                    )
-                logits = self.model(tokens)
-        if logits.dim() == 3:  # output_at could not select (no output module): [b, s, vocab]
-            logits = logits[keep]
-        loss = F.cross_entropy(
-            logits.float(), targets[keep], reduction="sum"
-        )  # logits [n_keep, vocab]
-        return loss, keep.sum()
+                return self.model(tokens, images=images, image_counts=batch["image_counts"])
+
+            return answer_loss_sum(forward, self.model.decoder, labels, self.autocast)
+        if int(batch["image_counts"].sum()):
+            raise ValueError(f"samples {batch['ids']} hold images but the model is a text-only LLM")
+        return answer_loss_sum(lambda: self.model(tokens), self.model, labels, self.autocast)
 
     def _batch_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """The batch's images for MedVLM, or None for a batch without any (text-only samples).
