@@ -69,25 +69,15 @@ class VisionFinetuneRecipe(FinetuneRecipe):
 
     name = "vision_finetune"
     llm_mode = "frozen"
+    vlm_only = True
     known_keys = KNOWN_KEYS
 
     def __init__(self, cfg: DictConfig) -> None:
         self.distributed = is_distributed_env()  # one script: in-process or under torchrun
         super().__init__(cfg)
 
-    def _allowed(self) -> dict[str, tuple[str, ...]]:
-        return {"encoder": ("full", "frozen"), "connector": ("full", "frozen"), "llm": ("frozen",)}
-
     def _shard_llm(self) -> bool:
         return self.distributed and bool(self.cfg.get("shard_llm", False))
-
-    def _setup_model(self) -> nn.Module:
-        model = super()._setup_model()
-        if not self.is_vlm:
-            raise ValueError(
-                "model: vision_finetune needs a MedVLM (a builder from medtune.models.builders)"
-            )
-        return model
 
     def _wrap_unsharded(self, model: nn.Module) -> None:
         """Without ``shard_llm`` each rank holds the whole frozen LLM; only trained parts are sharded."""

@@ -333,6 +333,7 @@ class FinetuneRecipe:
     llm_mode = "full"
     distributed = False
     known_keys = KNOWN_KEYS
+    vlm_only = False  # True: a bare Llama-3 (text-only SFT) is refused
 
     def __init__(self, cfg: DictConfig) -> None:
         unknown = sorted(set(cfg.keys()) - set(self.known_keys))
@@ -458,6 +459,10 @@ class FinetuneRecipe:
         ):
             model = config.instantiate(cfg.model)
         self.is_vlm = hasattr(model, "encoders")
+        if self.vlm_only and not self.is_vlm:
+            raise ValueError(
+                f"model: {self.name} needs a MedVLM (a builder from medtune.models.builders)"
+            )
         decoder = model.decoder if self.is_vlm else model
         self.dec_prefix = "decoder." if self.is_vlm else ""
         if self.is_vlm:
