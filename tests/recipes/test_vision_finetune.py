@@ -566,6 +566,30 @@ def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
     assert len(out) == 1 and len(out[0]) <= 3
 
 
+def test_msmedcap_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path):
+    """``vision_finetune/slake_msmedcap`` as shipped, pointed at the tiny assets (its builder swapped
+    for the tiny dual-encoder one): frozen encoders, both Q-Formers trained and saved."""
+    out = tmp_path / "msm"
+    proc = _run(
+        [
+            str(MEDTUNE), "run", "vision_finetune", "--config", "slake_msmedcap",
+            f"model_dir={tiny_assets / 'llama3_tiny'}", f"data_dir={tiny_assets / 'tiny_slake' / 'Slake1.0'}",
+            f"output_dir={out}", "model._component_=medtune.models.builders.tiny_msmedcap",
+            "~model.encoder_path", "~model.sam_checkpoint", f"+model.assets_dir={tiny_assets}",
+            "model.num_queries=4", "checkpointer.checkpoint_files=[model.safetensors]", "llm_dtype=fp32",
+            "autocast=false", "device=cpu", "epochs=1", "+max_steps_per_epoch=2", "batch_size=4",
+            "num_workers=0", "val_dataset=null",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    text = _ok(proc)
+    assert re.search(r"encoder\s+frozen", text), text[-2000:]
+    assert re.search(r"connector\s+full", text), text[-2000:]
+    saved = load_file(str(out / "epoch_0" / "model.safetensors"))
+    assert {k.split(".")[1] for k in saved} == {"sam", "clip"}
+    assert all(k.startswith("connectors.") for k in saved)
+
+
 # ----------------------------------------------------------------------------- 5. bad input
 def _slake_copy(tiny_assets: Path, dst: Path, n_rows: int = 6) -> Path:
     """A small private SLAKE folder (train = validation = test = the first rows)."""
