@@ -116,3 +116,30 @@ def test_roco_converts_to_sharegpt(tmp_path):
         == "Postoperative anteroposterior radiograph of the pelvis."
     )
     assert Path(rows[1]["image"]).is_file()
+
+
+def test_roco_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path):
+    """``vision_finetune/roco`` as shipped, its data_dir a ROCO release folder and its model swapped
+    for the tiny one: caption pre-training runs and saves the trained parts."""
+    import os
+    import subprocess
+    import sys
+
+    root = _release(tmp_path)
+    train = root / "data" / "train"
+    train.mkdir()
+    (root / "data" / "validation" / "radiology").rename(train / "radiology")
+    out = tmp_path / "out"
+    cmd = [
+        str(Path(sys.executable).parent / "medtune"), "run", "vision_finetune", "--config", "roco",
+        f"data_dir={root}", f"model_dir={tiny_assets / 'llama3_tiny'}", f"output_dir={out}",
+        "model._component_=medtune.models.builders.tiny_medvlm", "~model.encoder_path",
+        f"+model.assets_dir={tiny_assets}", "checkpointer.checkpoint_files=[model.safetensors]",
+        "llm_dtype=fp32", "autocast=false", "device=cpu", "epochs=1", "batch_size=3", "num_workers=0",
+        "val_dataset=null", "gradient_accumulation_steps=1",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "3 training samples" in proc.stdout
+    assert (out / "epoch_0" / "model.safetensors").is_file()
