@@ -9,7 +9,7 @@ ASSETS := assets/tiny
 # Tests use both cores of the CI machine; override with `make test PYTEST_ARGS=...`.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ demo: $(STAMP)
 	$(BIN)/python tools/make_tiny_assets.py --out $(ASSETS)
 	$(BIN)/python tools/run_demo.py --assets $(ASSETS)
 
-test: $(STAMP)
+# Headless Chromium for tests/serve/test_page.py (Debian's package; installed only when missing).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "make browser: could not install chromium; the web page test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

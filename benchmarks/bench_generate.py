@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generation speed of :func:`medtune.generation.generate` on a small random MedVLM.
 
-Two comparisons, from one run:
+Four comparisons, from one run:
 
 1. **batched vs per-sample**: 8 image+question prompts of different lengths (left-padded into one
    batch) against the same 8 prompts one at a time; greedy, ``--new-tokens`` (32) new tokens;
@@ -9,6 +9,16 @@ Two comparisons, from one run:
 2. **KV cache vs no cache**: the batch of 8 at 64 new tokens, with the KV cache (image embeddings
    at prefill only, one token per step) against full recomputation of the whole sequence (images
    included) at every step.
+3. **beam search, batched vs per-sample**: the same 8 prompts at ``--beams`` (4) beams and
+   ``--beam-new-tokens`` (32) new tokens (:func:`medtune.beam_search.beam_search`: one prefill
+   per prompt, the KV cache repeated per beam and reordered every step), one batch against one
+   prompt at a time.
+4. **medtune vs HF transformers**: ``LlavaForConditionalGeneration.generate`` (greedy, left
+   padding, its own KV cache) against medtune's ``generate`` at batch 1 and batch 8 with the same
+   weights mapped over (the mapping of ``benchmarks/bench_vision_finetune.py``: a timm ViT in
+   CLIP's layout = HF ``CLIPVisionModel``, the MLP connector = ``LlavaMultiModalProjector``, the
+   torchtune Llama-3 = HF ``LlamaForCausalLM``); same LLM shape as above, the vision tower a
+   64 px / patch 16 ViT of width 128 and depth 2. Each side's outputs are checked token for token.
 
 The model is random (Llama-3 architecture: width 256, 4 layers, 8 heads, 2 KV heads, SwiGLU 768,
 vocabulary 4,352 with Llama-3's 256 special tokens at the end; open_clip ViT 64 px / patch 16,
@@ -21,13 +31,23 @@ cache == no cache, token for token.
 Usage::
 
     python benchmarks/bench_generate.py [--threads 1] [--repeats 3] [--tiny]
+
+Ratios printed (``X.XXx``, > 1 means the first named is faster)::
+
+    batched/per-sample throughput = X.XXx
+    kv-cache/no-cache speed at 64 new tokens = X.XXx
+    beam search (4 beams) batched/per-sample throughput = X.XXx
+    medtune/hf_llava throughput at batch 1 = X.XXx
+    medtune/hf_llava throughput at batch 8 = X.XXx
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -130,6 +150,19 @@ def main() -> None:
         default=64,
         help="new tokens in the cache vs no-cache comparison",
     )
+    p.add_argument("--beams", type=int, default=4, help="beams in the beam search comparison")
+    p.add_argument(
+        "--beam-new-tokens",
+        type=int,
+        default=32,
+        help="new tokens in the beam search comparison",
+    )
+    p.add_argument(
+        "--hf-new-tokens",
+        type=int,
+        default=32,
+        help="new tokens in the medtune vs HF comparison",
+    )
     p.add_argument(
         "--tiny", action="store_true", help="a smaller model and fewer tokens (smoke test)"
     )
@@ -137,6 +170,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.tiny:
         args.new_tokens, args.cache_new_tokens, args.repeats = 4, 8, 1
+        args.beam_new_tokens, args.hf_new_tokens = 4, 4
     model = build_model(args.tiny)
     n_params = sum(p.numel() for p in model.parameters())
     prompts, images = make_prompts(model)
@@ -198,6 +232,159 @@ def main() -> None:
     print(
         f"kv-cache/no-cache speed at {args.cache_new_tokens} new tokens = {t_full / t_cache:.2f}x"
     )
+
+    # 3. beam search, batched vs per-sample
+    beam = {"num_beams": args.beams, "max_new_tokens": args.beam_new_tokens, **kw}
+    t_bb, out_bb = timed(
+        lambda: generate(
+            model,
+            prompts,
+            images=images,
+            image_counts=torch.ones(len(prompts), dtype=torch.long),
+            **beam,
+        ),
+        args.repeats,
+    )
+    t_bs, out_bs = timed(
+        lambda: [
+            generate(
+                model,
+                [pr],
+                images={"image": images["image"][i : i + 1]},
+                image_counts=torch.ones(1, dtype=torch.long),
+                **beam,
+            )[0]
+            for i, pr in enumerate(prompts)
+        ],
+        args.repeats,
+    )
+    n_bb, n_bs = sum(map(len, out_bb)), sum(map(len, out_bs))
+    print(
+        f"beam batched  {n_bb / t_bb:8.1f} tokens/s  ({n_bb} tokens in {t_bb * 1e3:.0f} ms, "
+        f"{args.beams} beams, {args.beam_new_tokens} new tokens x 8)"
+    )
+    print(f"beam single   {n_bs / t_bs:8.1f} tokens/s  ({n_bs} tokens in {t_bs * 1e3:.0f} ms)")
+    print(f"same tokens: {out_bb == out_bs}")
+    print(
+        f"beam search ({args.beams} beams) batched/per-sample throughput = "
+        f"{(n_bb / t_bb) / (n_bs / t_bs):.2f}x"
+    )
+
+    # 4. medtune vs HF transformers' Llava generate
+    compare_hf(args)
+
+
+def compare_hf(args: argparse.Namespace) -> None:
+    """medtune ``generate`` vs ``LlavaForConditionalGeneration.generate``, greedy, batch 1 and 8."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_vision_finetune as bvf  # the medtune -> HF Llava weight mapping, used for training
+
+    width, layers, heads = (64, 2, 4) if args.tiny else (256, 4, 8)
+    s = bvf.Shape(
+        batch=8,
+        seq_len=512,
+        answer_tokens=1,
+        width=width,
+        layers=layers,
+        heads=heads,
+        kv_heads=2,
+        intermediate=3 * width,
+        vocab=VOCAB,
+        rope_base=500_000.0,
+        enc_width=64 if args.tiny else 128,
+        enc_depth=2,
+        enc_heads=2 if args.tiny else 4,
+        image_size=64,
+        patch=16,
+    )
+    torch.manual_seed(0)
+    med = bvf.build_medtune(s, "clip").eval()
+    hf = bvf.build_hf_llava(s)
+    missing, unexpected = hf.load_state_dict(bvf.medtune_to_hf_state(med, s), strict=False)
+    left = sorted(k for k in missing if "post_layernorm" not in k)  # unused by LLaVA's features
+    if left or list(unexpected):
+        raise SystemExit(
+            f"weight copy medtune -> HF failed: missing {left[:5]}, {list(unexpected)[:5]}"
+        )
+    hf.eval()
+    hf.config.use_cache = True
+    hf.config.text_config.use_cache = True
+    hf.generation_config.pad_token_id = 0
+    prompts, images = make_prompts(med)
+    stop = VOCAB + 1  # never generated: every row runs to max_new_tokens on both sides
+    n_new = args.hf_new_tokens
+
+    def run_medtune(rows: list[int]) -> list[list[int]]:
+        return generate(
+            med,
+            [prompts[i] for i in rows],
+            pad_id=0,
+            stop_tokens=[stop],
+            images={"image": images["image"][rows]},
+            image_counts=torch.ones(len(rows), dtype=torch.long),
+            max_new_tokens=n_new,
+        )
+
+    def run_hf(rows: list[int], **gen) -> list[list[int]]:
+        plen = max(len(prompts[i]) for i in rows)
+        ids = torch.zeros((len(rows), plen), dtype=torch.long)
+        am = torch.zeros((len(rows), plen), dtype=torch.long)
+        for j, i in enumerate(rows):  # left padding, as HF recommends for decoder-only generate
+            ids[j, plen - len(prompts[i]) :] = torch.tensor(prompts[i])
+            am[j, plen - len(prompts[i]) :] = 1
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=am,
+                pixel_values=images["image"][rows],
+                do_sample=False,
+                pad_token_id=0,
+                **({"max_new_tokens": n_new, "num_beams": 1, "eos_token_id": stop} | gen),
+            )
+        return out[:, plen:].tolist()
+
+    print(
+        f"\nmedtune vs HF LlavaForConditionalGeneration.generate: greedy, {n_new} new tokens, "
+        f"same weights (timm ViT in CLIP layout, {s.image_tokens} image tokens)"
+    )
+    for bsz in (1, 8):
+        # batch 1: each prompt alone, one after another; batch 8: all prompts in one left-padded batch
+        groups = [[i] for i in range(len(prompts))] if bsz == 1 else [list(range(len(prompts)))]
+        t_m, out_m = timed(lambda gs=groups: [o for g in gs for o in run_medtune(g)], args.repeats)
+        t_h, out_h = timed(lambda gs=groups: [o for g in gs for o in run_hf(g)], args.repeats)
+        n_m, n_h = sum(map(len, out_m)), sum(map(len, out_h))
+        print(
+            f"batch {bsz}  medtune  {n_m / t_m:8.1f} tokens/s  ({n_m} tokens in {t_m * 1e3:.0f} ms)"
+        )
+        print(
+            f"batch {bsz}  hf_llava {n_h / t_h:8.1f} tokens/s  ({n_h} tokens in {t_h * 1e3:.0f} ms)"
+        )
+        print(f"same tokens: {out_m == out_h}")
+        print(f"medtune/hf_llava throughput at batch {bsz} = {(n_m / t_m) / (n_h / t_h):.2f}x")
+
+    # beam search follows HF's rules: same hypotheses as HF's beam search, with a stop token the
+    # model does say (so beams finish at different lengths and the length penalty matters)
+    rows = list(range(len(prompts)))
+    said = run_medtune(rows)
+    eos = max(set(t for o in said for t in o), key=lambda t: sum(o.count(t) for o in said))
+    for lp in (1.0, 0.0):
+        ours = generate(
+            med,
+            prompts,
+            pad_id=0,
+            stop_tokens=[eos],
+            images=images,
+            image_counts=torch.ones(len(rows), dtype=torch.long),
+            max_new_tokens=n_new,
+            num_beams=args.beams,
+            length_penalty=lp,
+        )
+        theirs = run_hf(rows, num_beams=args.beams, eos_token_id=eos, length_penalty=lp)
+        theirs = [o[: o.index(eos)] if eos in o else o for o in theirs]
+        print(
+            f"beam search ({args.beams} beams, length_penalty {lp}, stop token {eos}, batch 8) "
+            f"same tokens as HF: {ours == theirs} (lengths {[len(o) for o in ours]})"
+        )
 
 
 if __name__ == "__main__":

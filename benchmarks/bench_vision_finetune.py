@@ -18,7 +18,7 @@ autocast over fp32 weights on CUDA, as the recipe does). Three set-ups, built at
   ``index_put`` of the image tokens at precomputed placeholder positions -> ``decoder.layers`` ->
   ``norm`` -> ``output``), mean CE: a floor with no model or recipe machinery.
 - ``medtune_all_logits``: the ``medtune`` step with logits at every position (the recipe computes them
-  only at the answer positions, :func:`medtune.training.finetune.answer_loss_sum`; HF and ``bare`` compute
+  only at the answer positions, :func:`medtune.training.loss.AnswerCrossEntropy`; HF and ``bare`` compute
   them everywhere, as usual), to show what that selection saves.
 
 All three start from the *same weights* (medtune's are copied into the HF model: torchtune's
@@ -393,22 +393,26 @@ def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Se
 
     ``select=False`` projects every position onto the vocabulary (the step before ``output_at``).
     """
+    import contextlib
+
     from torchtune import training
 
-    from medtune.training.finetune import answer_loss_sum
+    from medtune.models.medvlm import output_at
+    from medtune.training.loss import AnswerCrossEntropy, answer_targets
 
     state = {}
+    ce = AnswerCrossEntropy()
 
-    def loss_fn() -> torch.Tensor:
+    def loss_fn() -> torch.Tensor:  # the loss lines of recipes/vision_finetune.py `_loss_step`
         images = {"image": batch["images"]}
-        loss, state["n_tok"] = answer_loss_sum(
-            lambda: model(batch["tokens"], images=images, image_counts=batch["image_counts"]),
-            model.decoder,
-            batch["labels"],
-            autocast,
-            select=select,
-        )
-        return loss
+        targets, keep = answer_targets(batch["labels"])
+        with (
+            torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=autocast),
+            output_at(model.decoder, keep) if select else contextlib.nullcontext(),
+        ):
+            logits = model(batch["tokens"], images=images, image_counts=batch["image_counts"])
+        state["n_tok"] = keep.sum()
+        return ce(logits, targets[keep] if select else targets)
 
     def after_backward() -> None:
         training.scale_grads(model, 1 / state["n_tok"].clamp(min=1))

@@ -9,7 +9,7 @@ Features (all set in the config):
 
 - **Checkpoints**: ``checkpoints`` is a list of medtune checkpoint folders (``output_dir/epoch_k``
   of ``vision_finetune``, holding ``config.yaml`` + ``model.safetensors``), or a mapping
-  ``name: path``. Each is rebuilt with :func:`medtune.models.loading.load_from_checkpoint`
+  ``name: path``. Each is rebuilt with :func:`medtune.training.loading.load_from_checkpoint`
   (``checkpoint_overrides`` patches the saved config, e.g. a moved ``assets_dir``; ``llm_dtype``
   and ``device`` as in training). Names are derived from the paths, readable and unique
   (``runs/a/epoch_2`` -> ``a_epoch_2``). Pick checkpoints on validation, never on test.
@@ -20,8 +20,8 @@ Features (all set in the config):
   of each (smoke runs). A dataset whose samples are captions (``caption_json``: a ``caption`` and
   no ``answer_type`` in ``meta``, or ``meta.task == "caption"``) is scored as captions; force it
   with ``tasks.<name>: caption`` (or ``vqa``).
-- **Generation**: batched (``batch_size``), KV-cached greedy decoding
-  (:func:`medtune.generation.generate`), ``max_new_tokens`` for VQA and
+- **Generation**: batched (``batch_size``), KV-cached greedy decoding through the one inference
+  path (:func:`medtune.inference.answer`), ``max_new_tokens`` for VQA and
   ``caption_max_new_tokens`` for captions. Prompts are token ids in the Llama-3 chat format with
   the image placeholders; ``system_prompt`` adds a system turn.
 - **Prompt modes** (``prompt_mode``):
@@ -45,6 +45,10 @@ Features (all set in the config):
   table across all pairs, ``results.md`` and ``results.csv`` (rows: checkpoint x dataset; columns:
   n = scored questions, ``n_closed``, ``n_open`` and every named metric, as fractions), printed at
   the end, with ``checkpoints.json`` (name -> path).
+- **Data-parallel**: ``medtune run --nproc_per_node N eval ...`` splits the questions over N
+  processes (batch k on rank k % N; each rank loads the checkpoint) and gathers the answers;
+  rank 0 alone writes files, and they equal a 1-process run's (same ids, predictions, order).
+- **Question-only baseline**: ``blank_images: true`` replaces every image with a blank one.
 - **Resume**: rows already in ``predictions.jsonl`` (by id) are not generated again; a truncated
   last line (a killed run) is dropped and regenerated. Rows written with other generation settings
   stop the run (``overwrite: true`` starts the pair afresh instead). Descriptions resume the same
@@ -53,12 +57,8 @@ Features (all set in the config):
 
 from __future__ import annotations
 
-import csv
 import gc
-import io
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -68,14 +68,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from medtune.data.errors import DataError
-from medtune.data.prompts import VQA_DIRECT, VQA_SHORT_ANSWER, apply_template, format_template
-from medtune.data.sample import Message, Sample
-from medtune.eval.caption_metrics import CAPTION_METRIC_KEYS
-from medtune.eval.predictions import PredictionsError, read_predictions, write_prediction
-from medtune.eval.vqa_metrics import METRIC_KEYS, score_predictions
+from medtune.data.prompts import VQA_DIRECT, VQA_SHORT_ANSWER
+from medtune.data.sample import Sample
+from medtune.eval.questions import (
+    EvalConfigError,
+    caption_sample,
+    describe_sample,
+    image_key,
+    is_caption_dataset,
+    prediction_row,
+    question_sample,
+    read_descriptions,
+    resume_rows,
+)
+from medtune.eval.report import checkpoint_names, csv_table, markdown_table, results_table
+from medtune.eval.vqa_metrics import score_predictions
+from medtune.utils.errors import UserError, run_entry
+from medtune.utils.jsonl import append_jsonl, write_text_atomic
 
-SUPPORTS_DISTRIBUTED = False
+SUPPORTS_DISTRIBUTED = True
 
 KNOWN_KEYS = {
     "output_dir",
@@ -101,173 +112,16 @@ KNOWN_KEYS = {
     "describe_layout",
     "describe_context_template",
     "window",
+    "blank_images",
     "overwrite",
     "caption_meteor",
 }
 PROMPT_MODES = ("direct", "describe_then_answer")
 DESCRIBE_LAYOUTS = ("conversation", "text")
-CAPTION_METRICS = CAPTION_METRIC_KEYS
 DEFAULT_DESCRIBE_PROMPT = "Describe the medical image."
 DEFAULT_CONTEXT_TEMPLATE = "Image description: {description}\n\n{question}"
 
-
-class EvalConfigError(ValueError):
-    """A config or output folder that eval cannot work with; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def checkpoint_names(paths: list[str]) -> list[str]:
-    """Readable, unique names for checkpoint folders.
-
-    The last two path components joined by ``_`` (``runs/run1/epoch_2`` -> ``run1_epoch_2``); more
-    components are used while names collide, then a numeric suffix.
-
-    Args:
-        paths: checkpoint folder paths.
-
-    Returns:
-        One name per path, in order.
-    """
-    parts = [
-        [re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in Path(os.path.abspath(x)).parts[1:]]
-        or ["root"]
-        for x in paths
-    ]
-
-    def name(i: int, k: int) -> str:
-        return "_".join(parts[i][-k:])
-
-    depth = [min(2, len(p)) for p in parts]
-    while True:
-        names = [name(i, depth[i]) for i in range(len(paths))]
-        clash = {n for n in names if names.count(n) > 1}
-        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
-        if not grow:
-            break
-        for i in grow:
-            depth[i] += 1
-    out, seen = [], {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_jsonl_resumable(path: Path) -> list[dict]:
-    """Rows of a JSONL cache, dropping a truncated last line (and rewriting the file without it)."""
-    if not path.is_file():
-        return []
-    raw = path.read_text(encoding="utf-8")
-    rows = []
-    lines = raw.splitlines(keepends=True)
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines) and not line.endswith("\n"):
-                break
-            raise EvalConfigError(f"{path}:{n}: not valid JSON") from None
-    if raw and not raw.endswith("\n"):
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return rows
-
-
-def _load_predictions_resumable(path: Path) -> list[dict]:
-    """Valid predictions already written; a truncated last line is dropped from the file."""
-    if not path.is_file():
-        return []
-    rows = read_predictions(path, skip_truncated_tail=True)
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return rows
-
-
-def _image_key(sample: Sample) -> str:
-    """Cache key of a sample's image(s): the dataset-relative path(s) when known."""
-    ref = sample.meta.get("image")
-    if isinstance(ref, str) and ref:
-        return ref
-    if isinstance(ref, list) and ref:
-        return "|".join(map(str, ref))
-    return "|".join(map(str, sample.images))
-
-
-def _is_caption_dataset(samples: list[Sample]) -> bool:
-    if not samples:
-        return False
-    m = samples[0].meta
-    return m.get("task") == "caption" or ("caption" in m and "answer_type" not in m)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows of the combined table.
-
-    Args:
-        rows: one dict per (checkpoint, dataset) with ``checkpoint``, ``dataset``, ``task`` and
-            ``metrics`` (the metrics JSON).
-
-    Returns:
-        ``(columns, values)``: ``checkpoint, dataset, n, ...`` then the VQA metrics (when any VQA
-        dataset is present) and the caption metrics (when any caption dataset is present).
-    """
-    has_vqa = any(r["task"] == "vqa" for r in rows)
-    has_cap = any(r["task"] == "caption" for r in rows)
-    cols = ["checkpoint", "dataset", "n"]
-    if has_vqa:
-        cols += ["n_closed", "n_open", *METRIC_KEYS]
-    if has_cap:
-        cols += list(CAPTION_METRICS)
-    out = []
-    for r in rows:
-        m = r["metrics"]
-        vals: dict[str, Any] = {"checkpoint": r["checkpoint"], "dataset": r["dataset"]}
-        if r["task"] == "vqa":
-            vals["n"] = m["n_closed"] + m["n_open"]
-        else:
-            vals["n"] = m.get("n")
-        vals.update({k: m.get(k) for k in cols if k in m and k not in vals})
-        out.append([vals.get(c) for c in cols])
-    return cols, out
-
-
-def markdown_table(cols: list[str], values: list[list[Any]]) -> str:
-    """A GitHub markdown table (floats with 4 decimals, missing values empty)."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in values]
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(cols: list[str], values: list[list[Any]]) -> str:
-    """The same table as CSV (full precision, missing values empty)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for row in values:
-        w.writerow(["" if v is None else v for v in row])
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------- recipe
+__all__ = ["EvalConfigError", "EvalRecipe", "checkpoint_names", "recipe_main"]
 
 
 class EvalRecipe:
@@ -275,6 +129,7 @@ class EvalRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.model = None
+        self.rank, self.world_size = 0, 1
         unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
         if unknown:
             raise EvalConfigError(
@@ -305,17 +160,36 @@ class EvalRecipe:
             )
         self.context_template = cfg.get("describe_context_template") or DEFAULT_CONTEXT_TEMPLATE
         self.seed = int(cfg.get("seed", 0))
+        self.blank_images = bool(cfg.get("blank_images", False))
         self.overwrite = bool(cfg.get("overwrite", False))
         self.limit = cfg.get("limit")
 
     def _log(self, msg: str) -> None:
-        print(f"eval: {msg}", flush=True)
+        if self.rank == 0:
+            print(f"eval: {msg}", flush=True)
+
+    def _on_rank0(self, fn):
+        """``fn()`` on rank 0, its result (or its user error) on every rank."""
+        if self.world_size == 1:
+            return fn()
+        import torch.distributed as dist
+
+        box: list[Any] = [None, None]
+        if self.rank == 0:
+            try:
+                box[0] = fn()
+            except UserError as e:
+                box[1] = str(e)
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise EvalConfigError(box[1])
+        return box[0]
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Resolve checkpoints and read every dataset once."""
-        from medtune.training.distributed import resolve_device
+        """Join the process group (torchrun), resolve checkpoints and read every dataset once."""
+        from medtune.training.distributed import init_distributed, resolve_device
 
         cfg = self.cfg
         ckpts = cfg.get("checkpoints")
@@ -341,6 +215,7 @@ class EvalRecipe:
                     f"folder such as output_dir/epoch_0{hint}"
                 )
         self.device = resolve_device(cfg.get("device", "auto"))
+        self.rank, self.world_size = init_distributed(self.device)
         tasks = dict(cfg.get("tasks") or {})
         self.datasets: dict[str, tuple[str, list[Sample]]] = {}
         for name, node in (cfg.get("datasets") or {}).items():
@@ -352,7 +227,7 @@ class EvalRecipe:
             if self.limit is not None:
                 samples = samples[: int(self.limit)]
             if task is None:
-                task = "caption" if _is_caption_dataset(samples) else "vqa"
+                task = "caption" if is_caption_dataset(samples) else "vqa"
             if task not in ("vqa", "caption"):
                 raise EvalConfigError(f"datasets.{name}: task {task!r} (expected vqa or caption)")
             ids = [s.id for s in samples]
@@ -364,7 +239,10 @@ class EvalRecipe:
             self._log(f"dataset {name}: {len(samples)} samples ({task})")
         if not self.datasets:
             raise EvalConfigError("eval: no datasets")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.world_size > 1:
+            self._log(f"{self.world_size} processes: the questions are split across them")
 
     # ------------------------------------------------------------------ settings
 
@@ -375,6 +253,8 @@ class EvalRecipe:
         max_new = self.caption_max_new_tokens if task == "caption" else self.max_new_tokens
         gen = GenerationConfig(max_new_tokens=max_new, temperature=0.0, seed=self.seed).to_dict()
         gen["system_prompt"] = self.system_prompt
+        if self.blank_images:
+            gen["blank_images"] = True
         if task == "caption":
             gen["prompt_mode"] = "caption"
             return gen
@@ -417,11 +297,13 @@ class EvalRecipe:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        if self.rank != 0:
+            return results
         cols, values = results_table(results)
         md = markdown_table(cols, values)
-        _write_atomic(self.output_dir / "results.md", md)
-        _write_atomic(self.output_dir / "results.csv", csv_table(cols, values))
-        _write_atomic(
+        write_text_atomic(self.output_dir / "results.md", md)
+        write_text_atomic(self.output_dir / "results.csv", csv_table(cols, values))
+        write_text_atomic(
             self.output_dir / "checkpoints.json",
             json.dumps(dict(self.checkpoints), indent=2) + "\n",
         )
@@ -435,8 +317,8 @@ class EvalRecipe:
     def _ensure_model(self, ckpt_path: str) -> None:
         if self.model is not None:
             return
-        from medtune.data.chat import VisionChatDataset
-        from medtune.models.loading import load_from_checkpoint
+        from medtune.data.transform import medvlm_transform
+        from medtune.training.loading import load_from_checkpoint
 
         node = self.cfg.get("checkpoint_overrides")
         overrides = (
@@ -448,141 +330,61 @@ class EvalRecipe:
         self.model, self.tokenizer, _ = load_from_checkpoint(
             ckpt_path, self.device, self.cfg.get("llm_dtype"), overrides
         )
-        self.ds = VisionChatDataset(
-            [],
+        self.transform = medvlm_transform(
+            self.model,
             self.tokenizer,
-            image_token_id=self.model.image_token_id,
-            tokens_per_image=self.model.tokens_per_image,
-            transforms=self.model.image_transforms,
             system_prompt=self.system_prompt,
             window=self.cfg.get("window"),
+            blank_images=self.blank_images,
         )
 
-    def _generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:
-        """Greedy answers for already-templated samples (last turn: the user's)."""
-        from medtune.generation import generate
+    def _answers(self, samples: list[Sample], max_new_tokens: int):
+        """Answer already-templated samples (every rank; data-parallel under torchrun), yielding
+        ``(chunk, texts)`` one batch per rank at a time so that rank 0 writes as it goes."""
+        from medtune.generation import GenerationConfig
+        from medtune.inference import answer
 
-        out: list[str] = []
-        for i in range(0, len(samples), self.batch_size):
-            chunk = [self.ds.prepare(s, 0) for s in samples[i : i + self.batch_size]]
-            prompts = [self.ds.encode(s, add_generation_prompt=True)[0] for s in chunk]
-            counts = [len(s.images) for s in chunk]
-            images = None
-            if sum(counts):
-                loaded = [self.ds.load_images(s) for s in chunk]
-                images = {k: torch.cat([x[k] for x in loaded]).to(self.device) for k in loaded[0]}
-            ids = generate(
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=self.seed)
+        step = self.batch_size * self.world_size
+        for i in range(0, len(samples), step):
+            chunk = samples[i : i + step]
+            out = answer(
                 self.model,
-                prompts,
-                pad_id=self.tokenizer.pad_id,
-                stop_tokens=self.tokenizer.stop_tokens,
-                images=images,
-                image_counts=torch.tensor(counts) if images is not None else None,
-                max_new_tokens=max_new_tokens,
+                self.transform,
+                chunk,
+                settings,
+                tokenizer=self.tokenizer,
+                batch_size=self.batch_size,
+                device=self.device,
             )
-            out += [self.tokenizer.decode(x).strip() for x in ids]
-        return out
+            yield chunk, [a.text for a in out]
 
-    def _describe(self, samples: list[Sample], path: Path, gen: dict[str, Any]) -> dict[str, str]:
+    def _describe(self, samples: list[Sample], path: Path, checkpoint: str) -> dict[str, str]:
         """Descriptions of the samples' distinct images, cached in ``path`` (resumable)."""
-        cached = {}
-        for r in _read_jsonl_resumable(path):
-            if (
-                r.get("describe_prompt") != self.describe_prompt
-                or r.get("max_new_tokens") != self.describe_max_new_tokens
-            ):
-                raise EvalConfigError(
-                    f"{path}: descriptions made with other settings; use another output_dir "
-                    "or overwrite=true"
-                )
-            cached.setdefault(r["image"], r["description"])
+        cached = self._on_rank0(
+            lambda: read_descriptions(path, self.describe_prompt, self.describe_max_new_tokens)
+        )
         todo: dict[str, Sample] = {}
         for s in samples:
-            key = _image_key(s)
+            key = image_key(s)
             if key not in cached and key not in todo:
-                todo[key] = Sample(
-                    f"describe:{key}",
-                    list(s.images),
-                    [Message("user", self.describe_prompt)],
-                    dict(s.meta),
-                )
+                todo[key] = describe_sample(key, s, self.describe_prompt)
         if todo:
             self._log(f"describing {len(todo)} image(s) ({len(cached)} cached)")
-            with open(path, "a", encoding="utf-8") as fh:
-                keys = list(todo)
-                for i in range(0, len(keys), self.batch_size):
-                    part = keys[i : i + self.batch_size]
-                    texts = self._generate([todo[k] for k in part], self.describe_max_new_tokens)
-                    for k, text in zip(part, texts):
-                        row = {
-                            "image": k,
-                            "description": text,
-                            "describe_prompt": self.describe_prompt,
-                            "max_new_tokens": self.describe_max_new_tokens,
-                            "checkpoint": gen["checkpoint"],
-                        }
-                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        fh.flush()
-                        cached[k] = text
+            for chunk, texts in self._answers(list(todo.values()), self.describe_max_new_tokens):
+                for s, text in zip(chunk, texts):
+                    k = s.id.removeprefix("describe:")
+                    row = {
+                        "image": k,
+                        "description": text,
+                        "describe_prompt": self.describe_prompt,
+                        "max_new_tokens": self.describe_max_new_tokens,
+                        "checkpoint": checkpoint,
+                    }
+                    if self.rank == 0:
+                        append_jsonl(path, row)
+                    cached[k] = text
         return cached
-
-    def _question_sample(self, s: Sample, description: str | None) -> Sample:
-        """The sample to generate from: templated question, and the description in describe_then_answer."""
-        asked = apply_template(s, self.prompt_template)
-        user = next(m.content for m in asked.messages if m.role == "user")
-        if description is None:
-            return Sample(s.id, list(s.images), [Message("user", user)], dict(s.meta))
-        if self.describe_layout == "text":
-            text = format_template(
-                self.context_template, user, {**s.meta, "description": description}
-            )
-            return Sample(s.id, [], [Message("user", text)], dict(s.meta))
-        return Sample(
-            s.id,
-            list(s.images),
-            [
-                Message("user", self.describe_prompt),
-                Message("assistant", description),
-                Message("user", user),
-            ],
-            dict(s.meta),
-        )
-
-    def _row(
-        self,
-        s: Sample,
-        prediction: str,
-        ckpt_path: str,
-        task: str,
-        gen: dict,
-        prompt: str,
-        description: str | None,
-    ) -> dict[str, Any]:
-        m = s.meta
-        image = m.get("image")
-        if not isinstance(image, (str, list)):
-            image = [str(i) for i in s.image_paths] if len(s.image_paths) != 1 else s.image_paths[0]
-        row = {
-            "id": s.id,
-            "dataset": str(m.get("dataset", "")),
-            "split": str(m.get("split") or ""),
-            "image": image,
-            "question": str(m.get("question", "")),
-            "answer": m.get("answer", ""),
-            "answer_type": "CAPTION" if task == "caption" else str(m.get("answer_type", "")),
-            "prediction": prediction,
-            "checkpoint": ckpt_path,
-            "generation": gen,
-        }
-        for key in ("language", "modality", "content_type"):
-            if m.get(key) is not None:
-                row[key] = m[key]
-        if task == "caption":
-            row["task"] = "caption"
-        row["prompt"] = prompt
-        if description is not None:
-            row["description"] = description
-        return row
 
     def evaluate_pair(
         self, ckpt_name: str, ckpt_path: str, ds_name: str, task: str, samples: list[Sample]
@@ -593,25 +395,17 @@ class EvalRecipe:
             The metrics JSON written to ``metrics.json``.
         """
         out_dir = self.output_dir / ckpt_name / ds_name
-        out_dir.mkdir(parents=True, exist_ok=True)
         pred_path, desc_path = out_dir / "predictions.jsonl", out_dir / "descriptions.jsonl"
         gen = self.generation_settings(task)
-        if self.overwrite:
-            for p in (pred_path, desc_path, out_dir / "metrics.json"):
-                p.unlink(missing_ok=True)
-        done = {}
-        for r in _load_predictions_resumable(pred_path):
-            same_ckpt = (
-                r["checkpoint"] == ckpt_path
-                or Path(r["checkpoint"]).resolve() == Path(ckpt_path).resolve()
-            )
-            if r["generation"] != gen or not same_ckpt:
-                raise EvalConfigError(
-                    f"{pred_path}: rows were written by checkpoint {r['checkpoint']} with generation "
-                    f"{r['generation']}, not {ckpt_path} with {gen}: use another output_dir or "
-                    "overwrite=true"
-                )
-            done.setdefault(str(r["id"]), r)
+
+        def resume() -> dict[str, dict]:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if self.overwrite:
+                for p in (pred_path, desc_path, out_dir / "metrics.json"):
+                    p.unlink(missing_ok=True)
+            return resume_rows(pred_path, ckpt_path, gen)
+
+        done = self._on_rank0(resume)
         todo = [s for s in samples if str(s.id) not in done]
         self._log(
             f"{ckpt_name} x {ds_name}: {len(todo)} to generate, {len(samples) - len(todo)} already done"
@@ -620,46 +414,62 @@ class EvalRecipe:
             self._ensure_model(ckpt_path)
             descriptions = None
             if task == "vqa" and self.prompt_mode == "describe_then_answer":
-                descriptions = self._describe(todo, desc_path, {**gen, "checkpoint": ckpt_path})
-            max_new = gen["max_new_tokens"]
-            with open(pred_path, "a", encoding="utf-8") as fh:
-                for i in range(0, len(todo), self.batch_size):
-                    chunk = todo[i : i + self.batch_size]
-                    if task == "caption":
-                        asked = [
-                            Sample(
-                                s.id,
-                                list(s.images),
-                                [m for m in s.messages if m.role != "assistant"],
-                                dict(s.meta),
-                            )
-                            for s in chunk
-                        ]
-                        descs = [None] * len(chunk)
-                    else:
-                        descs = [
-                            descriptions[_image_key(s)] if descriptions is not None else None
-                            for s in chunk
-                        ]
-                        asked = [self._question_sample(s, d) for s, d in zip(chunk, descs)]
-                    preds = self._generate(asked, max_new)
-                    for s, a, p, d in zip(chunk, asked, preds, descs):
+                descriptions = self._describe(todo, desc_path, ckpt_path)
+            descs = {
+                s.id: descriptions[image_key(s)] if descriptions is not None else None for s in todo
+            }
+            asked = [
+                caption_sample(s)
+                if task == "caption"
+                else question_sample(
+                    s,
+                    self.prompt_template,
+                    descs[s.id],
+                    layout=self.describe_layout,
+                    describe_prompt=self.describe_prompt,
+                    context_template=self.context_template,
+                )
+                for s in todo
+            ]
+            by_id = {s.id: s for s in todo}
+            fh = open(pred_path, "a", encoding="utf-8") if self.rank == 0 else None  # noqa: SIM115
+            try:
+                for chunk, preds in self._answers(asked, gen["max_new_tokens"]):
+                    for a, p in zip(chunk, preds):
+                        s = by_id[a.id]
                         prompt = [m.content for m in a.messages if m.role == "user"][-1]
-                        row = self._row(s, p, ckpt_path, task, gen, prompt, d)
-                        write_prediction(fh, row)
+                        row = prediction_row(
+                            s,
+                            p,
+                            checkpoint=ckpt_path,
+                            task=task,
+                            generation=gen,
+                            prompt=prompt,
+                            description=descs[s.id],
+                        )
+                        if fh is not None:
+                            from medtune.eval.predictions import write_prediction
+
+                            write_prediction(fh, row)
                         done[str(s.id)] = row
+            finally:
+                if fh is not None:
+                    fh.close()
         wanted = {str(s.id) for s in samples}
         rows = [r for k, r in done.items() if k in wanted]
         metrics = self.score(rows, task, pred_path)
-        _write_atomic(
-            out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
-        )
+        if self.rank == 0:
+            write_text_atomic(
+                out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
+            )
         return metrics
 
     def score(self, rows: list[dict[str, Any]], task: str, pred_path: Path) -> dict[str, Any]:
         """VQA: ``medtune score``'s JSON; captions: ``caption_scores`` (+ ``predictions``)."""
         out: dict[str, Any] = {"predictions": str(pred_path)}
         if task == "caption":
+            if self.rank != 0:
+                return out  # only rank 0 writes metrics; the others skip the (java) scorers
             from medtune.eval.caption_metrics import score_caption_rows
 
             out.update(score_caption_rows(rows, meteor=bool(self.cfg.get("caption_meteor", True))))
@@ -668,27 +478,26 @@ class EvalRecipe:
         return out
 
     def cleanup(self) -> None:
-        """Release the model."""
+        """Release the model and leave the process group."""
+        from medtune.training.distributed import destroy
+
         self.model = None
         gc.collect()
+        if self.world_size > 1:
+            destroy()
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
     """Entry point: ``python recipes/eval.py --config CONFIG [key=value ...]``."""
-    recipe = None
+    recipe = EvalRecipe(cfg)
     try:
-        recipe = EvalRecipe(cfg)
         recipe.setup()
         recipe.run()
-    except (PredictionsError, FileNotFoundError, DataError, EvalConfigError) as e:
-        print(f"eval: error: {e}", file=sys.stderr, flush=True)
-        return 1
     finally:
-        if recipe is not None:
-            recipe.cleanup()
+        recipe.cleanup()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_entry("eval", recipe_main))

@@ -10,7 +10,7 @@ Features (all set in the config):
 
 - **Checkpoint**: ``checkpoint`` is a medtune checkpoint folder (``output_dir/epoch_k`` of
   ``vision_finetune``: ``config.yaml`` + ``model.safetensors``), rebuilt with
-  :func:`medtune.models.loading.load_from_checkpoint` (``checkpoint_overrides`` patches its saved
+  :func:`medtune.training.loading.load_from_checkpoint` (``checkpoint_overrides`` patches its saved
   config, e.g. a moved ``assets_dir``; ``llm_dtype``, ``device``).
 - **One question**: ``image`` (PNG/JPEG/DICOM path, or a list of paths; null for text only) and
   ``question``; the answer is printed as the last line of stdout.
@@ -26,9 +26,15 @@ Features (all set in the config):
   row; ``short_answer: true`` appends LLaVA-1.5's "Answer with a single word or phrase.");
   ``system_prompt`` adds a system turn. The prompt is Llama-3 chat token ids with the image
   placeholders, never text re-encoded.
-- **Decoding** (:func:`medtune.generation.generate`, KV-cached, images at prefill only):
-  ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``max_new_tokens``, ``seed`` (the sampling
-  RNG), ``use_cache``. Stops at ``<|eot_id|>`` / end of text.
+- **Decoding** through the one inference path (:func:`medtune.inference.answer` over
+  :func:`medtune.generation.generate`, KV-cached, images at prefill only): ``temperature``
+  (0 = greedy), ``top_k``, ``top_p``, ``max_new_tokens``, ``seed`` (sampling draws from a
+  generator seeded per batch by (seed, batch number)), ``use_cache``; beam search with
+  ``num_beams`` > 1 and ``length_penalty`` (HF/LAVIS rules, :mod:`medtune.beam_search`);
+  ``repetition_penalty`` (CTRL/HF) and ``min_new_tokens`` for either. Stops at ``<|eot_id|>`` /
+  end of text.
+- **Data-parallel**: ``medtune run --nproc_per_node N generate ...`` splits a prompts file's
+  batches over N processes; rank 0 alone writes ``output``, equal to a 1-process run's.
 - DICOM images: ``window`` (``[center, width]`` or a named window) as in training.
 """
 
@@ -40,15 +46,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from medtune.data.errors import DataError
 from medtune.data.prompts import VQA_DIRECT, VQA_SHORT_ANSWER, format_template
 from medtune.data.sample import Message, Sample
+from medtune.utils.errors import UserError, run_entry
+from medtune.utils.jsonl import JsonlError, append_jsonl, read_jsonl, read_jsonl_numbered
 
-SUPPORTS_DISTRIBUTED = False
+SUPPORTS_DISTRIBUTED = True
 
 KNOWN_KEYS = {
     "output_dir",
@@ -71,6 +77,10 @@ KNOWN_KEYS = {
     "top_p",
     "seed",
     "use_cache",
+    "num_beams",
+    "length_penalty",
+    "repetition_penalty",
+    "min_new_tokens",
     "batch_size",
     "window",
     "overwrite",
@@ -82,7 +92,7 @@ def _key(row_id: Any) -> str:
     return json.dumps(row_id)
 
 
-class GenerateConfigError(ValueError):
+class GenerateConfigError(UserError, ValueError):
     """A config or prompts file generate cannot work with; the message says what to change."""
 
 
@@ -102,28 +112,23 @@ def read_prompts(path: Path, image_root: Path | None = None) -> list[dict[str, A
     """
     root = image_root or path.parent
     rows, seen = [], set()
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerateConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                raise GenerateConfigError(
-                    f"{path}:{n}: expected an object with a 'question' string"
-                )
-            image = row.get("image")
-            refs = [] if image is None else [image] if isinstance(image, str) else image
-            if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
-                raise GenerateConfigError(f"{path}:{n}: 'image' must be a path or a list of paths")
-            row.setdefault("id", n)
-            if row["id"] in seen:
-                raise GenerateConfigError(f"{path}:{n}: duplicate id {row['id']!r}")
-            seen.add(row["id"])
-            row["_images"] = [str(Path(r) if Path(r).is_absolute() else root / r) for r in refs]
-            rows.append(row)
+    try:
+        numbered = read_jsonl_numbered(path, what="prompts", strict=True)
+    except JsonlError as e:
+        raise GenerateConfigError(str(e)) from None
+    for n, row in numbered:
+        if not isinstance(row.get("question"), str):
+            raise GenerateConfigError(f"{path}:{n}: expected an object with a 'question' string")
+        image = row.get("image")
+        refs = [] if image is None else [image] if isinstance(image, str) else image
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise GenerateConfigError(f"{path}:{n}: 'image' must be a path or a list of paths")
+        row.setdefault("id", n)
+        if row["id"] in seen:
+            raise GenerateConfigError(f"{path}:{n}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        row["_images"] = [str(Path(r) if Path(r).is_absolute() else root / r) for r in refs]
+        rows.append(row)
     return rows
 
 
@@ -160,19 +165,26 @@ class GenerateRecipe:
             "top_p": cfg.get("top_p"),
             "seed": int(cfg.get("seed", 0)),
             "use_cache": bool(cfg.get("use_cache", True)),
+            # beam search (medtune.beam_search): 1 = greedy / sampling as above
+            "num_beams": int(cfg.get("num_beams", 1)),
+            "length_penalty": float(cfg.get("length_penalty", 1.0)),
+            "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
+            "min_new_tokens": int(cfg.get("min_new_tokens", 0)),
             "prompt_template": template,
             "system_prompt": cfg.get("system_prompt"),
         }
         self.model = None
+        self.rank, self.world_size = 0, 1
 
     def _log(self, msg: str) -> None:
-        print(f"generate: {msg}", flush=True)
+        if self.rank == 0:
+            print(f"generate: {msg}", flush=True)
 
     def setup(self) -> None:
         """Load the checkpoint and the prompts."""
-        from medtune.data.chat import VisionChatDataset
-        from medtune.models.loading import load_from_checkpoint
-        from medtune.training.distributed import resolve_device
+        from medtune.data.transform import medvlm_transform
+        from medtune.training.distributed import init_distributed, resolve_device
+        from medtune.training.loading import load_from_checkpoint
 
         cfg = self.cfg
         if cfg.get("prompts") is not None:
@@ -199,6 +211,7 @@ class GenerateRecipe:
                 if not Path(p).is_file():
                     raise FileNotFoundError(f"image not found: {p} (prompt id {row['id']!r})")
         self.device = resolve_device(cfg.get("device", "auto"))
+        self.rank, self.world_size = init_distributed(self.device)
         node = cfg.get("checkpoint_overrides")
         overrides = (
             OmegaConf.to_container(node, resolve=True)
@@ -209,56 +222,57 @@ class GenerateRecipe:
         self.model, self.tokenizer, _ = load_from_checkpoint(
             cfg.checkpoint, self.device, cfg.get("llm_dtype"), overrides
         )
-        self.ds = VisionChatDataset(
-            [],
+        self.transform = medvlm_transform(
+            self.model,
             self.tokenizer,
-            image_token_id=self.model.image_token_id,
-            tokens_per_image=self.model.tokens_per_image,
-            transforms=self.model.image_transforms,
             system_prompt=cfg.get("system_prompt"),
             window=cfg.get("window"),
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(self.gen["seed"])
 
-    def answer(self, rows: list[dict[str, Any]]) -> list[str]:
-        """Generate answers for a batch of prompt rows.
+    def answer(self, rows: list[dict[str, Any]], first_batch: int = 0) -> list[str]:
+        """Answer prompt rows (:func:`medtune.inference.answer`; data-parallel under torchrun).
 
         Args:
             rows: rows with ``question``, ``_images`` (absolute paths) and ``id``.
+            first_batch: the number of the rows' first batch in the whole run (batch seeds).
 
         Returns:
-            One decoded answer per row.
+            One decoded answer per row, on every rank.
         """
-        from medtune.generation import generate
+        from medtune.generation import GenerationConfig
+        from medtune.inference import answer
 
         samples = []
         for row in rows:
             meta = {k: v for k, v in row.items() if not k.startswith("_") and k != "question"}
             text = format_template(self.prompt_template, row["question"], meta)
-            sample = Sample(str(row["id"]), list(row["_images"]), [Message("user", text)], meta)
-            samples.append(self.ds.prepare(sample, 0))
-        prompts = [self.ds.encode(s, add_generation_prompt=True)[0] for s in samples]
-        counts = [len(s.images) for s in samples]
-        images = None
-        if sum(counts):
-            loaded = [self.ds.load_images(s) for s in samples]
-            images = {k: torch.cat([x[k] for x in loaded]).to(self.device) for k in loaded[0]}
+            samples.append(
+                Sample(str(row["id"]), list(row["_images"]), [Message("user", text)], meta)
+            )
         g = self.gen
-        ids = generate(
-            self.model,
-            prompts,
-            pad_id=self.tokenizer.pad_id,
-            stop_tokens=self.tokenizer.stop_tokens,
-            images=images,
-            image_counts=torch.tensor(counts) if images is not None else None,
+        settings = GenerationConfig(
             max_new_tokens=g["max_new_tokens"],
             temperature=g["temperature"],
             top_k=g["top_k"],
             top_p=g["top_p"],
-            generator=self.generator,
+            seed=g["seed"],
             use_cache=g["use_cache"],
+            num_beams=g["num_beams"],
+            length_penalty=g["length_penalty"],
+            repetition_penalty=g["repetition_penalty"],
+            min_new_tokens=g["min_new_tokens"],
         )
-        return [self.tokenizer.decode(x).strip() for x in ids]
+        out = answer(
+            self.model,
+            self.transform,
+            samples,
+            settings,
+            tokenizer=self.tokenizer,
+            batch_size=self.batch_size,
+            device=self.device,
+            first_batch=first_batch,
+        )
+        return [a.text for a in out]
 
     def run(self) -> list[str]:
         """Answer every prompt; print the single answer or write the output JSONL.
@@ -271,27 +285,35 @@ class GenerateRecipe:
         if cfg.get("prompts") is None:
             answer = self.answer(self.rows)[0]
             self._log(f"{time.perf_counter() - t0:.1f}s")
-            print(answer, flush=True)
+            if self.rank == 0:
+                print(answer, flush=True)
             return [answer]
         out_path = Path(cfg.get("output") or Path(cfg.output_dir) / "generations.jsonl")
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        done = {} if cfg.get("overwrite", False) else self._answered(out_path)
+        done = self._answered_on_rank0(out_path)
         todo = [r for r in self.rows if _key(r["id"]) not in done]
         new: dict[str, str] = {}
-        # rewrite the kept rows (drops a line a killed run left half-written), then append
-        with open(out_path, "w", encoding="utf-8") as fh:
-            for row in done.values():
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            for i in range(0, len(todo), self.batch_size):
-                chunk = todo[i : i + self.batch_size]
-                for row, ans in zip(chunk, self.answer(chunk)):
+        fh = None
+        if self.rank == 0:
+            # rewrite the kept rows (drops a line a killed run left half-written), then append
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(out_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        try:
+            for row in done.values() if fh is not None else ():
+                append_jsonl(fh, row)
+            step = self.batch_size * self.world_size  # one batch per rank, then rank 0 writes
+            for i in range(0, len(todo), step):
+                chunk = todo[i : i + step]
+                for row, ans in zip(chunk, self.answer(chunk, first_batch=i // self.batch_size)):
                     out = {k: v for k, v in row.items() if not k.startswith("_")}
                     out.update(
                         prediction=ans, checkpoint=str(cfg.checkpoint), generation=dict(self.gen)
                     )
-                    fh.write(json.dumps(out, ensure_ascii=False) + "\n")
-                    fh.flush()
+                    if fh is not None:
+                        append_jsonl(fh, out)
                     new[_key(row["id"])] = ans
+        finally:
+            if fh is not None:
+                fh.close()
         answers = [
             new[k] if k in new else done[k]["prediction"]
             for k in (_key(r["id"]) for r in self.rows)
@@ -299,6 +321,25 @@ class GenerateRecipe:
         kept = f", {len(done)} kept from an earlier run" if done else ""
         self._log(f"{len(new)} answers in {time.perf_counter() - t0:.1f}s{kept} -> {out_path}")
         return answers
+
+    def _answered_on_rank0(self, out_path: Path) -> dict[str, dict[str, Any]]:
+        """:meth:`_answered` on rank 0, its result (or its user error) on every rank."""
+        if self.cfg.get("overwrite", False):
+            return {}
+        if self.world_size == 1:
+            return self._answered(out_path)
+        import torch.distributed as dist
+
+        box: list[Any] = [None, None]
+        if self.rank == 0:
+            try:
+                box[0] = self._answered(out_path)
+            except UserError as e:
+                box[1] = str(e)
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise GenerateConfigError(box[1])
+        return box[0]
 
     def _answered(self, out_path: Path) -> dict[str, dict[str, Any]]:
         """Rows of an earlier run's ``output`` for this run's prompts (resume).
@@ -310,11 +351,9 @@ class GenerateRecipe:
         """
         if not out_path.is_file():
             return {}
-        from medtune.eval.predictions import PredictionsError, read_predictions
-
-        try:  # drops the half-written last line of a killed run
-            rows = read_predictions(out_path, validate=False, skip_truncated_tail=True)
-        except PredictionsError as e:
+        try:  # drops the half-written last line of a killed run (rewritten without it)
+            rows = read_jsonl(out_path, what="answers")
+        except JsonlError as e:
             raise GenerateConfigError(f"{e}; fix it or run with overwrite=true") from None
         wanted = {_key(r["id"]) for r in self.rows}
         done: dict[str, dict[str, Any]] = {}
@@ -332,26 +371,25 @@ class GenerateRecipe:
         return done
 
     def cleanup(self) -> None:
-        """Release the model."""
+        """Release the model and leave the process group."""
+        from medtune.training.distributed import destroy
+
         self.model = None
+        if self.world_size > 1:
+            destroy()
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
     """Entry point: ``python recipes/generate.py --config CONFIG [key=value ...]``."""
-    recipe = None
+    recipe = GenerateRecipe(cfg)
     try:
-        recipe = GenerateRecipe(cfg)
         recipe.setup()
         recipe.run()
-    except (FileNotFoundError, DataError, GenerateConfigError) as e:
-        print(f"generate: error: {e}", file=sys.stderr, flush=True)
-        return 1
     finally:
-        if recipe is not None:
-            recipe.cleanup()
+        recipe.cleanup()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_entry("generate", recipe_main))

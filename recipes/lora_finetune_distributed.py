@@ -1,52 +1,484 @@
-"""LoRA / DoRA fine-tuning of a MedVLM (or a plain Llama-3) on several devices with FSDP2.
+"""LoRA / DoRA / QLoRA fine-tuning of a MedVLM (or a plain Llama-3) on several devices with FSDP2.
 
     medtune run --nproc_per_node 2 lora_finetune_distributed --config demo              # 2 CPU processes (gloo)
     medtune run --nproc_per_node 8 lora_finetune_distributed --config slake model_dir=... encoder_dir=... data_dir=...
+    medtune cp lora_finetune_distributed my_lora.py   # the recipe itself: edit its loop, then
+    medtune run --nproc_per_node 8 my_lora.py --config lora_finetune_distributed/slake
 
-Same config and features as ``lora_finetune_single_device`` (LoRA/DoRA options, fp32 adapters over
-a bf16 base, schedules, clipping, accumulation, activation checkpointing, logging, PEFT adapter
-export and optional merged export, resume), plus:
+Features (all set in the config):
 
-- **Process group**: NCCL on CUDA, gloo on CPU (torchtune's own LoRA recipe hard-codes NCCL);
-  no unconditional CUDA call. Without torchrun the recipe forms a world of one process.
+- **Model**: a builder from ``medtune.models.lora`` (``tiny_medvlm_lora``,
+  ``medvlm_open_clip_lora_llama3``, ``medvlm_biomedclip_lora_llama3_8b``, or the bare
+  ``lora_llama3_from_hf_config`` for text-only SFT) with torchtune's LoRA modules:
+  ``lora_attn_modules``, ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``lora_rank``,
+  ``lora_alpha``, ``lora_dropout``, ``use_dora`` (DoRA), ``quantize_base`` (QLoRA: NF4 base weights
+  through torchao; every quantized weight needs a size divisible by 256). Base LLM weights load
+  through torchtune's checkpointer.
+- **Trainable parts**: ``trainable.llm: lora`` (only ``lora_a``/``lora_b``/``magnitude`` train);
+  ``trainable.encoder`` / ``trainable.connector`` ``full | frozen``. Parameter table and per-rank
+  memory estimate (NF4 at its real storage size) printed before training.
+- **Precision**: adapters, encoder and connector are fp32 masters even when the frozen base is bf16
+  (``llm_dtype: bf16``) or NF4; with a bf16 base, compute runs under bf16 autocast (on CPU too, as
+  fp32 adapters cannot multiply bf16 activations otherwise); ``autocast: true`` turns it on for an
+  fp32 base on CUDA.
+- **Optimization**: ``optimizer``, ``lr_scheduler`` and ``loss`` are components; a learning rate per
+  part (``lr.llm`` is the adapters'), ``clip_grad_norm``, ``gradient_accumulation_steps``,
+  ``enable_activation_checkpointing``. The loss is the mean over all answer tokens of the global
+  batch, so N processes with batch B train as one with batch N*B. Logits are computed only at the
+  answer positions.
+- **Data**: as ``vision_finetune`` (reader -> model transform -> resumable loader).
 - **Meta-device build + FSDP2**: the LoRA decoder is built on ``meta``, sharded per transformer
   layer, and one full state dict (base weights + adapter init from a seeded CPU generator, so any
-  number of ranks starts from the same adapters) is loaded shard by shard. QLoRA
-  (``quantize_base: true``) builds the decoder on the device instead (torchao cannot quantize on
-  ``meta``) and then shards it.
-- **Global-batch loss**: N processes with per-process ``batch_size`` B train as one with N*B.
-- **Checkpoints**: the full state is gathered on rank 0 (``training.gather_cpu_state_dict``; NF4
-  dequantized) for the adapter / merged exports.
+  number of ranks starts from the same adapters) is loaded: rank 0 alone reads the checkpoint and
+  every rank receives its shards. QLoRA builds the decoder on the device instead (torchao cannot
+  quantize on ``meta``) and then shards it. NCCL on CUDA, gloo on CPU; without torchrun the recipe
+  forms a world of one process.
+- **Throughput**: ``packed: true`` (with ``max_seq_len``) packs samples and their images into
+  rows of ``max_seq_len`` tokens (block-diagonal causal attention, positions restarting per
+  sample, the same per-token loss as unpacked; flex attention on CUDA); ``group_by_length: true``
+  batches samples of similar length instead; ``compile: true`` compiles each decoder layer (and
+  the blocks of trained encoders) with ``torch.compile``, as torchtune does.
+- **Checkpoints** (``output_dir/epoch_{k}/``): ``model.safetensors`` (adapters + trained encoder /
+  connector, MedVLM names), ``adapter/`` (PEFT layout: ``adapter_config.json`` +
+  ``adapter_model.safetensors``), with ``save_merged: true`` also ``merged/`` (base + adapters
+  folded, HF layout), ``config.yaml``, and ``recipe_state.pt`` for ``resume_from_checkpoint=True``,
+  which reproduces the uninterrupted run bit for bit (dropout included).
+- **Bad input** stops with one ``lora_finetune_distributed: error:`` line naming the file, row or key.
+
+The loop is :meth:`LoRAFinetuneRecipeDistributed.train` below: edit it in a copy (``medtune cp``).
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
-from torchtune import config
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training
+from tqdm import tqdm
 
-from medtune.training.finetune import KNOWN_KEYS as _SHARED_KEYS
-from medtune.training.finetune import FinetuneRecipe, run
+from medtune.data.packing import attention_mask
+from medtune.data.transform import VisionChatDataset, medvlm_transform
+from medtune.models.llama3 import decoder_dtype
+from medtune.models.lora import adapter_init_state, lora_settings
+from medtune.models.medvlm import output_at
+from medtune.training import checkpointing as ckpt
+from medtune.training import export
+from medtune.training.compile import compile_model
+from medtune.training.data import build_dataloader
+from medtune.training.distributed import (
+    all_reduce_sum,
+    barrier,
+    destroy,
+    init_process_group,
+    resolve_device,
+)
+from medtune.training.export import is_adapter_key
+from medtune.training.loss import answer_targets
+from medtune.training.memory import estimate_memory, format_memory
+from medtune.training.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    param_groups,
+    restore_lr_scheduler,
+)
+from medtune.training.params import parameter_table, set_trainable
+from medtune.training.setup import (
+    build_model,
+    check_llm_mode,
+    check_on_device,
+    check_tokenizer,
+    clean_name,
+    decoder_of,
+    is_vlm,
+    load_sharded,
+    read_llm_state,
+    shard_vlm,
+)
+from medtune.utils.config import check_keys
+from medtune.utils.errors import ConfigError, cfg_get, positive, run_entry
 
 SUPPORTS_DISTRIBUTED = True
+NAME = "lora_finetune_distributed"
 
-KNOWN_KEYS = set(_SHARED_KEYS)
+KNOWN_KEYS = {
+    "output_dir", "assets_dir", "data_dir", "model_dir", "encoder_dir",
+    "tokenizer", "model", "checkpointer", "trainable", "llm_dtype", "autocast", "device",
+    "dataset", "val_dataset", "prompt_template", "system_prompt", "augment", "blank_images",
+    "window", "max_seq_len", "seed", "shuffle", "batch_size", "epochs", "max_steps_per_epoch",
+    "gradient_accumulation_steps", "optimizer", "lr", "lr_scheduler", "loss", "clip_grad_norm",
+    "enable_activation_checkpointing", "metric_logger", "log_every_n_steps", "num_workers",
+    "resume_from_checkpoint", "save_every_n_steps", "packed", "group_by_length", "compile", "save_merged",
+}  # fmt: skip
 
 
-class LoRAFinetuneRecipeDistributed(FinetuneRecipe):
-    """LoRA / DoRA with FSDP2. See the module docstring."""
+class LoRAFinetuneRecipeDistributed:
+    """LoRA / DoRA / QLoRA under FSDP2 (1 or N processes). See the module docstring."""
 
-    name = "lora_finetune_distributed"
-    llm_mode = "lora"
-    distributed = True
-    known_keys = KNOWN_KEYS
+    def __init__(self, cfg: DictConfig) -> None:
+        check_keys(cfg, KNOWN_KEYS, NAME)
+        self.cfg = cfg
+        self.device = resolve_device(cfg_get(cfg, "device", str, "auto"))
+        self.distributed = True  # FSDP2 always; without torchrun a world of one process
+        self.rank, self.world_size = init_process_group(self.device)
+        self.is_rank_zero = self.rank == 0
+        self.output_dir = Path(cfg_get(cfg, "output_dir", str))
+        self.llm_dtype = decoder_dtype(cfg.get("llm_dtype", "fp32"))  # the frozen base's dtype
+        # fp32 adapters over a bf16 base need autocast (on CPU too)
+        self.autocast = (
+            cfg_get(cfg, "autocast", bool, False) and self.device.type == "cuda"
+        ) or self.llm_dtype != torch.float32
+        self.quantized = cfg_get(cfg, "model.quantize_base", bool, False)
+        self.seed = cfg_get(cfg, "seed", int, 0)
+        self.batch_size = cfg_get(cfg, "batch_size", int, check=positive())
+        self.epochs = cfg_get(cfg, "epochs", int, check=positive())
+        self.accum = cfg_get(cfg, "gradient_accumulation_steps", int, 1, check=positive())
+        self.max_steps_per_epoch = cfg_get(cfg, "max_steps_per_epoch", int, None, check=positive())
+        self.log_every = cfg_get(cfg, "log_every_n_steps", int, 1, check=positive())
+        self.save_every = cfg_get(cfg, "save_every_n_steps", int, None, check=positive())
+        self.clip = cfg_get(cfg, "clip_grad_norm", float, None, check=positive())
+        self.epoch, self.global_step, self.batches_done = 0, 0, 0
+        self.loss_history: list[float] = []
+        ckpt.seed_everything(self.seed)  # the same seed on every rank: identical initial weights
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Tokenizer, model, loss, data, optimizer, schedule; resume; print the tables."""
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        state = None
+        if cfg_get(cfg, "resume_from_checkpoint", bool, False):
+            state = ckpt.load_recipe_state(self.output_dir)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.model = self._setup_model(state)
+        self.loss_fn = config.instantiate(cfg.loss)
+        self.metric_logger = None
+        if self.is_rank_zero and cfg.get("metric_logger"):
+            self.metric_logger = config.instantiate(cfg.metric_logger)
+        self.train_ds, self.train_loader, self.sampler = self._setup_data(cfg.dataset, train=True)
+        val = cfg.get("val_dataset")  # ``val_dataset=null`` leaves {_component_: None}
+        self.val_loader = None
+        if val and val.get("_component_"):
+            self.val_loader = self._setup_data(val, train=False)[1]
+        n_batches = len(self.train_loader)
+        if self.max_steps_per_epoch is not None:
+            n_batches = min(n_batches, self.max_steps_per_epoch * self.accum)
+        self.steps_per_epoch = max(1, n_batches // self.accum)
+        self.optimizer = build_optimizer(cfg.optimizer, param_groups(self.model, cfg.lr))
+        self.lr_scheduler = build_lr_scheduler(
+            cfg.get("lr_scheduler"), self.optimizer, self.steps_per_epoch * self.epochs
+        )
+        if state is not None:
+            self._restore(state)
+        if self.is_rank_zero:
+            print(parameter_table(self.model, dict(cfg.trainable)), flush=True)
+            mem = estimate_memory(self.model, self.optimizer, world_size=self.world_size)
+            print(format_memory(mem, self.world_size), flush=True)
+            print(
+                f"{NAME}: {len(self.train_ds)} training samples, {self.steps_per_epoch} steps/epoch "
+                f"x {self.epochs} epochs, global batch "
+                f"{self.batch_size * self.world_size * self.accum} ({self.world_size} process(es), "
+                f"device {self.device})",
+                flush=True,
+            )
+
+    def _setup_model(self, state: dict[str, Any] | None) -> torch.nn.Module:
+        """Build (LLM on ``meta``) -> shard -> load one full state dict -> check."""
+        cfg = self.cfg
+        # torchao cannot quantize on meta: a QLoRA decoder is built on the device
+        model = build_model(
+            cfg.model, device=self.device, dtype=self.llm_dtype, llm_on_meta=not self.quantized
+        )
+        self.is_vlm = is_vlm(model)
+        check_llm_mode(model, "lora", NAME)
+        check_tokenizer(model, self.tokenizer)
+        allowed = {"encoder": ("full", "frozen"), "connector": ("full", "frozen"), "llm": ("lora",)}
+        set_trainable(model, dict(cfg.trainable), allowed=allowed)
+        decoder, self.prefix = decoder_of(model)
+        if cfg_get(cfg, "enable_activation_checkpointing", bool, False):
+            from torchtune.modules import TransformerSelfAttentionLayer
+
+            training.set_activation_checkpointing(
+                decoder, auto_wrap_policy={TransformerSelfAttentionLayer}
+            )
+            for enc in getattr(model, "encoders", {}).values():
+                enc.set_grad_checkpointing(True)
+        if cfg_get(cfg, "compile", bool, False):  # each decoder layer (+ trained encoder blocks)
+            compile_model(model, decoder)
+        # one full state dict on rank 0: base weights + (resumed, else initial) adapters and parts
+        full = read_llm_state(cfg.checkpointer, rank=self.rank, only_rank0=True, prefix=self.prefix)
+        if full is not None:
+            start = self._trained_start(state)
+            if not any(is_adapter_key(k) for k in start):
+                base = {k[len(self.prefix) :]: v for k, v in full.items()}
+                init = adapter_init_state(decoder, base, self.seed)
+                start.update({self.prefix + k: v for k, v in init.items()})
+            full.update(start)
+        shard_vlm(model, decoder)
+        load_sharded(model, full, self.device, f"checkpointer ({cfg.checkpointer.checkpoint_dir})")
+        check_on_device(model)
+        self.trained_names = [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.trained_names:
+            raise ConfigError("trainable: nothing to train")
+        return model
+
+    def _trained_start(self, state: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+        """Adapters and trained parts of the resumed checkpoint (none for a fresh run)."""
+        if state is None:
+            return {}
+        return ckpt.read_trained(self.output_dir / state["checkpoint"], "resume")
+
+    def _setup_data(self, ds_cfg: DictConfig, train: bool):
+        """Reader -> model transform -> dataset -> resumable loader."""
+        cfg = self.cfg
+        samples = config.instantiate(ds_cfg)
+        template = cfg.get("prompt_template")
+        transform = (
+            medvlm_transform(  # a bare Llama-3: no image tokens, samples must have no images
+                self.model,
+                self.tokenizer,
+                prompt_template=OmegaConf.to_container(template)
+                if OmegaConf.is_list(template)
+                else template,
+                system_prompt=cfg.get("system_prompt"),
+                max_seq_len=cfg_get(cfg, "max_seq_len", int, None, check=positive()),
+                window=cfg.get("window"),
+                blank_images=cfg_get(cfg, "blank_images", bool, False),
+                augment=OmegaConf.to_container(cfg.augment)
+                if train and cfg.get("augment")
+                else None,
+                seed=self.seed,
+            )
+        )
+        ds = VisionChatDataset(samples, transform, train=train)
+        return build_dataloader(  # padded, packed (packed: true) or length-grouped batches
+            ds,
+            batch_size=self.batch_size,
+            pad_id=self.tokenizer.pad_id,
+            shuffle=train and cfg_get(cfg, "shuffle", bool, True),
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=cfg_get(cfg, "num_workers", int, 0),
+            packed=cfg_get(cfg, "packed", bool, False),
+            max_seq_len=cfg_get(cfg, "max_seq_len", int, None),
+            group_by_length=train and cfg_get(cfg, "group_by_length", bool, False),
+            dense_mask=self.device.type != "cuda",  # CUDA: a flex-attention BlockMask instead
+        )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimizer, schedule, position and RNGs of the interrupted run."""
+        ckpt.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.distributed)
+        restore_lr_scheduler(self.lr_scheduler, self.optimizer, state["scheduler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.batches_done = state["batches_done"]
+        self.loss_history = list(state.get("loss_history", []))
+        ckpt.set_rng_state(state["rng"])  # last: nothing may draw between here and the next step
+        if self.is_rank_zero:
+            print(
+                f"resumed from {self.output_dir / state['checkpoint']} at epoch {self.epoch}, "
+                f"step {self.global_step} ({self.batches_done} batches into the epoch)",
+                flush=True,
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, tag: str) -> None:
+        """Write ``output_dir/<tag>/`` (adapters + trained parts, PEFT adapter, optional merged
+        model, config) and ``output_dir/recipe_state.pt``."""
+        full = ckpt.gather_full_state(self.model, self.distributed, self.device)  # collective
+        optim = ckpt.optimizer_state(self.model, self.optimizer, self.distributed)  # collective
+        rng = ckpt.rng_states()  # collective: every rank's RNGs
+        if self.is_rank_zero:
+            folder = self.output_dir / tag
+            trained = {k: full[k].contiguous() for k in self.trained_names}
+            ckpt.save_trained(trained, folder, OmegaConf.to_yaml(self.cfg, resolve=True))
+            dec = {k[len(self.prefix) :]: v for k, v in full.items() if k.startswith(self.prefix)}
+            hf_config = Path(self.cfg.checkpointer.checkpoint_dir) / "config.json"
+            settings = lora_settings(self.model)
+            export.save_peft_adapter(
+                dec,
+                settings,
+                folder / export.ADAPTER_DIR,
+                hf_config,
+                base_model=str(self.cfg.checkpointer.checkpoint_dir),
+            )
+            if cfg_get(self.cfg, "save_merged", bool, False):
+                merged = export.merge_lora(dec, settings)
+                export.save_hf(merged, folder / export.MERGED_DIR, hf_config)
+            ckpt.save_recipe_state(
+                self.output_dir,
+                {
+                    "checkpoint": tag,
+                    "epoch": self.epoch,
+                    "global_step": self.global_step,
+                    "batches_done": self.batches_done,
+                    "optimizer": optim,
+                    "scheduler": self.lr_scheduler.state_dict(),
+                    "rng": rng,
+                    "seed": self.seed,
+                    "loss_history": self.loss_history,
+                },
+            )
+            print(f"saved {folder}", flush=True)
+        barrier()
+
+    # ------------------------------------------------------------------ train
+    def _batch_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The batch's images, or None for a batch without any. Under FSDP every rank must run the
+        (sharded) encoders or none may."""
+        n_img = int(batch["image_counts"].sum())
+        if self.world_size > 1:
+            ranks_with = int(all_reduce_sum(torch.tensor(int(n_img > 0), device=self.device)))
+            if 0 < ranks_with < self.world_size and n_img == 0:
+                raise ConfigError(
+                    f"dataset: rank {self.rank} got a batch without images while other ranks have "
+                    "images; mix text-only and image samples within each batch"
+                )
+        if n_img == 0:
+            return None
+        return {k: v.to(self.device) for k, v in batch["images"].items()}
+
+    def _loss_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss over the batch's answer tokens, and their count: ``(loss_sum [], n [])``."""
+        tokens = batch["tokens"].to(self.device)  # [b, s]
+        targets, keep = answer_targets(batch["labels"].to(self.device))  # [b, s], [b, s]
+        packing = {}  # packed rows: block-diagonal causal mask, positions restarting per sample
+        if "input_pos" in batch:
+            packing = {
+                "mask": attention_mask(batch, self.device),
+                "input_pos": batch["input_pos"].to(self.device),
+            }
+        decoder, _ = decoder_of(self.model)
+        with (
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+            output_at(decoder, keep),  # logits only where there is a target
+        ):
+            if self.is_vlm:
+                images = self._batch_images(batch)  # encoder -> [n_img, 3, H, W]
+                logits = self.model(
+                    tokens, images=images, image_counts=batch["image_counts"], **packing
+                )
+            else:
+                if int(batch["image_counts"].sum()):
+                    raise ConfigError(
+                        f"dataset: samples {batch['ids']} hold images but the model is a "
+                        "text-only Llama-3 (use medtune.data.drop_images, or a MedVLM builder)"
+                    )
+                logits = self.model(tokens, **packing)
+        return self.loss_fn(logits, targets[keep]), keep.sum()
+
+    def validate(self) -> float:
+        """Mean validation loss over all answer tokens (all ranks)."""
+        self.model.eval()
+        tot = torch.zeros((), device=self.device)
+        n = torch.zeros((), device=self.device, dtype=torch.long)
+        with torch.no_grad():
+            for batch in self.val_loader:
+                loss, k = self._loss_step(batch)
+                tot += loss.detach()
+                n += k
+        self.model.train()
+        return float(all_reduce_sum(tot) / all_reduce_sum(n).clamp(min=1))
+
+    def train(self) -> None:
+        """Epochs of accumulated steps; validation and a checkpoint after each epoch."""
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        while self.epoch < self.epochs:
+            self.train_ds.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch, skip=self.batches_done)
+            n_batches = self.steps_per_epoch * self.accum
+            pbar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.batches_done // self.accum,
+                desc=f"epoch {self.epoch}",
+                leave=False,
+                **({} if self.is_rank_zero else {"disable": True}),  # rank 0: TQDM_DISABLE decides
+            )
+            run_loss = torch.zeros((), device=self.device)
+            run_tok = torch.zeros((), device=self.device, dtype=torch.long)
+            t0 = time.perf_counter()
+            for batch in self.train_loader:
+                if self.batches_done >= n_batches:
+                    break
+                loss, n_tok = self._loss_step(batch)
+                loss.backward()
+                run_loss += loss.detach()
+                run_tok += n_tok
+                self.batches_done += 1
+                if self.batches_done % self.accum:
+                    continue
+                # mean over the answer tokens of the global batch; FSDP averages gradients over
+                # ranks, so scale by world_size / tokens
+                glob_tok = all_reduce_sum(run_tok.clone()).clamp(min=1)
+                step_loss = float(all_reduce_sum(run_loss.clone()) / glob_tok)
+                training.scale_grads(self.model, self.world_size / glob_tok)
+                grad_norm = None
+                if self.clip is not None:
+                    grad_norm = ckpt.full_tensor(
+                        torch.nn.utils.clip_grad_norm_(params, max_norm=self.clip)
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.lr_scheduler.step()
+                self.global_step += 1
+                self.loss_history.append(step_loss)
+                if self.is_rank_zero and self.global_step % self.log_every == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    metrics = {
+                        "loss": step_loss,
+                        "lr": lr,
+                        "tokens_per_second_per_gpu": float(run_tok) / (time.perf_counter() - t0),
+                    }
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    if self.metric_logger is not None:
+                        self.metric_logger.log_dict(metrics, step=self.global_step)
+                    tqdm.write(
+                        f"step {self.global_step} epoch {self.epoch} loss {step_loss:.4f} lr {lr:.2e}"
+                    )
+                pbar.update(1)
+                run_loss.zero_()
+                run_tok.zero_()
+                t0 = time.perf_counter()
+                if (
+                    self.save_every
+                    and self.global_step % self.save_every == 0
+                    and self.batches_done < n_batches
+                ):
+                    self.save_checkpoint(f"step_{self.global_step}")
+            pbar.close()
+            last = self.loss_history[-1] if self.loss_history else math.nan
+            msg = f"epoch {self.epoch} done: train loss {last:.4f}"
+            if self.val_loader is not None:
+                val = self.validate()
+                msg += f", validation loss {val:.4f}"
+                if self.metric_logger is not None:
+                    self.metric_logger.log_dict({"val_loss": val}, step=self.global_step)
+            if self.is_rank_zero:
+                print(msg, flush=True)
+            self.epoch += 1
+            self.batches_done = 0
+            self.save_checkpoint(f"epoch_{self.epoch - 1}")
+
+    def cleanup(self) -> None:
+        """Close the logger and the process group."""
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        destroy()
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    run(LoRAFinetuneRecipeDistributed, cfg)
+    recipe = LoRAFinetuneRecipeDistributed(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_entry(NAME, recipe_main))

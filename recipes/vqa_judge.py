@@ -7,9 +7,11 @@
 
 Features (all set in the config):
 
-- **Input**: ``predictions``, one or more predictions JSONL files written by ``eval`` (DESIGN §3
-  schema; every row is validated, errors name file and line). Rows of several files are judged
-  together; a row is identified by ``checkpoint|dataset|split|id``.
+- **Input**: ``predictions``, one or more predictions JSONL files, written by ``eval`` or by
+  another system: each row needs only ``id``, ``question``, ``answer``, ``answer_type`` and
+  ``prediction`` (``dataset`` defaults to ``unknown``; other fields are carried through; errors
+  name file and line). Rows of several files are judged together; a row is identified by
+  ``checkpoint|dataset|split|id``.
 - **Prompt**: by default one user turn asking for only RIGHT or WRONG given the question, our
   answer and the correct answer (the form medcap used; :data:`medtune.eval.judge.PROMPT_VERSION`).
   ``prompt.template`` replaces it (``str.format`` fields ``{question}``, ``{prediction}``,
@@ -57,25 +59,18 @@ from torchtune import config
 from medtune.eval.judge import (
     DEFAULT_PROMPT_TEMPLATE,
     JudgeConfigError,
-    JudgeHTTPError,
     OpenAIJudge,
-    VerdictsFileError,
     VerdictStore,
     run_judge,
     summarize,
     summary_markdown,
 )
-from medtune.eval.predictions import PredictionsError, read_predictions
+from medtune.eval.predictions import read_predictions
+from medtune.utils.errors import run_entry
+from medtune.utils.jsonl import write_text_atomic
 
 # The local judge runs sharded under torchrun (llama3_70b_sharded); the openai backend refuses it.
 SUPPORTS_DISTRIBUTED = True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class VQAJudgeRecipe:
@@ -160,9 +155,9 @@ class VQAJudgeRecipe:
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
         summary_path = Path(cfg.get("summary_file") or self.output_dir / "summary.json")
         markdown_path = Path(cfg.get("summary_markdown") or self.output_dir / "summary.md")
-        _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         markdown = summary_markdown(summary)
-        _write_atomic(markdown_path, markdown)
+        write_text_atomic(markdown_path, markdown)
         self._log(f"wrote {verdicts_path}, {summary_path}, {markdown_path}")
         print(markdown, flush=True)
         return summary
@@ -182,16 +177,6 @@ def recipe_main(cfg: DictConfig) -> int:
     try:
         recipe.setup()
         recipe.run()
-    except (
-        PredictionsError,
-        FileNotFoundError,
-        JudgeConfigError,
-        JudgeHTTPError,
-        NotImplementedError,
-        VerdictsFileError,
-    ) as e:
-        print(f"vqa_judge: error: {e}", file=sys.stderr, flush=True)
-        return 1
     finally:
         if hasattr(recipe, "backend"):
             recipe.cleanup()
@@ -199,4 +184,4 @@ def recipe_main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_entry("vqa_judge", recipe_main))

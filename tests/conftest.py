@@ -72,3 +72,39 @@ def build_cached_tiny_assets() -> Path:
 def tiny_assets() -> Path:
     """Root folder of the tiny assets (read-only: copy before damaging anything)."""
     return build_cached_tiny_assets()
+
+
+def build_cached_tiny_towers() -> Path:
+    """Build (or reuse) the dual-encoder assets (:mod:`medtune.testing.towers`), cached and
+    flock'd like :func:`build_cached_tiny_assets`, keyed by that module's content."""
+    import medtune.models.dual_encoder as _dual_mod
+    import medtune.testing.towers as _towers_mod
+    from medtune.testing.towers import make_tiny_towers
+
+    h = hashlib.sha256()
+    for mod in (_towers_mod, _dual_mod, _synthetic_mod):
+        h.update(Path(mod.__file__).read_bytes())
+    base = Path(
+        os.environ.get("MEDTUNE_TEST_ASSETS", Path(tempfile.gettempdir()) / "medtune-test-assets")
+    )
+    base.mkdir(parents=True, exist_ok=True)
+    out = base / f"towers-{h.hexdigest()[:16]}"
+    with open(base / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / ".complete").exists():
+                tmp = base / f"{out.name}.building"
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                make_tiny_towers(tmp)
+                os.replace(tmp, out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_towers() -> Path:
+    """Root of the tiny dual-encoder assets (read-only): tiny_bert/, tiny_biomedclip/,
+    tiny_captions/, tiny_cxr14/, concepts.json."""
+    return build_cached_tiny_towers()

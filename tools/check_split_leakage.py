@@ -26,6 +26,8 @@ from collections import defaultdict
 
 from medtune.data import load_image, slake, vqa_rad
 from medtune.data.images import ImageLoadError
+from medtune.utils.errors import run_entry
+from medtune.utils.jsonl import write_text_atomic
 
 SPLITS = {"slake": ("train", "validation", "test"), "vqa_rad": ("train", "test")}
 
@@ -129,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     report = find_leaks(args.dataset, args.input)
     print(format_report(report))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, ensure_ascii=False, indent=1)
+        write_text_atomic(args.json, json.dumps(report, ensure_ascii=False, indent=1))
     return 1 if report["leaks"] and args.fail_on_leak else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry("check_split_leakage", main))

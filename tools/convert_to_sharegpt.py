@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert SLAKE, VQA-RAD, ROCO or caption JSON to ShareGPT JSON that ``medtune.data.sharegpt`` reads.
+"""Convert SLAKE, VQA-RAD, ROCO, caption JSON or X-ray reports to ShareGPT JSON for ``sharegpt()``.
 
 Usage::
 
@@ -9,6 +9,11 @@ Usage::
     python tools/convert_to_sharegpt.py --dataset caption --input captions.json [--image-root figs] \
         [--split train] --output captions_sharegpt.json
     python tools/convert_to_sharegpt.py --dataset roco --input roco-dataset --split train --output roco_train.json
+    python tools/convert_to_sharegpt.py --dataset openi --input data/openi [--section findings|impression|both] \
+        --output openi.json          # OpenI has no official split: all reports
+    python tools/convert_to_sharegpt.py --dataset mimic_cxr --input data/mimic-cxr-jpg --split validate \
+        --output mimic_val.json
+    python tools/convert_to_sharegpt.py --dataset xraygpt --input dataset/openi --output xraygpt_openi.json
 
 Each row::
 
@@ -34,6 +39,9 @@ import sys
 from pathlib import Path
 
 from medtune.data import IMAGE_MARKER, Sample, caption_json, roco, slake, vqa_rad
+from medtune.data.reports import mimic_cxr, openi, xraygpt
+from medtune.utils.errors import run_entry
+from medtune.utils.jsonl import write_text_atomic
 
 
 def read_samples(
@@ -43,6 +51,7 @@ def read_samples(
     lang: str | None = "en",
     image_root: str | None = None,
     skip_bad_rows: bool = False,
+    section: str = "findings",
 ) -> list[Sample]:
     """Read ``input`` with the medtune reader for ``dataset``."""
     if dataset == "slake":
@@ -53,6 +62,12 @@ def read_samples(
         return caption_json(input, image_root=image_root, split=split, skip_bad_rows=skip_bad_rows)
     if dataset == "roco":
         return roco(input, split or "train", skip_bad_rows=skip_bad_rows)
+    if dataset == "openi":
+        return openi(input, section=section, split=split, skip_bad_rows=skip_bad_rows)
+    if dataset == "mimic_cxr":
+        return mimic_cxr(input, split or "train", section=section, skip_bad_rows=skip_bad_rows)
+    if dataset == "xraygpt":
+        return xraygpt(input, skip_bad_rows=skip_bad_rows)
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -84,16 +99,25 @@ def to_sharegpt(samples: list[Sample], output: str | Path, relative: bool = Fals
     return rows
 
 
+DATASETS = ["slake", "vqa_rad", "roco", "caption", "openi", "mimic_cxr", "xraygpt"]
+#: Datasets read whole without --split (OpenI has no official split; XrayGPT ships one file).
+NO_SPLIT = ("caption", "openi", "xraygpt")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=["slake", "vqa_rad", "roco", "caption"])
+    p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument(
-        "--input", required=True, help="SLAKE folder, VQA-RAD folder, ROCO clone or caption JSON"
+        "--input",
+        required=True,
+        help="SLAKE folder, VQA-RAD folder, ROCO clone, caption JSON, OpenI (Kaggle) folder, "
+        "MIMIC-CXR-JPG folder or XrayGPT dataset folder",
     )
     p.add_argument(
         "--split",
         default=None,
-        help="slake, roco: train/validation/test; vqa_rad: train/test; caption: optional split filter",
+        help="slake, roco: train/validation/test; vqa_rad: train/test; mimic_cxr: "
+        "train/validate/test; caption: optional split filter; openi, xraygpt: none",
     )
     p.add_argument("--output", required=True, help="output ShareGPT JSON file")
     p.add_argument(
@@ -105,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write image paths relative to the output file's folder (default absolute)",
     )
+    p.add_argument(
+        "--section",
+        default="findings",
+        choices=["findings", "impression", "both"],
+        help="openi, mimic_cxr: the report section that is the target (default findings)",
+    )
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) bad rows")
     args = p.parse_args(argv)
-    if args.dataset != "caption" and args.split is None:
+    if args.dataset not in NO_SPLIT and args.split is None:
         p.error(f"--split is required for {args.dataset}")
     samples = read_samples(
         args.dataset,
@@ -116,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         None if args.lang == "all" else args.lang,
         args.image_root,
         args.skip_bad_rows,
+        args.section,
     )
     rows = to_sharegpt(samples, args.output, args.relative)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(rows, f, ensure_ascii=False, indent=1)
+    # atomic: an interrupted run leaves the old file or none, never half a JSON list
+    write_text_atomic(args.output, json.dumps(rows, ensure_ascii=False, indent=1))
     print(f"wrote {len(rows)} conversations to {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry("convert_to_sharegpt", main))

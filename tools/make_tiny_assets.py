@@ -4,9 +4,11 @@ python tools/make_tiny_assets.py --out assets/tiny
 """
 
 import argparse
+import sys
 import time
 
 from medtune.testing.assets import make_tiny_assets
+from medtune.utils.errors import run_entry
 
 
 def main() -> None:
@@ -22,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry("make_tiny_assets", main))

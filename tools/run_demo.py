@@ -6,7 +6,10 @@
    frozen Llama-3 (which knows the task from text only), on a synthetic SLAKE-schema set whose
    answers depend only on the image (lesion side, upper/lower, presence, modality).
 2. The same run with ``blank_images=True``: the question-only baseline.
-3. Both answer the held-out test questions by greedy generation; exact match after lower-casing.
+3. Both are scored with the ``eval`` recipe, run as a user would:
+   ``medtune run eval --config demo checkpoints=[<run>/epoch_k] output_dir=<out>/eval_<run>``
+   (the baseline with ``blank_images=true``); accuracy is exact match after lower-casing over the
+   held-out test questions in eval's ``predictions.jsonl`` (its ``metrics.json`` has the rest).
 
 The last line printed is ``image accuracy: 0.XX | question-only baseline: 0.YY``.
 """
@@ -21,33 +24,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from medtune.utils.errors import UserError, run_entry
+from medtune.utils.jsonl import read_jsonl
 
 
-def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str, Path]:
-    """Train the runs side by side, one CPU thread each (the tiny model gains nothing from a
-    shared thread pool; two single-thread processes use two cores fully).
+def run_side_by_side(cmds: dict[str, list[str]], out: Path, show) -> None:
+    """Run ``medtune`` commands side by side, one CPU thread each (the tiny model gains nothing
+    from a shared thread pool; two single-thread processes use two cores fully).
 
-    Returns:
-        run name -> its last ``epoch_k`` checkpoint folder.
+    Args:
+        cmds: name -> ``medtune`` arguments; the log goes to ``out/<name>.log``.
+        out: the demo's output folder.
+        show: line -> whether to echo it from the log (prefixed with the name).
     """
     procs = {}
-    for name, extra in runs.items():
-        cmd = [
-            sys.executable,
-            "-m",
-            "medtune._cli.main",
-            "run",
-            "vision_finetune",
-            "--config",
-            "demo",
-            f"assets_dir={assets}",
-            f"output_dir={out / name}",
-            "log_every_n_steps=1000",
-            *extra,
-        ]
-        print("$ medtune " + " ".join(cmd[3:]) + f"    # log: {out / name}.log", flush=True)
-        (out / name).mkdir(parents=True, exist_ok=True)
+    for name, args in cmds.items():
+        cmd = [sys.executable, "-m", "medtune._cli.main", *args]
+        print("$ medtune " + " ".join(args) + f"    # log: {out / name}.log", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
         log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed below
         env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
@@ -57,7 +51,7 @@ def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str,
         log.close()
         text = (out / f"{name}.log").read_text()
         for line in text.splitlines():
-            if line.startswith("epoch ") and " done:" in line:
+            if show(line):
                 print(f"[{name}] {line}", flush=True)
         if proc.returncode:
             print(
@@ -67,53 +61,68 @@ def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str,
             )
             failed.append(name)
     if failed:
-        sys.exit(1)
+        raise UserError(f"demo: {', '.join(failed)} failed (logs in {out})")
+
+
+def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str, Path]:
+    """Train the runs side by side (``medtune run vision_finetune --config demo``).
+
+    Returns:
+        run name -> its last ``epoch_k`` checkpoint folder.
+    """
+    cmds = {
+        name: [
+            "run",
+            "vision_finetune",
+            "--config",
+            "demo",
+            f"assets_dir={assets}",
+            f"output_dir={out / name}",
+            "log_every_n_steps=1000",
+            *extra,
+        ]
+        for name, extra in runs.items()
+    }
+    run_side_by_side(cmds, out, lambda line: line.startswith("epoch ") and " done:" in line)
     return {
         name: max((out / name).glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
         for name in runs
     }
 
 
-def accuracy(ckpt: Path, split: str, blank: bool, batch_size: int = 32) -> float:
-    from medtune.data import slake
-    from medtune.data.chat import VisionChatDataset
-    from medtune.generation import generate
-    from medtune.models.loading import load_from_checkpoint
+def eval_both(assets: Path, ckpts: dict[str, Path], split: str, out: Path) -> dict[str, Path]:
+    """Score each checkpoint with the eval recipe (``medtune run eval --config demo``); the run
+    trained on blank images is scored on blank images.
 
-    model, tok, cfg = load_from_checkpoint(ckpt)
-    samples = slake(cfg.dataset.root, split=split)
-    ds = VisionChatDataset(
-        samples,
-        tok,
-        image_token_id=model.image_token_id,
-        tokens_per_image=model.tokens_per_image,
-        transforms=model.image_transforms,
-        prompt_template=cfg.get("prompt_template"),
-        blank_images=blank,
-    )
-    right = 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        prompts = [
-            ds.encode(ds.prepare(s, i + j), add_generation_prompt=True)[0]
-            for j, s in enumerate(chunk)
+    Returns:
+        run name -> its eval output folder.
+    """
+    cmds = {
+        f"eval_{name}": [
+            "run",
+            "eval",
+            "--config",
+            "demo",
+            f"assets_dir={assets}",
+            f"checkpoints=[{ckpt}]",
+            f"output_dir={out / f'eval_{name}'}",
+            f"datasets.slake.split={split}",
+            *(["blank_images=true"] if name == "blank" else []),
         ]
-        loaded = [ds.load_images(s) for s in chunk]
-        images = {k: torch.cat([x[k] for x in loaded]) for k in loaded[0]}
-        outs = generate(
-            model,
-            prompts,
-            pad_id=tok.pad_id,
-            stop_tokens=tok.stop_tokens,
-            images=images,
-            image_counts=torch.tensor([len(s.images) for s in chunk]),
-            max_new_tokens=8,
-        )
-        right += sum(
-            tok.decode(o).strip().lower() == s.meta["answer"].strip().lower()
-            for o, s in zip(outs, chunk)
-        )
-    return right / len(samples)
+        for name, ckpt in ckpts.items()
+    }
+    run_side_by_side(cmds, out, lambda line: line.startswith("eval: ") and " x slake" in line)
+    return {name: out / f"eval_{name}" for name in ckpts}
+
+
+def accuracy(eval_dir: Path) -> float:
+    """Exact match after lower-casing over the questions of eval's predictions file."""
+    (pred,) = eval_dir.glob("*/slake/predictions.jsonl")
+    rows = read_jsonl(pred, what="predictions")
+    right = sum(
+        str(r["prediction"]).strip().lower() == str(r["answer"]).strip().lower() for r in rows
+    )
+    return right / len(rows)
 
 
 def main() -> None:
@@ -128,8 +137,9 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     ckpts = train_both(args.assets, {"image": [], "blank": ["blank_images=True"]}, args.out)
-    acc_img = accuracy(ckpts["image"], args.split, blank=False)
-    acc_blank = accuracy(ckpts["blank"], args.split, blank=True)
+    evals = eval_both(args.assets, ckpts, args.split, args.out)
+    acc_img = accuracy(evals["image"])
+    acc_blank = accuracy(evals["blank"])
     print(
         f"demo finished in {time.perf_counter() - t0:.0f}s (checkpoints in {args.out})", flush=True
     )
@@ -137,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry("run_demo", main))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from medtune.utils.errors import UserError
 
-class CLIError(Exception):
+
+class CLIError(UserError):
     """A problem with the user's command line or files, reported as one line (no traceback)."""
 
 

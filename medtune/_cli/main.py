@@ -2,8 +2,10 @@
 
 Run as the ``medtune`` console script or ``python -m medtune._cli.main``. Each subcommand lives in
 its own module exposing ``register(subparsers)``; its handler returns an exit status (or None for
-0) and raises :class:`~medtune._cli._errors.CLIError` for problems a user can fix, which are
-printed as one ``medtune: error: ...`` line on stderr (exit status 1), never as a traceback.
+0) and raises :class:`~medtune._cli._errors.CLIError` (a ``UserError``) for problems a user can
+fix. Handlers run under :func:`medtune.utils.errors.run_entry`, the policy of every recipe and
+tool: user errors (and the library errors that stand for one) are one ``medtune: error: ...``
+line on stderr (exit status 1), never a traceback; Ctrl-C exits 130; a closed stdout exits quietly.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from medtune.utils.errors import run_entry
+
 from . import cat, cp, ls, run, validate
-from ._errors import CLIError
 
 EPILOG = """\
 examples:
@@ -86,12 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse sets aside unknown options that come before the first positional; for `run`
         # these are the torchrun flags, which precede the recipe in the original order.
         args.argv = extra + args.argv
-    try:
-        status = args.func(args)
-    except CLIError as e:
-        print(f"medtune: error: {e}", file=sys.stderr)
-        return 1
-    return int(status or 0)
+    return run_entry("medtune", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,25 @@ def read_supports_distributed(path: Path) -> bool | None:
     return value
 
 
+def read_known_keys(path: Path) -> set[str] | None:
+    """The module-level ``KNOWN_KEYS = {...}`` (a literal set of strings) of a recipe file, read
+    with ``ast`` (no import); None when the recipe declares none."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "KNOWN_KEYS" for t in node.targets
+        ):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            return {str(k) for k in value}
+    return None
+
+
 def read_docstring(path: Path) -> str | None:
     """Return the module docstring of a Python file without importing it (None if absent)."""
     try:

@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medtune.utils.errors import passthrough
+
 from . import registry
 from ._errors import CLIError, did_you_mean
 
@@ -209,6 +211,17 @@ def _lookup(root: Any, parts: list[str | int]) -> tuple[Any, bool]:
     return node, through_list
 
 
+def _list_key(root: Any, parts: list[str | int]) -> str:
+    """The dotted key of the first list on the path ``parts`` (``checkpointer.checkpoint_files``)."""
+    node, keys = root, []
+    for part in parts:
+        if isinstance(node, list):
+            break
+        keys.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(keys)
+
+
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, dict):
@@ -265,7 +278,7 @@ def check_overrides(overrides: list[str], cfg_path: Path) -> list[str]:
             raise CLIError(
                 f"override '{tok}': cannot change an element inside a list ('{key}'); torchtune "
                 "merges overrides as mappings. Override the whole list "
-                f"({parts[0]}='[...]') or edit a copy of the config (`medtune cp`)"
+                f"({_list_key(root, parts)}='[...]') or edit a copy of the config (`medtune cp`)"
             )
         hint = did_you_mean(key, _all_keys(root))
         if tok.startswith("~"):
@@ -334,7 +347,8 @@ def _run_in_process(script: Path, argv: list[str]) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        with passthrough():  # the recipe's own error policy applies, as under `python recipe.py`
+            runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
     return 0

@@ -1,8 +1,17 @@
-"""``medtune score PRED.jsonl [PRED2.jsonl ...] [--out metrics.json]``: re-score saved predictions.
+"""``medtune score FILE [FILE2 ...] [--out metrics.json]``: re-score saved predictions.
 
-No model and no torch: reads predictions JSONL files (DESIGN §3) and prints a metrics JSON
-(:func:`medtune.eval.vqa_metrics.score_predictions`). With one file the output is that file's
-metrics object; with several it is ``{"files": {path: metrics, ...}}``.
+No model: reads predictions files and prints a metrics JSON. With one file the output is that
+file's metrics object; with several it is ``{"files": {path: metrics, ...}}``. The kind of each
+file is read from its content:
+
+- ``*.safetensors``: retrieval scores (``sim_i2t``, ``txt2img``, optional ``sim_t2i``), scored with
+  BLIP's ``itm_eval`` keys and rules (:mod:`medtune.eval.retrieval_metrics`); the output is exactly
+  that object;
+- JSONL rows with ``labels`` and ``scores`` objects: classification predictions
+  (:mod:`medtune.eval.classification_metrics`); ``--val FILE`` adds validation-threshold metrics;
+- rows with ``task: caption``: BLEU/METEOR/ROUGE-L/CIDEr (``--per-row FILE`` writes per-report
+  scores as JSONL);
+- other rows: VQA metrics (:func:`medtune.eval.vqa_metrics.score_predictions`; DESIGN §3).
 """
 
 from __future__ import annotations
@@ -12,17 +21,32 @@ import json
 import sys
 from pathlib import Path
 
+from medtune.utils.errors import UserError
+from medtune.utils.jsonl import write_jsonl_atomic
+
 EPILOG = """\
 metrics (each named by its rule; the 'rules' key of the output states them):
   closed_accuracy_strict     CLOSED: normalized equal, or yes/no answer == first predicted token
   closed_accuracy_llava_med  CLOSED: LLaVA-Med v1 substring rule (after its Dec 2023 fix)
-  open_exact_match           OPEN: normalized strings equal
+  open_exact_match           OPEN: normalized tokens equal
   open_token_f1              OPEN: SQuAD-style token F1
   open_recall_llava_med      OPEN: LLaVA-Med v1 word recall
-  open_hit_llava_med         OPEN: normalized answer is a substring of the prediction
+  open_hit_llava_med         OPEN: normalized answer is a substring of the prediction (answers
+                             empty under LLaVA-Med's normalization, e.g. "A", are skipped and
+                             counted in n_skipped_empty_answer_llava_med)
 rows whose answer is empty after normalization are counted in n_skipped_empty_answer.
+open tokens: each CJK character is its own token (the CMRC 2018 / DuReader F1 rule).
+closed_accuracy_llava_med is LLaVA-Med's rule: closed answers that are not yes/no, and Chinese
+  是/否 answers, score 0 (n_closed_not_yes_no counts them; see by_language).
 caption files (rows with task "caption", as `medtune run eval` writes them): BLEU-1..4, METEOR,
-  ROUGE-L, CIDEr through pycocoevalcap (needs java); --no-meteor skips the slow METEOR.
+  ROUGE-L, CIDEr through pycocoevalcap (needs java); --no-meteor skips the slow METEOR;
+  --per-row FILE writes one JSON line of per-report scores per row; --chexbert DIR adds
+  CheXbert F1 (14 and 5 observations, micro/macro) with a local labeler checkpoint.
+retrieval files (*.safetensors with sim_i2t, txt2img[, sim_t2i]): BLIP itm_eval's txt_r1/5/10,
+  txt_r_mean, img_r1/5/10, img_r_mean, r_mean in percent.
+classification files (rows with labels and scores objects): auroc_macro, per-class auroc,
+  f1_max_mavl, acc_at_f1_max_mavl; with --val VAL.jsonl also f1_at_val_threshold and
+  acc_at_val_threshold.
 """
 
 
@@ -39,9 +63,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("predictions", nargs="+", metavar="PRED.jsonl", help="predictions JSONL")
+    parser.add_argument(
+        "predictions",
+        nargs="+",
+        metavar="FILE",
+        help="predictions JSONL (VQA, caption or classification) or retrieval.safetensors",
+    )
     parser.add_argument("--out", metavar="metrics.json", help="also write the JSON to this file")
     parser.add_argument("--no-meteor", action="store_true", help="caption files: skip METEOR")
+    parser.add_argument(
+        "--val",
+        metavar="VAL.jsonl",
+        help="classification files: validation predictions (thresholds picked on them)",
+    )
+    parser.add_argument(
+        "--per-row", metavar="FILE", help="caption files: write per-report scores as JSONL"
+    )
+    parser.add_argument(
+        "--chexbert",
+        metavar="DIR",
+        help="caption files of chest X-ray reports: CheXbert F1 with this local labeler "
+        "(chexbert.pth and vocab.txt; nothing is downloaded)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -60,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
         0 on success; 2 (after a ``medtune: error: ...`` line on stderr) when a file is missing or
         a row is malformed.
     """
-    from medtune.eval.caption_metrics import is_caption_row, score_caption_rows
-    from medtune.eval.predictions import PredictionsError, read_predictions
-    from medtune.eval.vqa_metrics import score_predictions
-
+    if args.per_row and len(args.predictions) != 1:
+        return _error("--per-row takes one predictions file")
+    if args.val and not Path(args.val).is_file():
+        return _error(f"validation predictions file not found: {args.val}")
     results = {}
+    per_row: list[dict] | None = None
     for path in args.predictions:
         p = Path(path)
         if not p.exists():
@@ -72,25 +116,14 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_file():
             return _error(f"not a file: {path}")
         try:
-            rows = read_predictions(p)
-        except PredictionsError as e:
+            if p.suffix == ".safetensors":
+                metrics = _score_retrieval(p, args)
+            else:
+                metrics, per_row = _score_rows(p, args)
+        except (ValueError, RuntimeError, UserError) as e:
             return _error(str(e))
         except (OSError, UnicodeDecodeError) as e:
             return _error(f"cannot read {path}: {e}")
-        metrics = {"predictions": str(path)}
-        n_cap = sum(map(is_caption_row, rows))
-        if n_cap and n_cap != len(rows):
-            return _error(
-                f"{path}: {n_cap} caption row(s) and {len(rows) - n_cap} VQA row(s); score them apart"
-            )
-        try:
-            metrics.update(
-                score_caption_rows(rows, meteor=not args.no_meteor)
-                if n_cap
-                else score_predictions(rows)
-            )
-        except (ValueError, RuntimeError) as e:
-            return _error(f"{path}: {e}")
         results[str(path)] = metrics
     output = next(iter(results.values())) if len(results) == 1 else {"files": results}
     text = json.dumps(output, indent=2, ensure_ascii=False)
@@ -101,5 +134,77 @@ def run(args: argparse.Namespace) -> int:
             out.write_text(text + "\n", encoding="utf-8")
         except OSError as e:
             return _error(f"cannot write {args.out}: {e}")
+    if args.per_row:
+        if per_row is None:
+            return _error("--per-row is for caption files (rows with task: caption)")
+        try:
+            write_jsonl_atomic(args.per_row, per_row)
+        except OSError as e:
+            return _error(f"cannot write {args.per_row}: {e}")
     print(text)
     return 0
+
+
+def _score_retrieval(path: Path, args: argparse.Namespace) -> dict:
+    """BLIP's itm_eval object for a retrieval.safetensors file (nothing added: its exact keys)."""
+    from medtune.eval.retrieval_metrics import score_retrieval_file
+
+    if args.val or args.per_row or args.chexbert:
+        raise UserError(f"{path}: --val, --per-row and --chexbert do not apply to a retrieval file")
+    return score_retrieval_file(path)
+
+
+def _score_rows(path: Path, args: argparse.Namespace) -> tuple[dict, list[dict] | None]:
+    """Metrics of a predictions JSONL file by its kind, and the per-row caption scores."""
+    from medtune.eval.caption_metrics import is_caption_row, score_caption_rows
+    from medtune.eval.classification_metrics import (
+        is_classification_row,
+        read_classification_rows,
+        score_classification_rows,
+    )
+    from medtune.eval.predictions import read_predictions
+    from medtune.eval.vqa_metrics import score_predictions
+
+    rows = read_predictions(path, validate=False)
+    metrics: dict = {"predictions": str(path)}
+    n_cls = sum(map(is_classification_row, rows))
+    if n_cls:
+        if n_cls != len(rows):
+            raise UserError(
+                f"{path}: {n_cls} classification row(s) (labels and scores) and "
+                f"{len(rows) - n_cls} other row(s); score them apart"
+            )
+        val = read_classification_rows(args.val) if args.val else None
+        metrics.update(score_classification_rows(read_classification_rows(path), val))
+        if args.val:
+            metrics["val_predictions"] = str(args.val)
+        return metrics, None
+    if args.chexbert and not any(map(is_caption_row, rows)):
+        raise UserError(f"{path}: --chexbert is for report (caption) files")
+    if args.val:
+        raise UserError(f"{path}: --val is for classification predictions (labels and scores)")
+    n_cap = sum(map(is_caption_row, rows))
+    if n_cap and n_cap != len(rows):
+        raise UserError(
+            f"{path}: {n_cap} caption row(s) and {len(rows) - n_cap} VQA row(s); score them apart"
+        )
+    if not n_cap:
+        return metrics | score_predictions(read_predictions(path)), None
+    scores = score_caption_rows(rows, meteor=not args.no_meteor, per_item=bool(args.per_row))
+    per_id = scores.pop("per_id", None)
+    metrics.update(scores)
+    if args.chexbert:
+        from medtune.eval.chexbert import score_reports_chexbert
+
+        # CheXbert compares one reference per report: the first when a row lists several.
+        refs = [r["answer"][0] if isinstance(r["answer"], list) else r["answer"] for r in rows]
+        metrics["chexbert"] = score_reports_chexbert(
+            [r["prediction"] for r in rows], refs, args.chexbert
+        )
+    if per_id is None:
+        return metrics, None
+    per_row = [
+        {"id": r["id"], "dataset": r.get("dataset"), "split": r.get("split"), **per_id[r["id"]]}
+        for r in rows
+    ]
+    return metrics, per_row

@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "config", metavar="<recipe/config | path.yaml>", help="registered config or a YAML file"
     )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="check the top-level keys against this recipe (default: the config's own recipe)",
+    )
     parser.set_defaults(func=_validate)
 
 
@@ -143,7 +148,62 @@ def check_component(target: Any, kwargs: dict[str, Any]) -> list[str]:
         sig.bind_partial(**kwargs)
     except TypeError as e:
         return [str(e)]
-    return []
+    return check_values(target, kwargs)
+
+
+def _expected(value: Any, ann: Any) -> str | None:
+    """None when ``value`` fits the annotation ``ann`` as far as can be told; else what was expected.
+
+    Only ``Literal[...]``, ``int``, ``float``, ``bool``, ``str``, ``None`` and unions of them are
+    checked; any other annotation accepts everything (no false alarms on paths, tensors, ...).
+    """
+    import types
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        choices = typing.get_args(ann)
+        return None if value in choices else "one of " + ", ".join(map(repr, choices))
+    if origin in (typing.Union, types.UnionType):
+        wants = []
+        for arm in typing.get_args(ann):
+            why = _expected(value, arm)
+            if why is None:
+                return None
+            wants.append(why)
+        return " or ".join(w for w in wants if w != "anything") if "anything" not in wants else None
+    if ann is type(None):
+        return None if value is None else "null"
+    if ann is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if ann is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if ann is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if ann is str:
+        return None if isinstance(value, str) else "a string"
+    return "anything"
+
+
+def check_values(target: Any, kwargs: dict[str, Any]) -> list[str]:
+    """Values that cannot be right for the target's annotated parameters (a ``Literal`` choice such
+    as a connector kind, or a plainly typed number, flag or string)."""
+    import typing
+
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations (forward references to optional packages)
+        return []
+    problems = []
+    for key, value in kwargs.items():
+        if key not in hints or (isinstance(value, str) and "${" in value):
+            continue
+        why = _expected(value, hints[key])
+        if why not in (None, "anything"):
+            problems.append(f"argument '{key}': {value!r} is not {why}")
+    return problems
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -178,11 +238,35 @@ def collect_problems(node: Any, prefix: str = "") -> list[str]:
     return problems
 
 
+def _recipe_of(spec: str, path: Path, explicit: str | None) -> registry.Recipe | None:
+    """The recipe whose keys the config must use: ``--recipe``, a registered ``recipe/config``,
+    or the recipe folder a YAML file sits in (``.../configs/<recipe>/x.yaml``)."""
+    if explicit:
+        recipe = registry.get_recipe(explicit)
+        if recipe is None:
+            raise registry.unknown_recipe_error(explicit)
+        return recipe
+    found = registry.find_config(spec) if not Path(spec).expanduser().is_file() else None
+    if found is not None:
+        return registry.get_recipe(found.recipe)
+    if path.parent.parent.name == "configs":
+        return registry.get_recipe(path.parent.name)
+    return None
+
+
 def _validate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     path = resolve_config_path(args.config)
     cfg = load_config(path)
+    recipe = _recipe_of(args.config, path, args.recipe)
+    key_problems = []
+    known = registry.read_known_keys(recipe.path) if recipe is not None else None
+    if known is not None:
+        unknown = sorted(set(cfg.keys()) - known)
+        key_problems = [
+            f"{k}: not a key of {recipe.name}{did_you_mean(k, sorted(known))}" for k in unknown
+        ]
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation the recipe resolves later (custom resolver, ...)
@@ -192,7 +276,7 @@ def _validate(args: argparse.Namespace) -> int:
     if added:
         sys.path.insert(0, cwd)
     try:
-        problems = collect_problems(plain)
+        problems = key_problems + collect_problems(plain)
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)

@@ -1,6 +1,6 @@
 """medtune data: readers that map public benchmarks and user data into one sample type.
 
-Readers return ``list[Sample]`` (:class:`~medtune.data.errors.Samples`, which also records rows
+Readers return ``list[Sample]`` (:class:`~medtune.data.rows.Samples`, which also records rows
 skipped with ``skip_bad_rows=True``):
 
 - :func:`slake`, :func:`vqa_rad`: the medical VQA benchmarks as downloaded;
@@ -21,15 +21,17 @@ from medtune.data.errors import (
     MalformedJSONError,
     MissingFieldError,
     MissingImageError,
-    Samples,
 )
 from medtune.data.images import ImageLoadError, image_transform, load_image
-from medtune.data.mix import mix
+from medtune.data.mix import drop_images, mix
 from medtune.data.prompts import (
     CAPTION_INSTRUCTIONS,
     VQA_DIRECT,
     VQA_SHORT_ANSWER,
     apply_template,
+)
+from medtune.data.rows import (
+    Samples,
 )
 from medtune.data.sample import IMAGE_MARKER, Message, Sample
 from medtune.data.vqa import slake, vqa_rad
@@ -52,6 +54,7 @@ __all__ = [
     "roco",
     "sharegpt",
     "llava",
+    "drop_images",
     "mix",
     "apply_template",
     "VQA_DIRECT",

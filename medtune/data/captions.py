@@ -15,13 +15,16 @@ from medtune.data.errors import (
     MalformedJSONError,
     MissingFieldError,
     MissingImageError,
+)
+from medtune.data.holdout import holdout_option
+from medtune.data.prompts import CAPTION_INSTRUCTIONS
+from medtune.data.rows import (
     SkipCounter,
     get_field,
     load_json,
     load_rows,
     resolve_image,
 )
-from medtune.data.prompts import CAPTION_INSTRUCTIONS
 from medtune.data.sample import Message, Sample
 
 __all__ = ["caption_json", "roco", "IMAGE_KEYS", "CAPTION_KEYS"]
@@ -39,6 +42,7 @@ def _pick(row: dict, keys: tuple[str, ...]) -> str:
     return keys[0]
 
 
+@holdout_option
 def caption_json(
     path: str | Path,
     image_root: str | Path | None = None,
@@ -67,7 +71,7 @@ def caption_json(
         dataset: ``meta["dataset"]`` unless the row has its own ``dataset`` field.
 
     Returns:
-        :class:`~medtune.data.errors.Samples`. ``id``: the row's ``id`` or ``<file stem>-<row
+        :class:`~medtune.data.rows.Samples`. ``id``: the row's ``id`` or ``<file stem>-<row
         index>``. ``meta``: the row's fields plus ``dataset``, ``split``, ``image`` (as
         written), ``caption``, ``question`` (the instruction) and ``answer`` (the caption).
     """
@@ -193,6 +197,7 @@ def _roco_table(path: Path, n_cols: int) -> dict[str, tuple[int, list[str]]]:
     return out
 
 
+@holdout_option
 def roco(
     root: str | Path,
     split: str = "train",
@@ -223,7 +228,7 @@ def roco(
         instruction: the user turn's text (sample other instructions with a template list).
 
     Returns:
-        :class:`~medtune.data.errors.Samples` in ``captions.txt`` order; ``id`` is the ROCO id;
+        :class:`~medtune.data.rows.Samples` in ``captions.txt`` order; ``id`` is the ROCO id;
         ``meta`` holds ``dataset="roco"``, ``split``, ``subset``, ``image`` (relative to the
         subset folder), ``pmc_id``, ``caption``, ``question`` (the instruction), ``answer`` (the
         caption) and ``task="caption"``.

@@ -26,6 +26,9 @@ from medtune.data.errors import (
     BadValueError,
     DataError,
     MissingFieldError,
+)
+from medtune.data.holdout import holdout_option
+from medtune.data.rows import (
     SkipCounter,
     get_field,
     load_rows,
@@ -192,6 +195,7 @@ def _conversation_row(row: Any, i: int, path: Path, image_root: Path, dataset: s
     )
 
 
+@holdout_option
 def sharegpt(
     path: str | Path,
     image_root: str | Path | None = None,
@@ -205,7 +209,7 @@ def sharegpt(
         skip_bad_rows: count and skip bad rows instead of raising.
 
     Returns:
-        :class:`~medtune.data.errors.Samples`. ``id``: the row's ``id`` (as str) or ``<file
+        :class:`~medtune.data.rows.Samples`. ``id``: the row's ``id`` (as str) or ``<file
         stem>-<row index>``; ids are not required to be unique. ``images``: absolute paths.
         ``meta``: the row's other fields, ``dataset="sharegpt"`` unless given, ``image`` as
         written, then the row's ``meta`` object merged in.
@@ -255,6 +259,7 @@ def _llava_row(row: Any, i: int, path: Path, image_root: Path, dataset: str) -> 
     )
 
 
+@holdout_option
 def llava(
     path: str | Path,
     image_root: str | Path | None = None,
@@ -273,6 +278,6 @@ def llava(
         skip_bad_rows: count and skip bad rows instead of raising.
 
     Returns:
-        :class:`~medtune.data.errors.Samples`.
+        :class:`~medtune.data.rows.Samples`.
     """
     return _read(path, image_root, skip_bad_rows, "llava", _llava_row)

@@ -96,3 +96,33 @@ def mix(
         out.extend(rng.sample(src, rest))
     rng.shuffle(out)
     return out
+
+
+def drop_images(source: list | dict) -> list[Sample]:
+    """Text-only copies of samples: no images, ``<image>`` markers removed (text-only SFT of the
+    LLM on a VQA set, or a question-only baseline).
+
+    Args:
+        source: samples, or the config of any medtune reader (a nested ``_component_``: torchtune
+            0.6.1 does not instantiate nested components, so this does).
+
+    Returns:
+        New :class:`~medtune.data.sample.Sample` objects with ``images=[]``.
+    """
+    import dataclasses
+
+    from medtune.data.sample import IMAGE_MARKER
+
+    if isinstance(source, dict) or hasattr(source, "_content"):
+        from omegaconf import OmegaConf
+        from torchtune import config
+
+        source = config.instantiate(OmegaConf.create(source))
+    out = []
+    for s in source:
+        msgs = [
+            dataclasses.replace(m, content=m.content.replace(IMAGE_MARKER, "").strip())
+            for m in s.messages
+        ]
+        out.append(dataclasses.replace(s, images=[], messages=msgs))
+    return out

@@ -12,6 +12,7 @@ it, it becomes N placeholder *ids* (see :mod:`medtune.models.llama3`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,3 +51,28 @@ class Sample:
     def image_paths(self) -> list[str]:
         """The images that are file paths, as strings."""
         return [str(i) for i in self.images if isinstance(i, (str, Path))]
+
+
+def require_answers(samples: Sequence[Sample], what: str = "training") -> None:
+    """Refuse samples without an assistant turn where answers are the targets (training and
+    validation loss): such a sample has no label to learn from and would pass silently.
+
+    Readers accept them (a prompt without an answer is what ``generate`` and ``eval`` take); the
+    check is made where samples become training data (``VisionChatDataset``).
+
+    Raises:
+        NoAnswerError: names the first such sample (id and dataset) and how many there are.
+    """
+    from medtune.data.errors import NoAnswerError
+
+    bad = [s for s in samples if not any(m.role == "assistant" for m in s.messages)]
+    if not bad:
+        return
+    first = bad[0]
+    dataset = first.meta.get("dataset")
+    where = f"sample id {first.id!r}" + (f" of dataset {dataset!r}" if dataset else "")
+    more = f" ({len(bad)} of {len(samples)} samples)" if len(bad) > 1 else ""
+    raise NoAnswerError(
+        f"{where}: {what} conversation has no assistant turn{more}; expected at least one "
+        "gpt/assistant turn to learn from (prompts without answers are for generate / eval)"
+    )

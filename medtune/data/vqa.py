@@ -12,7 +12,7 @@ normalized keys overwrite source fields of the same name: ``answer`` is a string
 answers become ``"2"``), ``answer_type`` is stripped and upper-cased (VQA-RAD's ``"CLOSED "``).
 An empty answer is kept (SLAKE has one); evaluation counts it separately.
 
-Both readers return :class:`~medtune.data.errors.Samples` (a ``list``) whose ``skipped`` counter is
+Both readers return :class:`~medtune.data.rows.Samples` (a ``list``) whose ``skipped`` counter is
 filled when ``skip_bad_rows=True``. Row errors (missing or mistyped field, unknown ``answer_type`` /
 ``q_lang`` / ``phrase_type``, duplicate id, missing image file) raise a
 :class:`~medtune.data.errors.DataError` naming the file, row index and id unless skipped. Every row
@@ -29,8 +29,11 @@ from medtune.data.errors import (
     BadValueError,
     DataError,
     MalformedJSONError,
-    SkipCounter,
     UnknownAnswerTypeError,
+)
+from medtune.data.holdout import holdout_option
+from medtune.data.rows import (
+    SkipCounter,
     get_field,
     load_json,
     resolve_image,
@@ -119,6 +122,7 @@ def slake_root(root: str | Path) -> Path:
     )
 
 
+@holdout_option
 def slake(
     root: str | Path,
     split: str = "train",
@@ -142,7 +146,7 @@ def slake(
         skip_bad_rows: count and skip bad rows instead of raising.
 
     Returns:
-        :class:`~medtune.data.errors.Samples` in file order; ``Sample.id`` is ``str(qid)``.
+        :class:`~medtune.data.rows.Samples` in file order; ``Sample.id`` is ``str(qid)``.
         ``meta`` holds every source field plus ``dataset="slake"``, ``split``, ``question``,
         ``answer``, ``answer_type``, ``image`` (``img_name``), ``language`` (``q_lang``),
         ``modality``, ``content_type``.
@@ -252,6 +256,7 @@ def vqa_rad_paths(root: str | Path) -> tuple[Path, Path]:
     )
 
 
+@holdout_option
 def vqa_rad(
     root: str | Path,
     split: str = "train",
@@ -272,7 +277,7 @@ def vqa_rad(
         skip_bad_rows: count and skip bad rows instead of raising.
 
     Returns:
-        :class:`~medtune.data.errors.Samples` in file order. ``Sample.id`` is ``vqa_rad-<qid>``
+        :class:`~medtune.data.rows.Samples` in file order. ``Sample.id`` is ``vqa_rad-<qid>``
         using the release's ``qid`` field (unique there), or ``vqa_rad-row<index>`` (0-based
         row in the JSON) for a row without ``qid``. ``meta`` holds every source field plus
         ``dataset="vqa_rad"``, ``split``, ``question``, ``answer`` (str), ``answer_type``

@@ -155,16 +155,51 @@ def is_caption_row(row: Mapping[str, Any]) -> bool:
     )
 
 
-def score_caption_rows(rows: Sequence[Mapping[str, Any]], meteor: bool = True) -> dict[str, Any]:
+def validate_caption_row(row: Any, where: str = "<row>") -> Mapping[str, Any]:
+    """Check the fields caption scoring reads: ``id`` (str or int), ``answer`` (a reference string
+    or a non-empty list of them), ``prediction`` (str).
+
+    Raises:
+        ValueError: naming ``where`` and the field.
+    """
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: a row must be a JSON object")
+    for key in ("id", "answer", "prediction"):
+        if key not in row:
+            raise ValueError(f"{where}: missing key {key!r}")
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+        raise ValueError(f"{where}: 'id' must be a string or integer")
+    ans = row["answer"]
+    if not (
+        isinstance(ans, str)
+        or (isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans))
+    ):
+        raise ValueError(
+            f"{where}: 'answer' must be the reference text or a non-empty list of references"
+        )
+    if not isinstance(row["prediction"], str):
+        raise ValueError(f"{where}: 'prediction' must be a string")
+    return row
+
+
+def score_caption_rows(
+    rows: Sequence[Mapping[str, Any]], meteor: bool = True, per_item: bool = False
+) -> dict[str, Any]:
     """Caption metrics of predictions rows: ``answer`` is the reference (a list is several
     references), ``prediction`` the generated caption.
 
+    Args:
+        rows: predictions rows (checked with :func:`validate_caption_row`).
+        meteor: compute METEOR.
+        per_item: also return ``"per_id": {id: {metric: score}}`` (per-report scores, see
+            :func:`caption_scores`).
+
     Returns:
-        ``{"n", "BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "rules", "checkpoints"}``; with no
-        rows every metric is None.
+        ``{"n", "BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "rules", "checkpoints"}``
+        (plus ``per_id``); with no rows every metric is None.
 
     Raises:
-        ValueError: two rows share an id.
+        ValueError: a row lacks a field, or two rows share an id.
     """
     if not rows:
         return {
@@ -172,15 +207,17 @@ def score_caption_rows(rows: Sequence[Mapping[str, Any]], meteor: bool = True) -
             **dict.fromkeys(CAPTION_METRIC_KEYS),
             "rules": dict(CAPTION_RULES),
             "checkpoints": [],
+            **({"per_id": {}} if per_item else {}),
         }
     refs: dict[Any, list[str]] = {}
     preds: dict[Any, str] = {}
     for n, r in enumerate(rows):
+        validate_caption_row(r, f"row {n}")
         if r["id"] in refs:
             raise ValueError(f"row {n}: id {r['id']!r} appears twice")
         ans = r["answer"]
-        refs[r["id"]] = [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
-        preds[r["id"]] = str(r["prediction"])
-    out = caption_scores(refs, preds, meteor=meteor)
+        refs[r["id"]] = list(ans) if isinstance(ans, list) else [ans]
+        preds[r["id"]] = r["prediction"]
+    out = caption_scores(refs, preds, meteor=meteor, per_item=per_item)
     out["checkpoints"] = sorted({str(r.get("checkpoint", "")) for r in rows})
     return out

@@ -7,8 +7,12 @@ medtune's own metrics use :func:`normalize` / :func:`tokens`:
 
 - ``closed_accuracy_strict``: CLOSED rows; right when ``normalize(pred) == normalize(answer)``, or
   when the answer is ``yes``/``no`` and the first token of the prediction equals it.
-- ``open_exact_match``: OPEN rows; ``normalize(pred) == normalize(answer)``.
+- ``open_exact_match``: OPEN rows; ``tokens(pred) == tokens(answer)``.
 - ``open_token_f1``: OPEN rows; SQuAD-style F1 on token multisets, averaged.
+
+:func:`tokens` splits on whitespace and makes every CJK character its own token (the rule of the
+CMRC 2018 and DuReader F1 scripts): SLAKE has over 1,000 Chinese test questions, written without
+spaces, on which whitespace tokens would turn F1 into exact match.
 
 LLaVA-Med-compatible metrics (LLaVA-Med v1 ``llava/eval/run_eval.py`` after its December 2023
 closed-accuracy fix) use :func:`llava_med_normalize`, a re-implementation of its
@@ -17,7 +21,15 @@ closed-accuracy fix) use :func:`llava_med_normalize`, a re-implementation of its
 - ``closed_accuracy_llava_med``: CLOSED rows, all in the denominator; right when the normalized
   prediction holds ``yes`` or ``no`` as a substring and holds the normalized answer as a substring.
 - ``open_recall_llava_med``: OPEN rows; word-count recall of ``calculate_f1score``, averaged.
-- ``open_hit_llava_med``: OPEN rows; the normalized answer is a substring of the normalized prediction.
+- ``open_hit_llava_med``: OPEN rows; the normalized answer is a substring of the normalized
+  prediction. Rows whose answer is empty after :func:`llava_med_normalize` (``"A"``, ``"the"``)
+  would be a hit for any prediction: they are skipped and counted in
+  ``n_skipped_empty_answer_llava_med``.
+
+``closed_accuracy_llava_med`` is LLaVA-Med's rule as published: a closed answer that is not
+yes/no (about 15% of SLAKE's) and every Chinese 是/否 answer score 0 unless the prediction also
+holds "yes" or "no" (:data:`LLAVA_MED_CLOSED_NOTE`); ``n_closed_not_yes_no`` per block (and the
+``by_language`` breakdown) shows how many rows that rule cannot credit.
 
 Rows whose answer is empty after :func:`normalize` are not scored; they are counted in
 ``n_skipped_empty_answer``. A row's answer type is its ``answer_type`` stripped and upper-cased;
@@ -31,6 +43,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+#: The one line shown under every table that puts closed_accuracy_llava_med next to the strict rule.
+LLAVA_MED_CLOSED_NOTE = (
+    "closed_accuracy_llava_med is LLaVA-Med's rule: right only when the prediction holds 'yes' or "
+    "'no' and the answer, so closed answers that are not yes/no, and Chinese 是/否 answers, score 0 "
+    "(n_closed_not_yes_no counts them; see by_language); closed_accuracy_strict scores them."
+)
+
 METRIC_KEYS = (
     "closed_accuracy_strict",
     "closed_accuracy_llava_med",
@@ -42,7 +61,9 @@ METRIC_KEYS = (
 
 RULES: dict[str, str] = {
     "normalize": "lowercase; every char that is not a letter, digit or whitespace -> space; "
-    "whitespace collapsed; stripped. tokens = normalize(s).split()",
+    "whitespace collapsed; stripped",
+    "tokens": "cjk_char_tokens: normalize(s) split on whitespace, every CJK character (Han, kana, "
+    "Hangul) its own token, as the CMRC 2018 / DuReader F1 scripts tokenize Chinese",
     "llava_med_normalize": "lowercase, then LLaVA-Med v1 glossary.normalize_word (VQA-v2 answer "
     "normalization as LLaVA-Med applies it: punctuation deleted or spaced, periods not before a "
     "digit deleted (at most 32), number words -> digits, articles dropped, contractions, commas "
@@ -50,16 +71,21 @@ RULES: dict[str, str] = {
     "closed_accuracy_strict": "CLOSED rows: normalize(pred) == normalize(answer), or answer is "
     "yes/no and the first token of pred equals it; mean over CLOSED rows",
     "closed_accuracy_llava_med": "CLOSED rows (all in the denominator): llava_med_normalize(pred) "
-    "holds 'yes' or 'no' as a substring and holds llava_med_normalize(answer) as a substring",
-    "open_exact_match": "OPEN rows: normalize(pred) == normalize(answer); mean over OPEN rows",
+    "holds 'yes' or 'no' as a substring and holds llava_med_normalize(answer) as a substring. "
+    + LLAVA_MED_CLOSED_NOTE,
+    "open_exact_match": "OPEN rows: tokens(pred) == tokens(answer); mean over OPEN rows",
     "open_token_f1": "OPEN rows: SQuAD-style F1 on token multisets of tokens(pred), tokens(answer) "
     "(0 when nothing is shared); mean over OPEN rows",
     "open_recall_llava_med": "OPEN rows: LLaVA-Med calculate_f1score recall on llava_med_normalize "
     "words: tp = sum of pred counts of shared words, fn = sum of answer counts of answer words absent "
     "from pred, tp/(tp+fn), 0 if either side is empty or tp == 0; mean over OPEN rows",
-    "open_hit_llava_med": "OPEN rows: llava_med_normalize(answer) is a substring of "
-    "llava_med_normalize(pred); mean over OPEN rows",
+    "open_hit_llava_med": "OPEN rows whose llava_med_normalize(answer) is not empty: it is a "
+    "substring of llava_med_normalize(pred); mean over those rows",
     "n_skipped_empty_answer": "rows whose answer is empty after normalize(); not scored",
+    "n_skipped_empty_answer_llava_med": "OPEN rows whose answer is empty after "
+    "llava_med_normalize() (e.g. 'A', 'the'); not scored by open_hit_llava_med",
+    "n_closed_not_yes_no": "CLOSED rows whose normalized answer is not yes/no (closed_accuracy_llava_med "
+    "can only credit them when the prediction also holds 'yes' or 'no')",
     "n_skipped_other_answer_type": "rows whose answer_type (stripped, upper-cased) is neither "
     "CLOSED nor OPEN; not scored",
 }
@@ -100,9 +126,17 @@ def normalize(s: Any) -> str:
     return " ".join(text.split())
 
 
+# Han (with extensions A and compatibility), kana, Hangul: written without spaces between words.
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
+
+
 def tokens(s: Any) -> list[str]:
-    """``normalize(s).split()``."""
-    return normalize(s).split()
+    """Tokens of :func:`normalize`: whitespace-split, every CJK character its own token.
+
+    The CMRC 2018 / DuReader F1 rule for Chinese; text without CJK characters gives
+    ``normalize(s).split()``. ``tokens("左肺 nodule")`` -> ``["左", "肺", "nodule"]``.
+    """
+    return _CJK.sub(r" \1 ", normalize(s)).split()
 
 
 def answer_type_of(row: Mapping[str, Any]) -> str:
@@ -122,8 +156,9 @@ def closed_strict(prediction: Any, answer: Any) -> bool:
 
 
 def open_exact(prediction: Any, answer: Any) -> bool:
-    """``open_exact_match`` for one row: normalized strings equal."""
-    return normalize(prediction) == normalize(answer)
+    """``open_exact_match`` for one row: equal :func:`tokens` (so spacing between CJK characters
+    does not matter; for other text, equal normalized strings)."""
+    return tokens(prediction) == tokens(answer)
 
 
 def token_f1(prediction: Any, answer: Any) -> float:
@@ -266,9 +301,17 @@ def recall_llava_med(prediction: Any, answer: Any) -> float:
     return tp / (tp + fn)
 
 
-def hit_llava_med(prediction: Any, answer: Any) -> bool:
-    """``open_hit_llava_med`` for one row: normalized answer is a substring of the prediction."""
-    return llava_med_normalize(answer) in llava_med_normalize(prediction)
+def hit_llava_med(prediction: Any, answer: Any) -> bool | None:
+    """``open_hit_llava_med`` for one row: normalized answer is a substring of the prediction.
+
+    Returns:
+        None when the answer is empty after :func:`llava_med_normalize` (any prediction would
+        hold it): the row is not scored by this metric.
+    """
+    ans = llava_med_normalize(answer)
+    if not ans:
+        return None
+    return ans in llava_med_normalize(prediction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,19 +341,23 @@ def score_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
             "closed_accuracy_llava_med": float(closed_llava_med(prediction, answer)),
         }
     if kind == "OPEN":
-        return {
+        out = {
             "answer_type": kind,
             "open_exact_match": float(open_exact(prediction, answer)),
             "open_token_f1": token_f1(prediction, answer),
             "open_recall_llava_med": recall_llava_med(prediction, answer),
-            "open_hit_llava_med": float(hit_llava_med(prediction, answer)),
         }
+        hit = hit_llava_med(prediction, answer)
+        if hit is not None:  # absent: skipped by open_hit_llava_med (empty LLaVA-Med answer)
+            out["open_hit_llava_med"] = float(hit)
+        return out
     return None
 
 
 def _aggregate(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
-    n_closed = n_open = n_empty = n_other = 0
+    n_closed = n_open = n_empty = n_other = n_closed_other = 0
     sums = dict.fromkeys(METRIC_KEYS, 0.0)
+    counts = dict.fromkeys(METRIC_KEYS, 0)
     for row in rows:
         if not normalize(row.get("answer")):
             n_empty += 1
@@ -321,21 +368,24 @@ def _aggregate(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             continue
         if scores["answer_type"] == "CLOSED":
             n_closed += 1
+            n_closed_other += normalize(row.get("answer")) not in ("yes", "no")
         else:
             n_open += 1
         for key in METRIC_KEYS:
             if key in scores:
                 sums[key] += scores[key]
+                counts[key] += 1
     out: dict[str, Any] = {
         "n_rows": len(rows),
         "n_closed": n_closed,
         "n_open": n_open,
         "n_skipped_empty_answer": n_empty,
         "n_skipped_other_answer_type": n_other,
+        "n_skipped_empty_answer_llava_med": n_open - counts["open_hit_llava_med"],
+        "n_closed_not_yes_no": n_closed_other,
     }
     for key in METRIC_KEYS:
-        denom = n_closed if key.startswith("closed_") else n_open
-        out[key] = sums[key] / denom if denom else None
+        out[key] = sums[key] / counts[key] if counts[key] else None
     return out
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torchtune.modules import TransformerDecoder
 
 from medtune.models import llama3 as _llama3
-from medtune.models.connectors import build_connector
+from medtune.models.connectors import ConnectorKind, build_connector
 from medtune.models.encoders import biomedclip_vision, open_clip_vision, timm_vision
 from medtune.models.medvlm import MedVLM
 
@@ -29,7 +29,7 @@ def image_token_id_for_vocab(vocab_size: int) -> int:
 def medvlm(
     decoder: TransformerDecoder,
     encoders: dict[str, nn.Module] | nn.Module,
-    connector: str | dict[str, str] = "mlp",
+    connector: ConnectorKind | dict[str, ConnectorKind] = "mlp",
     connector_kwargs: dict | None = None,
     image_token_id: int = LLAMA3_IMAGE_TOKEN_ID,
     fuse: str = "sequence",
@@ -75,13 +75,15 @@ def _biomedclip_llama(
     return medvlm(decoder_fn(), enc, connector=connector, connector_kwargs=connector_kwargs)
 
 
-def medvlm_biomedclip_llama3_8b(encoder_path: str | None = None, connector: str = "mlp") -> MedVLM:
+def medvlm_biomedclip_llama3_8b(
+    encoder_path: str | None = None, connector: ConnectorKind = "mlp"
+) -> MedVLM:
     """BiomedCLIP patch tokens (196 x 768) -> LLaVA MLP -> Llama-3-8B-Instruct (196 image tokens)."""
     return _biomedclip_llama(_llama3.llama3_8b, encoder_path, "patch", connector, None)
 
 
 def medvlm_biomedclip_llama3_1_8b(
-    encoder_path: str | None = None, connector: str = "mlp"
+    encoder_path: str | None = None, connector: ConnectorKind = "mlp"
 ) -> MedVLM:
     """BiomedCLIP patch tokens -> LLaVA MLP -> Llama-3.1-8B-Instruct."""
     return _biomedclip_llama(_llama3.llama3_1_8b, encoder_path, "patch", connector, None)
@@ -131,7 +133,7 @@ def medvlm_msmedcap_llama3_8b(
 def medvlm_open_clip_llama3(
     llm_config: str,
     encoder_path: str,
-    connector: str = "mlp",
+    connector: ConnectorKind = "mlp",
     output: str = "patch",
     connector_kwargs: dict | None = None,
     max_seq_len: int | None = None,
@@ -155,7 +157,7 @@ def medvlm_open_clip_llama3(
 
 def tiny_medvlm(
     assets_dir: str,
-    connector: str = "mlp",
+    connector: ConnectorKind = "mlp",
     output: str = "patch",
     connector_kwargs: dict | None = None,
 ) -> MedVLM:

@@ -14,6 +14,8 @@ exactly N placeholders per image.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -161,6 +163,9 @@ class Resampler(Connector):
         return self.proj(self.norm(lat))
 
 
+ConnectorKind = Literal["linear", "mlp", "pooled_unfold", "qformer", "resampler", "blip2_qformer"]
+"""The connector names builders accept (``medtune validate`` checks config values against it)."""
+
 CONNECTORS: dict[str, type[Connector]] = {
     "linear": LinearConnector,
     "mlp": MLPConnector,
@@ -171,7 +176,10 @@ CONNECTORS: dict[str, type[Connector]] = {
 
 
 def build_connector(kind: str, in_dim: int, out_dim: int, **kwargs) -> Connector:
-    """Build a connector by name (``linear | mlp | pooled_unfold | qformer | resampler``)."""
+    """Build a connector by name (``linear | mlp | pooled_unfold | qformer | resampler |
+    blip2_qformer``)."""
+    if kind == "blip2_qformer":  # registers itself; a separate module (it needs transformers)
+        import medtune.models.blip2_connector  # noqa: F401
     if kind not in CONNECTORS:
         raise ValueError(f"unknown connector {kind!r}: expected one of {', '.join(CONNECTORS)}")
     return CONNECTORS[kind](in_dim, out_dim, **kwargs)

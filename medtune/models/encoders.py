@@ -98,6 +98,16 @@ class VisionEncoder(nn.Module):
                 out = _timm_patch_tokens(t, images)
         return out
 
+    def unused_parameters(self) -> set[str]:
+        """Names (relative to this module) of tower parameters the chosen output never uses:
+        the pooled head / projection when patch tokens are taken. They stay frozen, so a trained
+        encoder does not count (or hold optimizer state for) weights that get no gradient."""
+        if self.output == "pooled":
+            return set()
+        heads = {"open_clip_vit": ("tower.proj",), "open_clip_timm": ("tower.head.",)}
+        heads = heads.get(self.kind, ("tower.head.", "tower.fc_norm."))
+        return {n for n, _ in self.named_parameters() if n.startswith(heads) or n in heads}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn on activation checkpointing inside the tower where it supports it."""
         target = self.tower.trunk if self.kind == "open_clip_timm" else self.tower

@@ -8,21 +8,83 @@ generation: text is never decoded and re-encoded.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torchtune.models.llama3 import Llama3Tokenizer, llama3, llama3_8b, llama3_70b
-from torchtune.models.llama3_1 import llama3_1, llama3_1_8b, llama3_1_70b
+from torchtune.models import llama3 as _tt_llama3
+from torchtune.models import llama3_1 as _tt_llama3_1
+from torchtune.models.llama3 import Llama3Tokenizer
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tokenizers import parse_hf_tokenizer_json
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 """The reserved special token whose id marks image positions in a prompt."""
 
+_DECODER_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "medtune_decoder_device", default=None
+)
+
+
+@contextlib.contextmanager
+def build_decoders_on(device: str | torch.device | None) -> Iterator[None]:
+    """Build every Llama-3 decoder made by medtune's builders on ``device`` while inside.
+
+    The distributed recipes build the LLM on ``meta`` and fill it shard by shard, while encoders
+    and connectors (small, with weights their builders load) are built where the caller's device
+    context says. Every decoder builder in :mod:`medtune.models` goes through
+    :func:`build_decoder`, which honours this setting; nothing is patched at run time.
+    """
+    token = _DECODER_DEVICE.set(None if device is None else str(device))
+    try:
+        yield
+    finally:
+        _DECODER_DEVICE.reset(token)
+
+
+def build_decoder(fn: Callable[..., TransformerDecoder], **kwargs) -> TransformerDecoder:
+    """Call a torchtune decoder builder on the device set by :func:`build_decoders_on`."""
+    device = _DECODER_DEVICE.get()
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return fn(**kwargs)
+
+
+def llama3(**kwargs) -> TransformerDecoder:
+    """torchtune's ``llama3`` component builder (any shape), honouring :func:`build_decoders_on`."""
+    return build_decoder(_tt_llama3.llama3, **kwargs)
+
+
+def llama3_1(**kwargs) -> TransformerDecoder:
+    """torchtune's ``llama3_1`` component builder, honouring :func:`build_decoders_on`."""
+    return build_decoder(_tt_llama3_1.llama3_1, **kwargs)
+
+
+def llama3_8b() -> TransformerDecoder:
+    """Llama-3-8B (torchtune's ``llama3_8b``), honouring :func:`build_decoders_on`."""
+    return build_decoder(_tt_llama3.llama3_8b)
+
+
+def llama3_70b() -> TransformerDecoder:
+    """Llama-3-70B (torchtune's ``llama3_70b``), honouring :func:`build_decoders_on`."""
+    return build_decoder(_tt_llama3.llama3_70b)
+
+
+def llama3_1_8b() -> TransformerDecoder:
+    """Llama-3.1-8B (torchtune's ``llama3_1_8b``), honouring :func:`build_decoders_on`."""
+    return build_decoder(_tt_llama3_1.llama3_1_8b)
+
+
+def llama3_1_70b() -> TransformerDecoder:
+    """Llama-3.1-70B (torchtune's ``llama3_1_70b``), honouring :func:`build_decoders_on`."""
+    return build_decoder(_tt_llama3_1.llama3_1_70b)
+
+
 __all__ = [
     "IMAGE_TOKEN",
+    "build_decoders_on",
     "llama3_tokenizer",
     "special_tokens_for_base_vocab",
     "image_token_id",

@@ -17,9 +17,7 @@ All decoder construction goes through :func:`_decoder`, which honours :func:`bui
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,8 +26,9 @@ from torchtune.models.llama3_1 import lora_llama3_1, lora_llama3_1_8b
 from torchtune.modules import TransformerDecoder
 
 from medtune.models.builders import image_token_id_for_vocab, medvlm
+from medtune.models.connectors import ConnectorKind
 from medtune.models.encoders import biomedclip_vision, open_clip_vision
-from medtune.models.llama3 import hf_config_kwargs
+from medtune.models.llama3 import build_decoder, build_decoders_on, hf_config_kwargs
 from medtune.models.medvlm import MedVLM
 
 __all__ = [
@@ -45,28 +44,9 @@ __all__ = [
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
-_DECODER_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "medtune_decoder_device", default=None
-)
-
-
-@contextlib.contextmanager
-def build_decoders_on(device: str | torch.device | None) -> Iterator[None]:
-    """Build every decoder made by this module on ``device`` (e.g. ``"meta"``) while inside.
-
-    Encoders and connectors are unaffected: they are built where the caller's context says.
-    """
-    token = _DECODER_DEVICE.set(None if device is None else str(device))
-    try:
-        yield
-    finally:
-        _DECODER_DEVICE.reset(token)
-
 
 def _decoder(fn: Callable[..., TransformerDecoder], **kwargs) -> TransformerDecoder:
-    device = _DECODER_DEVICE.get()
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return fn(**kwargs)
+    return build_decoder(fn, **kwargs)
 
 
 def _check_modules(lora_attn_modules: Sequence[str]) -> list[str]:
@@ -149,7 +129,7 @@ def lora_llama3_from_hf_config(
 def medvlm_open_clip_lora_llama3(
     llm_config: str,
     encoder_path: str,
-    connector: str = "mlp",
+    connector: ConnectorKind = "mlp",
     output: str = "patch",
     connector_kwargs: dict | None = None,
     max_seq_len: int | None = None,
@@ -190,7 +170,7 @@ def medvlm_open_clip_lora_llama3(
 
 
 def tiny_medvlm_lora(
-    assets_dir: str, connector: str = "mlp", llm_dir: str = "llama3_tiny", **lora
+    assets_dir: str, connector: ConnectorKind = "mlp", llm_dir: str = "llama3_tiny", **lora
 ) -> MedVLM:
     """The tiny MedVLM of the generated assets (``medtune.testing.assets``) with a LoRA decoder.
 
@@ -213,7 +193,7 @@ def _biomedclip_lora_builder(llm_builder: Callable[..., TransformerDecoder], nam
 
     def builder(
         encoder_path: str | None = None,
-        connector: str = "mlp",
+        connector: ConnectorKind = "mlp",
         lora_attn_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
         apply_lora_to_mlp: bool = True,
         apply_lora_to_output: bool = False,
@@ -286,3 +266,61 @@ def lora_settings(model: torch.nn.Module) -> dict:
         "use_dora": dora,
         "lora_dropout": dropout,
     }
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without activation-checkpointing wrapper parts (as
+    ``state_dict`` names it)."""
+    return name.replace("._checkpoint_wrapped_module", "").replace(
+        "_checkpoint_wrapped_module.", ""
+    )
+
+
+def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Name (as ``state_dict`` keys name it) -> every torchtune ``LoRALinear`` / ``DoRALinear``."""
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    return {
+        clean_name(n): m
+        for n, m in model.named_modules()
+        if isinstance(m, (LoRALinear, DoRALinear))
+    }
+
+
+def adapter_init_state(
+    model: torch.nn.Module, base: dict[str, torch.Tensor], seed: int
+) -> dict[str, torch.Tensor]:
+    """Full (unsharded) initial adapter tensors for every LoRA layer of ``model``, from ``seed``.
+
+    The same tensors on any number of ranks, so 1 and N processes start from the same model.
+
+    Args:
+        model: holds the LoRA layers (their parameters may be on ``meta`` or sharded).
+        base: the full base state dict (same key names as ``model``), for DoRA magnitudes.
+        seed: seeds a CPU generator; layers are visited in ``named_modules`` order.
+
+    Returns:
+        ``{name.lora_a.weight: [r, in] Kaiming uniform, name.lora_b.weight: [out, r] zeros,
+        name.magnitude: [out] (DoRA) ||W||_row}``, float32 on CPU.
+    """
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in lora_modules(model).items():
+        a = torch.empty(tuple(m.lora_a.weight.shape), dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        out[f"{name}.lora_a.weight"] = a
+        out[f"{name}.lora_b.weight"] = torch.zeros(tuple(m.lora_b.weight.shape))
+        if hasattr(m, "magnitude"):  # lora_b = 0: ||W + s * B @ A|| = ||W||
+            out[f"{name}.magnitude"] = torch.linalg.norm(base[f"{name}.weight"].float(), dim=1)
+    return out
+
+
+def adapters_to_fp32(decoder: torch.nn.Module) -> None:
+    """Adapters train as fp32 masters over a bf16 / NF4 base."""
+    for m in lora_modules(decoder).values():
+        m.lora_a.float()
+        m.lora_b.float()
+        if hasattr(m, "magnitude"):
+            m.magnitude.data = m.magnitude.data.float()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,11 @@ class ImageTokenError(ValueError):
     """Placeholder count does not match the images given."""
 
 
+def _own_output(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook: a view output becomes a tensor of its own (see ``MedVLM.__init__``)."""
+    return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
+
+
 class MedVLM(nn.Module):
     """Encoders + connectors + decoder.
 
@@ -117,6 +123,11 @@ class MedVLM(nn.Module):
                 f"image_token_id {self.image_token_id} is outside the decoder's vocabulary of {vocab}"
             )
         self.tokens_per_image = self._check_shapes()
+        # Encoders and connectors are FSDP2 units. Their outputs are often views (a token slice,
+        # a linear layer's reshape), and an in-place op on a unit's view output drops FSDP2's
+        # pre-backward hook (all-gather skipped, wrong gradients). Give them outputs of their own.
+        for part in (*self.encoders.values(), *self.connectors.values()):
+            part.register_forward_hook(_own_output)
 
     def _check_shapes(self) -> int:
         if self.fuse == "sequence":
@@ -228,9 +239,11 @@ class MedVLM(nn.Module):
             tokens: [b, s] ids with placeholders.
             images: encoder name -> [n_img, 3, H, W], images of the batch in sample order; None for
                 text-only input or KV-cache decode steps.
-            image_counts: [b] images per sample (checked against the placeholders when given).
-            mask: [b, s, s] (or [b, s, cache_len]) boolean attention mask, as torchtune's decoder.
-            input_pos: [b, s] positions, as torchtune's decoder.
+            image_counts: [b] images per row (checked against the placeholders when given); a
+                packed row (:mod:`medtune.data.packing`) holds several samples' images, in order.
+            mask: [b, s, s] (or [b, s, cache_len]) boolean attention mask, or a flex-attention
+                ``BlockMask`` for packed rows on CUDA, as torchtune's decoder.
+            input_pos: [b, s] positions (restarting per sample in packed rows), as torchtune's decoder.
 
         Returns:
             logits [b, s, vocab] (float32), or a list of chunks when output chunking is set.

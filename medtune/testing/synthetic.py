@@ -11,15 +11,16 @@ bright round lesion in one quadrant. Questions per image (SLAKE wording and fiel
 - ``What modality is shown?`` -> ``ct`` | ``mri`` | ``x ray``, OPEN, Modality.
 
 A question-only model can do no better than each question's majority answer; a model that sees the
-image can answer all of them. The folder also gets pydicom's real ``CT_small.dcm`` and
-``MR_small.dcm`` as two extra images with modality questions, so the DICOM path is exercised.
+image can answer all of them. Each split also gets two real DICOM images with modality questions,
+so the DICOM path is exercised: a different region of pydicom's ``CT_small.dcm`` and
+``MR_small.dcm`` per split (:func:`split_dicom`), so that no image is shared between splits
+(``tools/check_split_leakage.py`` finds no leak).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,38 @@ def write_synthetic_slake(
     return root
 
 
+#: Where each split's DICOM images are cut from pydicom's files: (top, left) of a 3/4-size crop.
+#: Each split gets its own region, so no split shares pixels with another (the leakage check
+#: compares decoded pixels), and the images stay real DICOM files of the original series.
+DICOM_CROPS = {"train": (0.0, 0.0), "validation": (0.5, 0.5), "test": (1.0, 1.0)}
+
+
+def split_dicom(src: str | Path, dst: str | Path, split: str) -> Path:
+    """Write ``split``'s crop of the DICOM ``src`` to ``dst`` (see :data:`DICOM_CROPS`).
+
+    The crop is 3/4 of each side, at the split's relative offset; Rows / Columns, the pixel data
+    and a new SOP Instance UID (derived from file and split, so the output is reproducible) are
+    set; every other element (modality, rescale, window, patient) is kept.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(src)
+    arr = ds.pixel_array
+    h, w = arr.shape
+    ch, cw = (3 * h) // 4, (3 * w) // 4
+    fy, fx = DICOM_CROPS[split]
+    top, left = round(fy * (h - ch)), round(fx * (w - cw))
+    crop = np.ascontiguousarray(arr[top : top + ch, left : left + cw])
+    ds.PixelData = crop.astype(arr.dtype).tobytes()  # explicit VR little endian, as the source
+    ds.Rows, ds.Columns = crop.shape
+    uid = generate_uid(entropy_srcs=[Path(src).name, split])
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.save_as(dst)
+    return Path(dst)
+
+
 def _dicom_rows(root: Path, split: str, img_id: int, qid: int) -> list[dict]:
     from pydicom.data import get_testdata_file
 
@@ -216,7 +249,7 @@ def _dicom_rows(root: Path, split: str, img_id: int, qid: int) -> list[dict]:
     for i, (fname, modality) in enumerate((("CT_small.dcm", "CT"), ("MR_small.dcm", "MRI"))):
         name = f"xmlab{img_id + i}/source.dcm"
         (root / "imgs" / f"xmlab{img_id + i}").mkdir(exist_ok=True)
-        shutil.copy(get_testdata_file(fname), root / "imgs" / name)
+        split_dicom(get_testdata_file(fname), root / "imgs" / name, split)
         rows.append(
             _row(
                 img_id + i,

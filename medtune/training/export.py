@@ -5,8 +5,6 @@
   torchtune's ``convert_weights.tune_to_hf`` (q/k rows permuted back to HF's rotary layout).
 - :func:`save_peft_adapter`: LoRA / DoRA adapters in PEFT layout (``adapter_model.safetensors`` +
   ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained(hf_model, folder)``.
-- :func:`peft_without_torchao`: load such adapters with ``peft`` 0.21 in medtune's environment
-  (peft refuses torchao < 0.16, which torchtune 0.6.1 needs; see the function).
 - :func:`merge_lora`: base + ``alpha / r * B @ A`` (DoRA: rescaled by the magnitude) folded into the
   base weights (torchtune's ``get_merged_lora_ckpt``), giving a plain Llama-3 state dict.
 
@@ -16,11 +14,9 @@ MedVLM's ``decoder.`` prefix.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -191,35 +187,3 @@ def merge_lora(state: dict[str, torch.Tensor], settings: dict) -> dict[str, torc
     work = {k: v.float().clone() for k, v in state.items()}
     merged = get_merged_lora_ckpt(work, rank=settings["r"], alpha=settings["lora_alpha"])
     return {k: v.to(dtypes[k]) for k, v in merged.items()}
-
-
-@contextlib.contextmanager
-def peft_without_torchao() -> Iterator[None]:
-    """Let ``peft`` load LoRA adapters onto plain ``nn.Linear`` layers beside torchao 0.15.
-
-    peft 0.21 probes for torchao-quantized layers while injecting adapters, and its probe raises
-    ``ImportError`` for torchao < 0.16 instead of answering "not available". medtune pins torchao
-    0.15 (0.16 breaks torchtune 0.6.1), so inside this context peft is told torchao is absent;
-    nothing is quantized by torchao in an HF model loaded from safetensors anyway.
-
-    Example:
-        >>> with peft_without_torchao():
-        ...     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), "epoch_0/adapter")
-    """
-    import importlib
-
-    names = ("peft.import_utils", "peft.tuners.lora.torchao", "peft.utils.quantization_utils")
-    saved = []
-    for name in names:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "is_torchao_available"):
-            saved.append((mod, mod.is_torchao_available))
-            mod.is_torchao_available = lambda: False
-    try:
-        yield
-    finally:
-        for mod, fn in saved:
-            mod.is_torchao_available = fn

@@ -131,3 +131,42 @@ def test_locate_and_bind_units():
     assert check_component(g, {"a": 1}) == ["unexpected argument 'a'"]  # positional-only
     assert check_component(g, {"args": 1}) == ["unexpected argument 'args'"]
     assert check_component(3, {}) == ["'3' is not callable"]
+
+
+def test_recipe_key_check_and_builder_choices(workdir):
+    """A config that ``run`` would refuse for a config reason does not validate: an unknown
+    top-level key of the recipe, and a connector kind the builders do not have."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "recipes" / "configs" / "vision_finetune" / "demo.yaml").read_text()
+    bad = text.replace("\nepochs: 6", "\nepochz: 6").replace("connector: mlp", "connector: mlpx")
+    assert bad != text
+    (workdir / "bad_vision.yaml").write_text(bad)
+    env = {"MEDTUNE_RECIPES_DIR": str(repo / "recipes")}
+    proc = run_cli(
+        "validate", "bad_vision.yaml", "--recipe", "vision_finetune", cwd=workdir, env=env
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "epochz: not a key of vision_finetune (did you mean 'epochs'?)" in proc.stderr
+    assert "model: argument 'connector': 'mlpx' is not one of 'linear', 'mlp'" in proc.stderr
+    (workdir / "good_vision.yaml").write_text(text)
+    proc = run_cli(
+        "validate", "good_vision.yaml", "--recipe", "vision_finetune", cwd=workdir, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_shipped_config_validates(capsys, monkeypatch):
+    """Every config in recipes/configs passes validate with its own recipe's key check (in this
+    process: one torch import for all of them)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("MEDTUNE_RECIPES_DIR", str(repo / "recipes"))
+    monkeypatch.chdir(repo)
+    configs = sorted((repo / "recipes" / "configs").glob("*/*.yaml"))
+    assert len(configs) > 20
+    for path in configs:
+        status, _, err = run_main(capsys, "validate", str(path))
+        assert status == 0, f"{path}: {err}"

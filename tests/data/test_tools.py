@@ -161,3 +161,29 @@ def test_no_leak_exit_zero(slake_copy):
     rows = [r for r in json.loads(f.read_text("utf-8")) if r["img_id"] not in (1, 5)]
     f.write_text(json.dumps(rows, ensure_ascii=False), "utf-8")
     assert leakage.main(["--dataset", "slake", "--input", str(slake_copy), "--fail-on-leak"]) == 0
+
+
+def test_convert_bad_row_is_one_error_line_and_no_output(slake_copy, tmp_path):
+    # Through the script itself (its run_entry wiring): one line naming file, row and field.
+    import subprocess
+    import sys
+
+    f = slake_copy / "train.json"
+    rows = json.loads(f.read_text("utf-8"))
+    del rows[1]["question"]
+    f.write_text(json.dumps(rows, ensure_ascii=False), "utf-8")
+    out = tmp_path / "out" / "train.json"
+    out.parent.mkdir()
+    out.write_text("previous")
+    argv = ["--dataset", "slake", "--input", str(slake_copy), "--split", "train"]
+    proc = subprocess.run(
+        [sys.executable, str(TOOLS / "convert_to_sharegpt.py"), *argv, "--output", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"convert_to_sharegpt: error: {f} row 1 (qid {rows[1]['qid']}): missing field 'question' "
+        "(expected a string)"
+    ]
+    assert out.read_text() == "previous" and os.listdir(out.parent) == ["train.json"]

@@ -235,5 +235,12 @@ def test_local_judge_checks_count():
 def test_corrupt_verdicts_file_names_line(tmp_path):
     path = tmp_path / "v.jsonl"
     path.write_text('{"judge": "j", "prompt_sha256": "h", "key": "k"}\nnot json\n')
-    with pytest.raises(J.VerdictsFileError, match=r"v\.jsonl:2: not a verdict row"):
+    with pytest.raises(
+        J.VerdictsFileError, match=r"v\.jsonl:2: not a verdict row \(not valid JSON"
+    ):
+        VerdictStore(path)
+    path.write_text('{"judge": "j", "prompt_sha256": "h", "key": "k"}\n{"judge": "j"}\n')
+    with pytest.raises(
+        J.VerdictsFileError, match=r"v\.jsonl:2: not a verdict row \(no 'prompt_sha256'\)"
+    ):
         VerdictStore(path)

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from medtune.eval.judge import VerdictStore, run_judge
-from medtune.eval.judge_http import JudgeHTTPError, OpenAIJudge
+from medtune.eval.judge.http import JudgeHTTPError, OpenAIJudge
 
 FAST = {"backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0}
 

@@ -216,3 +216,60 @@ def test_score_predictions_empty():
     m = score_predictions([])
     assert m["n_closed"] == 0 and m["n_open"] == 0
     assert all(m[k] is None for k in vm.METRIC_KEYS)
+
+
+# ---------------------------------------------------------------------------- issue 12 item 4
+
+
+def _open(answer, prediction, **kw):
+    return {"answer": answer, "prediction": prediction, "answer_type": "OPEN", **kw}
+
+
+def test_open_hit_skips_answers_empty_under_llava_med_normalize():
+    from medtune.eval.vqa_metrics import hit_llava_med
+
+    assert hit_llava_med("", "A") is None and hit_llava_med("anything", "the") is None
+    rows = [_open("A", ""), _open("the", "liver"), _open("liver", "the liver"), _open("lung", "x")]
+    m = score_predictions(rows)
+    assert m["n_open"] == 4 and m["n_skipped_empty_answer_llava_med"] == 2
+    assert m["open_hit_llava_med"] == 0.5  # 1 hit of the 2 scorable rows, not 3 of 4
+    assert m["open_exact_match"] == 0.0  # the other open metrics keep all 4 rows
+    assert "n_skipped_empty_answer_llava_med" in m["rules"]
+
+
+def test_cjk_characters_are_tokens_one_by_one():
+    from medtune.eval.vqa_metrics import RULES, open_exact, token_f1, tokens
+
+    assert tokens("左肺，nodule") == ["左", "肺", "nodule"]
+    assert tokens("Left lung") == ["left", "lung"]
+    # 2 shared of 3 predicted and 2 answer characters: P = 2/3, R = 1, F1 = 0.8
+    assert token_f1("左肺叶", "左肺") == pytest.approx(0.8)
+    assert token_f1("左 肺", "左肺") == 1.0 and open_exact("左 肺", "左肺")
+    assert not open_exact("右肺", "左肺")
+    m = score_predictions([_open("左肺", "左肺叶", language="zh")])
+    assert m["open_token_f1"] == pytest.approx(0.8) and m["open_exact_match"] == 0.0
+    assert "CMRC" in RULES["tokens"] and "cjk" in RULES["tokens"]
+
+
+def test_llava_med_closed_rule_is_explained_and_chinese_effect_visible():
+    from medtune.eval.report import markdown_table
+    from medtune.eval.vqa_metrics import LLAVA_MED_CLOSED_NOTE
+
+    rows = [
+        {"answer": "Yes", "prediction": "yes", "answer_type": "CLOSED", "language": "en"},
+        {"answer": "left", "prediction": "left", "answer_type": "CLOSED", "language": "en"},
+        {"answer": "是", "prediction": "是", "answer_type": "CLOSED", "language": "zh"},
+        {"answer": "否", "prediction": "否", "answer_type": "CLOSED", "language": "zh"},
+    ]
+    m = score_predictions(rows)
+    zh, en = m["by_language"]["zh"], m["by_language"]["en"]
+    assert zh["closed_accuracy_strict"] == 1.0 and zh["closed_accuracy_llava_med"] == 0.0
+    assert zh["n_closed_not_yes_no"] == 2 == zh["n_closed"]
+    assert en["closed_accuracy_llava_med"] == 0.5 and en["n_closed_not_yes_no"] == 1
+    assert (
+        "是/否" in LLAVA_MED_CLOSED_NOTE
+        and LLAVA_MED_CLOSED_NOTE in m["rules"]["closed_accuracy_llava_med"]
+    )
+    md = markdown_table(["closed_accuracy_strict", "closed_accuracy_llava_med"], [[1.0, 0.5]])
+    assert md.splitlines()[-1] == LLAVA_MED_CLOSED_NOTE
+    assert LLAVA_MED_CLOSED_NOTE not in markdown_table(["open_token_f1"], [[0.5]])

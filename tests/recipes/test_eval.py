@@ -145,7 +145,9 @@ def test_eval_end_to_end(first_run, checkpoints, data_dir):
                 assert metrics["n_skipped_empty_answer"] == 1  # the fixture's empty answer
     md = (out / "results.md").read_text().strip().splitlines()
     assert md[0].startswith("| checkpoint | dataset | n |") and all(k in md[0] for k in METRIC_KEYS)
-    assert len(md) == 2 + 4
+    from medtune.eval.vqa_metrics import LLAVA_MED_CLOSED_NOTE
+
+    assert len(md) == 2 + 4 + 2 and md[-1] == LLAVA_MED_CLOSED_NOTE  # the rule said under the table
     with open(out / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [(r["checkpoint"], r["dataset"]) for r in table] == [
@@ -333,3 +335,47 @@ def test_eval_configs_are_valid(name):
     assert next(iter(cfg.keys())) == "output_dir"
     assert set(cfg.keys()) <= _known_keys(), set(cfg.keys()) - _known_keys()
     assert collect_problems(OmegaConf.to_container(cfg, resolve=True)) == []
+
+
+def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path):
+    """``medtune run --nproc_per_node 2 eval`` (2 CPU ranks, gloo): the same files as 1 process."""
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        f"checkpoints=[{checkpoints[0]}]",
+        f"data_dir={data_dir}",
+        "device=cpu",
+        "batch_size=2",  # several batches per dataset, so both ranks answer some
+        "max_new_tokens=4",
+    ]
+    assert (
+        _cli("run", "eval", "--config", "slake_vqa_rad", *args, f"output_dir={tmp_path / 'one'}")
+        == 0
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "medtune"), "run", "--nproc_per_node", "2", "eval",
+         "--config", "slake_vqa_rad", *args, f"output_dir={tmp_path / 'two'}"],
+        env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("eval: loading") == 1  # one log line: only rank 0 prints
+    for ds in ("slake", "vqa_rad"):
+        one = tmp_path / "one" / "run1_epoch_0" / ds
+        two = tmp_path / "two" / "run1_epoch_0" / ds
+        rows1, rows2 = (
+            read_predictions(one / "predictions.jsonl"),
+            read_predictions(two / "predictions.jsonl"),
+        )
+        assert len(rows1) > 2 * 2  # more than one batch per rank
+        assert rows2 == rows1  # same ids, same predictions, same order, every field
+        m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+        m1.pop("predictions"), m2.pop("predictions")
+        assert m1 == m2
+    assert (tmp_path / "one" / "results.csv").read_text() == (
+        tmp_path / "two" / "results.csv"
+    ).read_text()
+    leftovers = sorted(p.name for p in (tmp_path / "two").rglob("*") if p.name.endswith(".tmp"))
+    assert leftovers == []

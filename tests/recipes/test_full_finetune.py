@@ -6,7 +6,7 @@
 - 2 CPU processes (gloo, FSDP2, LLM built on meta and loaded shard by shard) with gradient
   accumulation give the same losses and weights as 1 process with the same global batch;
 - the LLM export is HF layout (``transformers`` loads it) and the checkpoint folder rebuilds the
-  trained model through ``medtune.models.loading.load_from_checkpoint``;
+  trained model through ``medtune.training.loading.load_from_checkpoint``;
 - the full-size configs bind and build on the meta device with Llama-3-8B's parameter count.
 """
 
@@ -27,7 +27,12 @@ from medtune._cli.main import main
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
 SINGLE, DIST = "full_finetune_single_device", "full_finetune_distributed"
-SMALL = ["val_dataset=null", "max_steps_per_epoch=2", "warmup_steps=1", "log_every_n_steps=1"]
+SMALL = [
+    "val_dataset=null",
+    "max_steps_per_epoch=2",
+    "lr_scheduler.num_warmup_steps=1",
+    "log_every_n_steps=1",
+]
 LLAMA3_8B = 8_030_261_248
 
 pytestmark = pytest.mark.slow
@@ -77,24 +82,18 @@ def _llm(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "llm" / "model.safetensors"))
 
 
-def test_single_device_resume_equals_uninterrupted_and_exports(tiny_assets, tmp_path, capsys):
-    ref, res = tmp_path / "ref", tmp_path / "resumed"
+def test_single_device_exports_rebuild_the_model(tiny_assets, tmp_path, capsys):
+    """The LLM export loads in transformers and the epoch folder rebuilds the trained MedVLM
+    (resume after a kill: tests/recipes/test_resume.py)."""
+    ref = tmp_path / "ref"
     common = [f"assets_dir={tiny_assets}", "batch_size=8", *SMALL]
     _run(SINGLE, "demo", *common, f"output_dir={ref}", "epochs=2")
-    _run(SINGLE, "demo", *common, f"output_dir={res}", "epochs=1")
-    _run(SINGLE, "demo", *common, f"output_dir={res}", "epochs=2", "resume_from_checkpoint=True")
     out = capsys.readouterr().out
-    assert "resumed from" in out and "memory estimate per rank" in out and "llm        full" in out
-    assert _state(res)["loss_history"] == pytest.approx(_state(ref)["loss_history"], abs=1e-6)
-    a, b = _llm(ref / "epoch_1"), _llm(res / "epoch_1")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-
+    assert "memory estimate per rank" in out and "llm        full" in out
     # the LLM folder is an HF checkpoint; the epoch folder rebuilds the trained MedVLM
     from transformers import LlamaForCausalLM
 
-    from medtune.models.loading import load_from_checkpoint
+    from medtune.training.loading import load_from_checkpoint
 
     hf = LlamaForCausalLM.from_pretrained(
         str(ref / "epoch_1" / "llm"), torch_dtype=torch.float32
@@ -153,9 +152,13 @@ _CONFIGS = sorted((r, p.stem) for r in (SINGLE, DIST) for p in (CONFIGS / r).glo
 
 @pytest.mark.parametrize(("recipe", "name"), _CONFIGS)
 def test_config_keys_known_and_components_bind(recipe, name):
-    from medtune._cli.validate import collect_problems
-    from medtune.training.finetune import KNOWN_KEYS
+    import runpy
 
+    from medtune._cli.validate import collect_problems
+
+    KNOWN_KEYS = runpy.run_path(str(CONFIGS.parent / f"{recipe}.py"), run_name="recipe")[
+        "KNOWN_KEYS"
+    ]
     cfg = OmegaConf.load(CONFIGS / recipe / f"{name}.yaml")
     assert set(cfg.keys()) <= KNOWN_KEYS, set(cfg.keys()) - KNOWN_KEYS
     assert cfg.trainable.llm == "full"

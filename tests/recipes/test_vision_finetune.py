@@ -66,16 +66,17 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 def _cfg(assets: Path, out: Path, **overrides) -> dict:
     """The demo config as a plain dict, pointed at the tiny assets and ``out``, small."""
     cfg = OmegaConf.to_container(OmegaConf.load(DEMO), resolve=False)
+    warmup = overrides.pop("warmup_steps", 1)
     cfg.update(
         assets_dir=str(assets),
         output_dir=str(out),
         epochs=1,
         max_steps_per_epoch=3,
         batch_size=8,
-        warmup_steps=1,
         log_every_n_steps=1,
         num_workers=0,
     )
+    cfg["lr_scheduler"]["num_warmup_steps"] = warmup
     cfg.update(overrides)
     return cfg
 
@@ -475,7 +476,7 @@ def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
         "epochs=1",
         "max_steps_per_epoch=2",
         "val_dataset=null",
-        "warmup_steps=1",
+        "lr_scheduler.num_warmup_steps=1",
         "log_every_n_steps=1",
     ]
     two = _ok(
@@ -528,7 +529,7 @@ def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
     """SAM-style (64 px) + open_clip (32 px) encoders, a Q-Former each: the recipe feeds each encoder
     its own image size, trains both Q-Formers, and the checkpoint reloads for generation."""
     from medtune.generation import generate
-    from medtune.models.loading import load_from_checkpoint
+    from medtune.training.loading import load_from_checkpoint
 
     cfg = _cfg(
         tiny_assets,

@@ -64,8 +64,6 @@ def test_peft_adapter_and_merged_match_torchtune(tiny_assets, tmp_path, tokens, 
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from medtune.training.export import peft_without_torchao
-
     dec, settings = _lora_decoder(tiny_assets, use_dora)
     assert settings["use_dora"] is use_dora and settings["r"] == 4 and settings["lora_alpha"] == 8.0
     assert sorted(settings["target_modules"]) == sorted([*MODULES, "w1", "w2", "w3", "output"])
@@ -84,8 +82,7 @@ def test_peft_adapter_and_merged_match_torchtune(tiny_assets, tmp_path, tokens, 
     ).eval()
     with torch.no_grad():
         assert (base(tokens).logits - ours).abs().max() > 1e-2  # the adapters matter
-    with peft_without_torchao():
-        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(tokens).logits, ours, atol=1e-4, rtol=1e-4)
 

@@ -63,8 +63,7 @@ def _lora(hf_config: Path, dtype: torch.dtype, modules: list[str], quantize_base
     parameters), and AdamW over them."""
     from torchtune import training
 
-    from medtune.models.lora import lora_llama3_from_hf_config
-    from medtune.training.finetune import lora_modules
+    from medtune.models.lora import lora_llama3_from_hf_config, lora_modules
 
     with training.set_default_dtype(dtype):
         model = lora_llama3_from_hf_config(

@@ -69,16 +69,21 @@ def test_selected_logits_give_full_loss_and_grads(lora):
     assert dec(tokens).shape == (3, 20, 300)
 
 
-def test_answer_loss_sum_selected_equals_every_position():
-    from medtune.data.chat import IGNORE_INDEX
-    from medtune.training.finetune import answer_loss_sum
+def test_answer_loss_selected_equals_every_position():
+    """The recipes' loss line (answer targets, logits at the answer positions only, the loss
+    component) equals the loss over logits at every position."""
+    from medtune.models.medvlm import output_at
+    from medtune.training.loss import IGNORE_INDEX, AnswerCrossEntropy, answer_targets
 
     dec = _decoder(lora=False)
+    loss_fn = AnswerCrossEntropy()
     tokens = torch.randint(0, 300, (2, 16))
     labels = torch.full((2, 16), IGNORE_INDEX)
     labels[0, 10:] = tokens[0, 10:]
     labels[1, 5:9] = tokens[1, 5:9]
-    sel, n_sel = answer_loss_sum(lambda: dec(tokens), dec, labels, autocast=False)
-    full, n_full = answer_loss_sum(lambda: dec(tokens), dec, labels, autocast=False, select=False)
-    assert int(n_sel) == int(n_full) == 6 + 4  # the labelled positions, shifted left by one
+    targets, keep = answer_targets(labels)
+    with output_at(dec, keep):
+        sel = loss_fn(dec(tokens), targets[keep])
+    full = loss_fn(dec(tokens), targets)  # [b, s, vocab] with IGNORE_INDEX off-target
+    assert int(keep.sum()) == 6 + 4  # the labelled positions, shifted left by one
     torch.testing.assert_close(sel, full, rtol=1e-5, atol=1e-5)

@@ -22,15 +22,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from medtune.utils.errors import UserError
+
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-class JudgeHTTPError(RuntimeError):
+class JudgeHTTPError(UserError, RuntimeError):
     """The judge server could not give a usable reply (after the allowed retries)."""
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(UserError, ValueError):
     """The judge's settings cannot work (no model name, an API key variable that is not set)."""
 
 

@@ -2,7 +2,8 @@
 
 The folder's ``config.yaml`` (the resolved config of the run) names the tokenizer, the model
 builder and the LLM checkpointer; ``model.safetensors`` holds the trained parts. Used by the
-``generate`` and ``eval`` recipes and the demo.
+``generate``, ``eval`` and ``serve`` recipes and the demo. (It lived in ``medtune.models.loading``;
+it reads medtune's training checkpoints, so it belongs to the training layer.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from medtune.utils.errors import UserError
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint folder that does not fit its own config (tokenizer, LLM width, adapters)."""
 
 
 def load_from_checkpoint(
@@ -29,6 +36,11 @@ def load_from_checkpoint(
 
     Returns:
         ``(model, tokenizer, cfg)`` with the model in eval mode.
+
+    Raises:
+        FileNotFoundError: no ``config.yaml`` in the folder.
+        CheckpointMismatchError: tokenizer and model disagree on the image token, the LLM
+            checkpoint does not match the builder, or adapters are missing.
     """
     from torchtune import config, training
 
@@ -52,14 +64,16 @@ def load_from_checkpoint(
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg.model)
     if tokenizer.special_tokens.get(IMAGE_TOKEN) != getattr(model, "image_token_id", None):
-        raise ValueError(f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id")
+        raise CheckpointMismatchError(
+            f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id"
+        )
     state = config.instantiate(cfg.checkpointer).load_checkpoint()["model"]
     # LoRA/DoRA runs: the base checkpoint lacks the adapters, which come from model.safetensors below.
     missing, unexpected = model.decoder.load_state_dict(state, strict=False)
     adapters = {f"decoder.{k}" for k in missing if is_adapter_key(k)}
     missing = [k for k in missing if not is_adapter_key(k)]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{cfg_file}: the LLM checkpoint does not match the model builder: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
@@ -70,7 +84,7 @@ def load_from_checkpoint(
     model.connectors.float()
     absent = adapters - set(load_trained(model, ckpt_dir))
     if absent:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{ckpt_dir}: the model has LoRA adapters that model.safetensors lacks, "
             f"e.g. {sorted(absent)[:3]}"
         )

@@ -1,0 +1,252 @@
+"""The local judge sharded with FSDP2 over the processes of a torchrun launch.
+
+Rank 0 reads the checkpoint once and scatters the shards; rank 0 leads the judge loop and the other
+ranks follow its batches in lock-step (see :class:`ShardedGenerate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from medtune.eval.judge.backends import _generate_texts_fn, _instantiate, _judge_settings
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled; for small control messages)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _load_full_state_sharded(
+    model: Any, state: dict[str, Any] | None, device: Any, rank: int
+) -> None:
+    """Fill an FSDP2-sharded model that sits on the meta device from rank 0's full state dict.
+
+    Only rank 0 holds the checkpoint (``state``; None on the other ranks). The keys are checked
+    on rank 0 (strict: none missing, none unexpected) and the outcome is broadcast, so every rank
+    raises together. Then, one tensor at a time in the model's own key order (the same on every
+    rank), rank 0 moves the full tensor to ``device`` in the parameter's dtype and
+    ``distribute_tensor`` scatters its shards (its default ``src_data_rank=0``: the other ranks
+    pass an uninitialised buffer of the same shape, whose data is never read); a parameter that
+    is not sharded is broadcast whole. Parameters are then assigned, as torchtune's
+    ``load_from_full_model_state_dict`` does.
+
+    Memory: rank 0 holds the checkpoint in host memory (about 140 GB for 70B in bf16) and every
+    rank holds at most one full tensor on ``device`` at a time (for 70B the 2.1 GB embedding)
+    besides its shards. torchtune's ``load_from_full_model_state_dict`` on this stack (torch 2.14
+    with torchtune 0.6.1 takes its fallback path) would need the full checkpoint in host memory
+    on every rank (8 x 140 GB for 70B on one 8-GPU node) and read it N times, although
+    ``distribute_tensor`` only uses rank 0's copy.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    sharded = model.state_dict()  # meta (D)Tensors, global shapes
+    error = None
+    if rank == 0:
+        assert state is not None
+        missing = [k for k in sharded if k not in state]
+        unexpected = [k for k in state if k not in sharded]
+        if missing or unexpected:
+            error = (
+                f"judge checkpoint does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+    error = _broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    loaded: dict[str, Any] = {}
+    for name, meta in sharded.items():
+        if rank == 0:
+            full = state.pop(name).to(device=device, dtype=meta.dtype)  # type: ignore[union-attr]
+        else:
+            full = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+        if hasattr(meta, "device_mesh"):
+            value = distribute_tensor(full, meta.device_mesh, meta.placements)
+        else:
+            dist.broadcast(full, src=0)
+            value = full
+        loaded[name] = value  # assign=True wraps parameters in nn.Parameter again
+        del full
+    model.load_state_dict(loaded, strict=True, assign=True)
+
+
+class ShardedGenerate:
+    """``generate_texts`` of a judge sharded with FSDP2 over the processes of a torchrun launch.
+
+    FSDP2 all-gathers each layer's weights inside its forward, so every rank must run the same
+    forwards in the same order. Two rules keep the ranks in lock-step:
+
+    - **Rank 0 leads.** Only rank 0 runs the judge loop (it alone reads and writes the verdict
+      cache, so only it knows which rows are pending and which UNPARSED replies to retry). Each
+      call on rank 0 first broadcasts its prompts; the other ranks sit in :meth:`follow`,
+      receive the same prompts and run the same batches. :meth:`close` on rank 0 sends the stop
+      message that ends :meth:`follow`, then all ranks meet at a barrier and destroy the process
+      group.
+    - **Rank 0's tokens win.** Greedy decoding on identical inputs would give identical tokens on
+      every rank in exact arithmetic, but nothing guarantees bitwise-equal kernels (e.g. a
+      different reduction order can flip a near-tie argmax), and a rank whose row stopped one step
+      earlier would leave the others blocked in an all-gather. So every decode step broadcasts
+      rank 0's next tokens (``generate(..., sync_next=...)``: ``batch`` int64 per step, negligible
+      next to the per-layer all-gathers); all ranks feed the same tokens and stop at the same step.
+
+    Args:
+        generate_texts: the per-process generate function (called with ``sync_next`` wired in).
+        rank: this process's rank.
+        world_size: the number of processes.
+        numel: (elements of this rank's parameter shards, elements of all parameters).
+    """
+
+    def __init__(
+        self,
+        generate_texts: Callable[[list[str]], list[str]],
+        rank: int,
+        world_size: int = 1,
+        numel: tuple[int, int] = (0, 0),
+    ):
+        self._generate_texts = generate_texts
+        self.rank = rank
+        self.world_size = world_size
+        self.local_numel, self.total_numel = numel  # this rank's parameter shards, all parameters
+        self._stopped = False
+        self._inside = False  # True while a generate call is in flight (broken if it raised)
+
+    def _run(self, prompts: list[str]) -> list[str]:
+        self._inside = True
+        texts = self._generate_texts(prompts)
+        self._inside = False
+        return texts
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        """Rank 0: send ``prompts`` to the other ranks, then generate with them."""
+        if self.rank != 0:
+            raise RuntimeError("only rank 0 calls the sharded judge; the other ranks call follow()")
+        if self._stopped:
+            raise RuntimeError("the sharded judge is closed")
+        prompts = list(prompts)
+        _broadcast_object(prompts)
+        return self._run(prompts)
+
+    def follow(self) -> int:
+        """Ranks other than 0: take part in rank 0's generate calls until it closes.
+
+        Returns:
+            The number of batches of prompts followed.
+        """
+        if self.rank == 0:
+            raise RuntimeError("rank 0 leads the sharded judge; it does not follow")
+        n = 0
+        while True:
+            prompts = _broadcast_object(None)
+            if prompts is None:
+                self._stopped = True
+                return n
+            self._run(prompts)
+            n += 1
+
+    def close(self) -> None:
+        """Release the followers (rank 0), meet at a barrier and destroy the process group.
+
+        After a generate call that raised midway the ranks are no longer in step: no collective
+        is attempted then (torchrun ends the other ranks when this one exits with an error).
+        """
+        from medtune.training.distributed import barrier, destroy
+
+        if not self._inside:
+            if self.rank == 0 and not self._stopped:
+                _broadcast_object(None)
+            self._stopped = True
+            barrier()
+        destroy()
+
+
+def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
+    """The local judge sharded with FSDP2 over the processes of a torchrun launch.
+
+    Each process initialises the process group (gloo on CPU, NCCL on CUDA, one GPU per local
+    rank), builds the decoder on the meta device, shards it per layer then at the root
+    (:func:`medtune.training.distributed.shard_decoder`) on a 1-D mesh of all ranks, and gets its
+    shards from the checkpoint read on rank 0 only (:func:`_load_full_state_sharded`). Greedy
+    decoding; see :class:`ShardedGenerate` for the lock-step rules.
+
+    Args:
+        cfg: the ``judge`` section, as for :func:`build_local_generate_fn` (``quantize`` must be
+            null: NF4 is the one-GPU path).
+
+    Returns:
+        The :class:`ShardedGenerate` (call it on rank 0; :meth:`ShardedGenerate.follow` elsewhere).
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchtune import training
+
+    from medtune.training.distributed import (
+        destroy,
+        init_distributed,
+        resolve_device,
+        shard_decoder,
+    )
+
+    device = resolve_device(cfg.get("device") or "auto")
+    dtype, quantize, max_new_tokens, batch_size = _judge_settings(cfg, device)
+    if quantize is not None:
+        raise ValueError(
+            "judge.quantize=nf4 runs in one process (70B in NF4 fits one 80 GB GPU); with "
+            "--nproc_per_node the judge is sharded in judge.dtype: set judge.quantize=null"
+        )
+    rank, world_size = init_distributed(device)
+    try:
+        tokenizer = _instantiate(cfg["tokenizer"])
+        with training.set_default_dtype(dtype), torch.device("meta"):
+            model = _instantiate(cfg["model"])
+        decoder = getattr(model, "decoder", model)
+        mesh = init_device_mesh(device.type, (world_size,))
+        shard_decoder(decoder, mesh)
+        if decoder is not model:
+            from medtune.training.distributed import shard_module
+
+            shard_module(model, mesh)
+        state, error = None, None
+        if rank == 0:  # only rank 0 reads the checkpoint (see _load_full_state_sharded)
+            try:
+                state = _instantiate(cfg["checkpointer"]).load_checkpoint()[training.MODEL_KEY]
+            except Exception as e:  # report on every rank, not only here
+                error = f"judge checkpoint could not be loaded on rank 0: {type(e).__name__}: {e}"
+        error = _broadcast_object(error)
+        if error:
+            raise ValueError(error)
+        _load_full_state_sharded(model, state, device, rank)
+        del state
+        with device:  # RoPE caches are buffers outside the checkpoint: rebuild them off meta
+            for module in model.modules():
+                if hasattr(module, "rope_init"):
+                    module.rope_init()
+        training.validate_no_params_on_meta_device(model)
+        still_meta = [n for n, b in model.named_buffers() if b.is_meta]
+        if still_meta:
+            raise ValueError(f"judge model buffers left on the meta device: {still_meta[:5]}")
+        model.eval()
+        model.requires_grad_(False)
+        params = list(model.parameters())
+        numel = (
+            sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params),
+            sum(p.numel() for p in params),
+        )
+    except BaseException:
+        destroy()
+        raise
+
+    def sync_next(nxt: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(nxt, src=0)  # in place: every rank now holds rank 0's tokens
+        return nxt
+
+    fn = _generate_texts_fn(
+        model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, sync_next=sync_next
+    )
+    return ShardedGenerate(fn, rank, world_size, numel)

@@ -1,0 +1,11 @@
+"""``medtune serve``: an OpenAI-compatible chat-completions server and a web page for a MedVLM.
+
+:func:`create_app` builds the FastAPI app around an :class:`Engine` (a loaded model);
+``recipes/serve.py`` loads a checkpoint and runs it with uvicorn.
+"""
+
+from medtune.serve.app import create_app
+from medtune.serve.engine import Engine
+from medtune.serve.protocol import APIError, Limits
+
+__all__ = ["APIError", "Engine", "Limits", "create_app"]

@@ -1,0 +1,307 @@
+"""Model set-up for the training recipes: build -> (shard) -> load one full state dict -> check.
+
+The recipes call these in order, as torchtune's ``full_finetune_distributed._setup_model`` does::
+
+    model = build_model(cfg.model, device=device, dtype=dtype, llm_on_meta=shard)
+    decoder, prefix = decoder_of(model)
+    full = read_llm_state(cfg.checkpointer, rank=rank, only_rank0=shard)   # None on ranks > 0
+    if shard:
+        shard_vlm(model, decoder)
+        load_sharded(model, full, device)        # rank 0's tensors -> every rank's shards
+    else:
+        load_unsharded(model, full, device)
+    check_on_device(model)
+
+- The LLM decoder is built on ``meta`` when it will be sharded (:func:`medtune.models.llama3.
+  build_decoders_on`; the builders honour it, nothing is patched), encoders and connectors on the
+  device with the weights their builders load.
+- ``full`` is one state dict in the model's own key names: the LLM weights (prefixed ``decoder.``
+  in a MedVLM), plus whatever else the recipe adds (LoRA initial adapters, the trained parts of a
+  resumed checkpoint or of ``init_from``).
+- Sharded: only rank 0 reads the checkpoint files; the tensors go out one at a time, so host memory
+  does not grow with the number of ranks. Key and shape checks run on rank 0 and their verdict is
+  broadcast, so every rank stops together with the same message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torchtune import config, training
+
+from medtune.models.llama3 import IMAGE_TOKEN, build_decoders_on
+from medtune.models.lora import adapters_to_fp32, clean_name, lora_modules
+from medtune.training.distributed import shard_module
+from medtune.utils.errors import ConfigError, UserError
+
+
+def build_model(
+    model_cfg: DictConfig, *, device: torch.device, dtype: torch.dtype, llm_on_meta: bool
+) -> nn.Module:
+    """Instantiate ``model_cfg`` (a MedVLM or a bare Llama-3 decoder).
+
+    Args:
+        model_cfg: the ``model`` config (a builder ``_component_``).
+        device: where encoders and connectors (and the LLM unless ``llm_on_meta``) are built.
+        dtype: default dtype of the LLM's parameters (fp32 masters for a trained LLM; a frozen
+            or LoRA base may be bf16).
+        llm_on_meta: build the LLM decoder on ``meta`` (to be sharded and filled later).
+
+    Returns:
+        The model; encoders, connectors and LoRA adapters in fp32.
+    """
+    with (
+        training.set_default_dtype(dtype),
+        device,
+        build_decoders_on("meta") if llm_on_meta else contextlib.nullcontext(),
+    ):
+        model = config.instantiate(model_cfg)
+    if is_vlm(model):
+        model.encoders.float()
+        model.connectors.float()
+    adapters_to_fp32(decoder_of(model)[0])
+    return model
+
+
+def is_vlm(model: nn.Module) -> bool:
+    """A MedVLM (image encoders + connectors + decoder), not a bare Llama-3."""
+    return hasattr(model, "encoders")
+
+
+def decoder_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(decoder, prefix)``: the Llama-3 decoder and its key prefix in ``model.state_dict()``."""
+    return (model.decoder, "decoder.") if is_vlm(model) else (model, "")
+
+
+def check_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """The tokenizer's image placeholder id must be the model's."""
+    if not is_vlm(model):
+        return
+    tok_img = tokenizer.special_tokens.get(IMAGE_TOKEN)
+    if tok_img != model.image_token_id:
+        raise ConfigError(
+            f"tokenizer: its {IMAGE_TOKEN} id is {tok_img} but the model's image_token_id is "
+            f"{model.image_token_id} (tokenizer and model do not belong together)"
+        )
+
+
+def check_llm_mode(model: nn.Module, mode: str, recipe: str) -> None:
+    """A LoRA recipe needs LoRA layers in the decoder; the others must not have any."""
+    has_lora = bool(lora_modules(decoder_of(model)[0]))
+    if mode == "lora" and not has_lora:
+        raise ConfigError(
+            "model: the LoRA recipes need a LoRA decoder (builders in medtune.models.lora)"
+        )
+    if mode != "lora" and has_lora:
+        raise ConfigError(f"model: a LoRA model in {recipe}; use the lora_finetune recipes")
+
+
+def read_llm_state(
+    checkpointer_cfg: DictConfig, *, rank: int = 0, only_rank0: bool = False, prefix: str = ""
+) -> dict[str, torch.Tensor] | None:
+    """The LLM weights in torchtune names (plus ``prefix``) from torchtune's checkpointer.
+
+    Args:
+        checkpointer_cfg: the ``checkpointer`` config (HF or Meta layout).
+        rank: this process's rank.
+        only_rank0: ranks other than 0 read nothing and get None (sharded loading).
+        prefix: prepended to every key (``"decoder."`` in a MedVLM).
+    """
+    if only_rank0 and rank != 0:
+        return None
+    checkpointer = config.instantiate(checkpointer_cfg)
+    try:
+        state = checkpointer.load_checkpoint()["model"]
+    except ValueError as e:
+        # torchtune's safe_torch_load wraps a truncated / foreign file's error in this ValueError
+        if not str(e).startswith("Unable to load checkpoint from") or e.__cause__ is None:
+            raise
+        why = str(e.__cause__).strip().splitlines()[0] if str(e.__cause__).strip() else ""
+        raise UserError(f"checkpointer: {str(e).strip().removesuffix('.')} ({why})") from None
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _problems(
+    model: nn.Module, full: dict[str, torch.Tensor], source: str, prefix: str
+) -> str | None:
+    """Why ``full`` does not fit ``model`` (None when it does): unknown keys, shapes, missing LLM keys."""
+    own = {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
+    }  # global shapes (meta/DTensor too)
+    unknown = [k for k in full if k not in own]
+    if unknown:
+        return (
+            f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[:3]} "
+            "(a checkpoint of another model?)"
+        )
+    bad = [(k, tuple(v.shape), own[k]) for k, v in full.items() if own[k] != tuple(v.shape)]
+    if bad:
+        k, got, want = bad[0]
+        return (
+            f"{source}: {len(bad)} tensor(s) differ in shape, e.g. '{k}' is {got} in the checkpoint "
+            f"but {want} in the model (a checkpoint of another Llama-3 size or width?)"
+        )
+    adapters = {"lora_a", "lora_b", "magnitude"}
+    missing = [
+        k
+        for k in own
+        if k.startswith(prefix) and k not in full and not (set(k.split(".")) & adapters)
+    ]
+    if missing:
+        return f"{source}: LLM weights missing for {len(missing)} tensor(s), e.g. {missing[:3]}"
+    return None
+
+
+def _agree(error: str | None) -> None:
+    """Raise on every rank if rank 0 found a problem (so no rank waits for the others forever)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+
+
+def _rope_init(model: nn.Module, device: torch.device) -> None:
+    with device:
+        for m in model.modules():
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+
+
+def load_unsharded(
+    model: nn.Module, full: dict[str, torch.Tensor], device: torch.device, source: str
+) -> None:
+    """Fill a model that is not sharded from ``full`` (the model's key names).
+
+    A decoder built on ``meta`` is first allocated on ``device`` (RoPE caches rebuilt).
+
+    Raises:
+        UserError: naming ``source`` when keys or shapes do not fit.
+    """
+    decoder, prefix = decoder_of(model)
+    _agree(_problems(model, full, source, prefix))
+    if any(p.is_meta for p in decoder.parameters()):  # only the decoder: encoders hold weights
+        dtype = next(decoder.parameters()).dtype
+        decoder.to_empty(device=device)
+        with training.set_default_dtype(dtype):
+            _rope_init(decoder, device)
+    own = {clean_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        for k, v in full.items():
+            own[k].copy_(v)
+
+
+def shard_vlm(model: nn.Module, decoder: nn.Module) -> None:
+    """FSDP2: one unit per transformer layer, per encoder and per connector, then the root.
+
+    The root unit is the whole model (MedVLM, or the bare decoder): it holds ``tok_embeddings``,
+    the final norm and ``output``, all-gathered when the model's forward starts. (Sharding the
+    decoder as the root would leave ``tok_embeddings`` sharded when MedVLM embeds the prompt
+    before calling ``decoder.forward``.) Only trainable parameters need a uniform dtype per unit,
+    so a bf16 base with fp32 adapters shards as is.
+    """
+    for layer in decoder.layers:
+        shard_module(layer)
+    for part in (
+        *getattr(model, "encoders", {}).values(),
+        *getattr(model, "connectors", {}).values(),
+    ):
+        shard_module(part)
+    shard_module(model)
+
+
+def load_sharded(
+    model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device, source: str
+) -> None:
+    """Fill an FSDP2-sharded model from rank 0's full state dict (None on the other ranks).
+
+    Rank 0 checks the keys and shapes (verdict broadcast), then sends one tensor at a time in the
+    model's key order; each rank keeps its shard (``distribute_tensor`` with ``src_data_rank=0``:
+    the other ranks' buffers are only received into). A parameter that is not sharded is
+    broadcast whole. NF4 (QLoRA) weights are re-quantized per shard as torchtune does.
+    Parameters not in ``full`` keep their values (encoder weights loaded by their builder).
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    _, prefix = decoder_of(model)
+    error = _problems(model, full, source, prefix) if rank == 0 else None
+    _agree(error)
+    sharded = model.state_dict()  # (meta) DTensors with global shapes, the same order on every rank
+    box = [sorted(full) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    names = set(box[0])
+    with training.set_default_dtype(torch.float32):
+        _rope_init(model, device)
+    loaded: dict[str, Any] = {}
+    for name, ref in sharded.items():
+        if name not in names:
+            continue
+        local = getattr(ref, "_local_tensor", None)
+        nf4 = local is not None and type(local).__name__ == "NF4Tensor"
+        dtype = torch.bfloat16 if nf4 else ref.dtype
+        if rank == 0:
+            value = full.pop(name).to(device=device, dtype=dtype)  # type: ignore[union-attr]
+        else:
+            value = torch.empty(ref.shape, dtype=dtype, device=device)
+        if nf4:  # every rank needs the full tensor to quantize its own chunk
+            if dist.is_initialized():
+                dist.broadcast(value, src=0)
+            loaded[name] = _nf4_shard(ref, value)
+        elif hasattr(ref, "device_mesh"):
+            loaded[name] = nn.Parameter(
+                distribute_tensor(value, ref.device_mesh, ref.placements),
+                requires_grad=ref.requires_grad,
+            )
+        else:
+            if dist.is_initialized():
+                dist.broadcast(value, src=0)
+            loaded[name] = value
+        del value
+    model.load_state_dict(loaded, strict=False, assign=True)
+
+
+def _nf4_shard(ref: Any, full: torch.Tensor) -> nn.Parameter:
+    """This rank's NF4 shard of ``full`` [out, in] (bf16), laid out as FSDP2 shards ``ref``.
+
+    The same steps as torchtune's ``load_from_full_model_state_dict`` for NF4: quantize the full
+    tensor, take this rank's dim-0 chunk (zero-padded to the shard size) and wrap it as a DTensor
+    (``distribute_tensor`` cannot scatter an NF4 tensor).
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    local = ref._local_tensor
+    q = to_nf4(full, block_size=local.block_size, scaler_block_size=local.scaler_block_size)
+    mesh = ref.device_mesh
+    chunk = list(torch.chunk(q, mesh.size(0), dim=0))[mesh.get_local_rank(0)]
+    shard = q.new_zeros(chunk.size())
+    shard[: chunk.size(0)].copy_(chunk)
+    spec = DTensorSpec(
+        mesh=mesh,
+        placements=ref.placements,
+        tensor_meta=TensorMeta(shape=ref.size(), dtype=ref.dtype, stride=ref.stride()),
+    )
+    return nn.Parameter(
+        DTensor(local_tensor=shard, spec=spec, requires_grad=ref.requires_grad),
+        requires_grad=ref.requires_grad,
+    )
+
+
+def check_on_device(model: nn.Module) -> None:
+    """Nothing may be left on ``meta`` after loading (a key the state dict did not cover)."""
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    left += [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise UserError(
+            f"model: {len(left)} tensor(s) were never loaded (still on the meta device), "
+            f"e.g. {left[:3]}"
+        )

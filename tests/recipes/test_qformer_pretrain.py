@@ -1,0 +1,249 @@
+"""``qformer_pretrain`` (BLIP-2 stage 1) end to end through the CLI on tiny models, and stage 2's
+merge of one stage-1 checkpoint per encoder.
+
+- the demo config runs, logs each loss and the retrieval recall, writes the checkpoint layout;
+- a run killed mid-epoch and resumed equals the uninterrupted run (dropout on: the RNG is restored);
+- 2 gloo ranks x batch B equal 1 process x 2B (ITC gathered with gradient, deterministic ITM draws);
+- the tiny two-encoder MedVLM loads both stage-1 checkpoints into its Q-Former connectors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "qformer_pretrain.py"
+DEMO = REPO / "recipes" / "configs" / "qformer_pretrain" / "demo.yaml"
+MEDTUNE = Path(sys.executable).parent / "medtune"
+TINY_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    from medtune.testing.towers import make_tiny_towers
+
+    return make_tiny_towers(tmp_path_factory.mktemp("towers"))
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    return {**env, **extra}
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc.stdout + proc.stderr
+
+
+def _cfg(towers: Path, out: Path, path: Path, **overrides) -> Path:
+    cfg = OmegaConf.to_container(OmegaConf.load(DEMO), resolve=False)
+    cfg.update(
+        towers_dir=str(towers),
+        output_dir=str(out),
+        epochs=1,
+        max_steps_per_epoch=2,
+        batch_size=8,
+        val_dataset=None,
+    )
+    for k, v in overrides.items():
+        node = cfg
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path
+
+
+def _run(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600
+    )
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / "recipe_state.pt", weights_only=True)
+
+
+def test_demo_runs_through_the_cli_with_losses_recall_and_checkpoint(towers, tmp_path):
+    val = {
+        "_component_": "medtune.data.caption_json",
+        "path": str(towers / "tiny_captions/val.json"),
+    }
+    cfg = _cfg(towers, tmp_path / "out", tmp_path / "c.yaml", val_dataset=val)
+    text = _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp_path))
+    for key in (
+        "loss_itc",
+        "loss_itm",
+        "loss_itg",
+        "txt_r1",
+        "txt_r5",
+        "txt_r10",
+        "img_r1",
+        "img_r10",
+    ):
+        assert key in text, key
+    folder = tmp_path / "out" / "epoch_0"
+    sd = load_file(str(folder / "model.safetensors"))
+    assert {"query_tokens", "temp", "itm_head.weight", "ln_vision.weight"} <= set(sd)
+    assert sd["query_tokens"].shape[1] == 8
+    assert (folder / "qformer.json").is_file() and (folder / "config.yaml").is_file()
+    from medtune.eval.retrieval_metrics import load_retrieval
+
+    assert load_retrieval(folder / "retrieval.safetensors")["sim_i2t"].shape == (24, 24)
+    hist = _state(tmp_path / "out")["loss_history"]
+    assert len(hist) == 2 and all(0 < h["loss"] < 50 for h in hist)
+
+
+def test_bad_key_is_one_line(towers, tmp_path):
+    cfg = _cfg(towers, tmp_path / "out", tmp_path / "c.yaml")
+    proc = _run(
+        [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg), "+epochz=2"], tmp_path
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (
+        "qformer_pretrain: error: config key(s) not known to qformer_pretrain: epochz"
+        in proc.stderr
+    )
+
+
+_CRASH = """
+import os, runpy, sys
+import torch
+K, _orig, _calls = int(os.environ["CRASH_AT"]), torch.optim.AdamW.step, [0]
+
+def step(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == K:  # a hard kill before the K-th update
+        os._exit(17)
+    return _orig(self, *a, **k)
+
+torch.optim.AdamW.step = step
+sys.argv = [{recipe!r}, *sys.argv[1:]]
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
+
+
+def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(towers, tmp_path):
+    # dropout on, so the restored torch RNG matters; 2 epochs, a kill in epoch 1 after step_3
+    over = {"epochs": 2, "max_steps_per_epoch": 2, "save_every_n_steps": 1, "model.dropout": 0.1}
+    a = _cfg(towers, tmp_path / "a", tmp_path / "a.yaml", **over)
+    b = _cfg(towers, tmp_path / "b", tmp_path / "b.yaml", **over)
+    _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(a)], tmp_path))
+    wrapper = tmp_path / "crash.py"
+    wrapper.write_text(_CRASH.format(recipe=str(RECIPE)))
+    proc = _run([sys.executable, str(wrapper), "--config", str(b)], tmp_path, CRASH_AT="4")
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    st = _state(tmp_path / "b")
+    assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1
+    text = _ok(
+        _run(
+            [
+                str(MEDTUNE),
+                "run",
+                "qformer_pretrain",
+                "--config",
+                str(b),
+                "resume_from_checkpoint=True",
+            ],
+            tmp_path,
+        )
+    )
+    assert "resumed from" in text
+    ha, hb = _state(tmp_path / "a")["loss_history"], _state(tmp_path / "b")["loss_history"]
+    assert len(ha) == len(hb) == 4
+    for x, y in zip(ha, hb):
+        assert y == pytest.approx(x, rel=1e-6, abs=0)
+    wa = load_file(str(tmp_path / "a" / "epoch_1" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "epoch_1" / "model.safetensors"))
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_two_ranks_equal_one_process_at_the_same_global_batch(towers, tmp_path):
+    over = {"max_steps_per_epoch": 2, "model.dropout": 0.0}
+    two = _cfg(towers, tmp_path / "two", tmp_path / "two.yaml", batch_size=4, **over)
+    one = _cfg(towers, tmp_path / "one", tmp_path / "one.yaml", batch_size=8, **over)
+    text = _ok(
+        _run(
+            [
+                str(MEDTUNE),
+                "run",
+                "--nproc_per_node",
+                "2",
+                "qformer_pretrain",
+                "--config",
+                str(two),
+            ],
+            tmp_path,
+        )
+    )
+    assert "2 process(es)" in text and "global batch 8" in text
+    _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(one)], tmp_path))
+    h2, h1 = _state(tmp_path / "two")["loss_history"], _state(tmp_path / "one")["loss_history"]
+    assert len(h2) == len(h1) == 2
+    for x, y in zip(h1, h2):
+        for k in ("loss_itc", "loss_itm", "loss_itg"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
+    w2 = load_file(str(tmp_path / "two" / "epoch_0" / "model.safetensors"))
+    w1 = load_file(str(tmp_path / "one" / "epoch_0" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=5e-5, msg=k)
+
+
+def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_assets, tmp_path):
+    from medtune.models.blip2_connector import tiny_msmedcap_blip2
+    from medtune.testing.towers import TINY_BERT
+    from medtune.training.stage1 import load_stage1
+
+    sam = {"_component_": "medtune.models.blip2_connector.tiny_sam_vision"}
+    runs = {
+        "sam": _cfg(
+            towers, tmp_path / "sam", tmp_path / "sam.yaml", encoder=sam, max_steps_per_epoch=1
+        ),
+        "clip": _cfg(towers, tmp_path / "clip", tmp_path / "clip.yaml", max_steps_per_epoch=1),
+    }
+    for cfg in runs.values():
+        _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp_path))
+    sizes = {k: TINY_BERT[k] for k in TINY_DIMS}
+    model = tiny_msmedcap_blip2(
+        str(tiny_assets), str(towers / "tiny_biomedclip"), num_query_tokens=8, sizes=sizes
+    )
+    mapping = {enc: str(tmp_path / enc / "epoch_0") for enc in runs}
+    proj_before = model.connectors["sam"].proj.weight.clone()
+    names = load_stage1(model, mapping)
+    own = dict(model.named_parameters())
+    for enc in runs:
+        sd = load_file(str(tmp_path / enc / "epoch_0" / "model.safetensors"))
+        mine = [n for n in names if n.startswith(f"connectors.{enc}.")]
+        assert (
+            len(mine) == sum(1 for n, _ in model.connectors[enc].named_parameters()) - 2
+        )  # all but proj
+        for n in mine:
+            assert torch.equal(own[n], sd[n.removeprefix(f"connectors.{enc}.")]), n
+    assert torch.equal(
+        model.connectors["sam"].proj.weight, proj_before
+    )  # the projection starts new
+    images = {"sam": torch.randn(1, 3, 64, 64), "clip": torch.randn(1, 3, 32, 32)}
+    assert model.encode_images(images).shape == (1, 16, model.embed_dim)
+    with pytest.raises(Exception, match="init_from.nope"):
+        load_stage1(model, {"nope": mapping["sam"]})
+    with pytest.raises(ValueError, match="ln_vision"):
+        load_stage1(
+            model, {"clip": mapping["sam"]}
+        )  # a SAM (256-d) checkpoint into the CLIP connector
