@@ -9,7 +9,7 @@
 2. ``medtune.eval.retrieval_metrics.itm_eval`` at n_images x n_texts (default 5,000 x 25,000, 5
    captions per image, as COCO's test split) against BLIP's naive per-row ``np.argsort`` loop.
 
-    python benchmarks/bench_contrastive.py [--batch-size 32] [--steps 5] [--n-images 5000]
+    python benchmarks/bench_contrastive.py [--batch-size 32] [--steps 5] [--n-images 5000] [--tiny]
 
 Prints each measurement and the ratios, all from this one run.
 """
@@ -30,14 +30,20 @@ MODEL_CFG = {
     "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 192, "layers": 4, "head_width": 64},
     "text_cfg": {"context_length": 32, "vocab_size": 1000, "width": 128, "heads": 4, "layers": 4},
 }
+# ``--tiny``: the same code paths at a size that only checks that the script runs (smoke test)
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
 
 
-def _step_rate(batch: int, steps: int, warmup: int, gather: bool) -> float:
+def _step_rate(cfg: dict, batch: int, steps: int, warmup: int, gather: bool) -> float:
     from medtune.models.dual_encoder import dual_encoder_from_towers
     from medtune.training.contrastive import ContrastiveLoss
 
     torch.manual_seed(0)
-    model = dual_encoder_from_towers(MODEL_CFG)
+    model = dual_encoder_from_towers(cfg)
     rank, world = 0, 1
     if torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -47,8 +53,9 @@ def _step_rate(batch: int, steps: int, warmup: int, gather: bool) -> float:
     loss_fn = ContrastiveLoss(gather_with_grad=gather)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(rank)
-    images = torch.randn(batch, 3, 64, 64, generator=g)
-    tokens = torch.randint(1, 1000, (batch, 32), generator=g)
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    images = torch.randn(batch, 3, size, size, generator=g)
+    tokens = torch.randint(1, cfg["text_cfg"]["vocab_size"], (batch, ctx), generator=g)
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
@@ -60,11 +67,11 @@ def _step_rate(batch: int, steps: int, warmup: int, gather: bool) -> float:
     return batch * world * steps / dt
 
 
-def _worker(rank: int, port: int, batch: int, steps: int, warmup: int, q) -> None:
+def _worker(rank: int, port: int, cfg: dict, batch: int, steps: int, warmup: int, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    rate = _step_rate(batch, steps, warmup, gather=True)
+    rate = _step_rate(cfg, batch, steps, warmup, gather=True)
     if rank == 0:
         q.put(rate)
     torch.distributed.destroy_process_group()
@@ -108,19 +115,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--n-images", type=int, default=5000)
     p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--tiny", action="store_true", help="a tiny dual encoder (smoke runs)")
     args = p.parse_args()
     torch.set_num_threads(1)
     b = args.batch_size
+    cfg = TINY_CFG if args.tiny else MODEL_CFG
     print(
         f"torch.set_num_threads(1); batch B={b}, {args.steps} timed steps after {args.warmup} warm-up"
     )
-    local = _step_rate(b, args.steps, args.warmup, gather=False)
-    single = _step_rate(2 * b, args.steps, args.warmup, gather=False)
+    local = _step_rate(cfg, b, args.steps, args.warmup, gather=False)
+    single = _step_rate(cfg, 2 * b, args.steps, args.warmup, gather=False)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, port, b, args.steps, args.warmup, q)) for r in range(2)
+        ctx.Process(target=_worker, args=(r, port, cfg, b, args.steps, args.warmup, q))
+        for r in range(2)
     ]
     for pr in procs:
         pr.start()

@@ -164,7 +164,7 @@ class ContrastivePretrainRecipe:
         )
         self.val_samples = config.instantiate(cfg.val_dataset) if cfg.get("val_dataset") else None
         collate = collate_image_text(self.tokenizer)
-        self.loader, self.sampler = build_dataloader(
+        _, self.loader, self.sampler = build_dataloader(
             self.train_set,
             batch_size=self.batch_size,
             collate_fn=collate,
@@ -323,7 +323,7 @@ class ContrastivePretrainRecipe:
         done = False
         for epoch in range(self.epoch, self.epochs):
             self.epoch = epoch
-            self.sampler.set_epoch(epoch, skip=self.batches_done * self.batch_size)
+            self.sampler.set_epoch(epoch, skip=self.batches_done)
             self.train_set.set_epoch(epoch)
             t0 = time.perf_counter()
             n_img = 0

@@ -1,7 +1,9 @@
-"""Evaluate trained MedVLM checkpoints on medical VQA and caption benchmarks: one honest table.
+"""Evaluate trained MedVLM checkpoints on medical VQA, caption and report benchmarks: one table.
 
     medtune run eval --config slake_vqa_rad \\
         checkpoints='[outputs/run1/epoch_2,outputs/run2/epoch_4]' data_dir=/data
+    medtune run eval --config mimic_cxr_report checkpoints='[...]' data_dir=/data/mimic-cxr-jpg \\
+        chexbert_dir=/models/chexbert chexbert_tokenizer_dir=/models/bert-base-uncased
     medtune run eval --config demo                       # the tiny demo checkpoint, synthetic SLAKE
     python recipes/eval.py --config recipes/configs/eval/slake.yaml checkpoints='[...]'
 
@@ -18,18 +20,28 @@ Features (all set in the config):
   own arguments (``datasets.slake.answer_types='[CLOSED]'``); ``datasets.<name>=null`` drops one.
   ``limit`` keeps the first N samples
   of each (smoke runs). A dataset whose samples are captions (``caption_json``: a ``caption`` and
-  no ``answer_type`` in ``meta``, or ``meta.task == "caption"``) is scored as captions; force it
-  with ``tasks.<name>: caption`` (or ``vqa``).
-- **Generation**: batched (``batch_size``), KV-cached greedy decoding through the one inference
-  path (:func:`medtune.inference.answer`), ``max_new_tokens`` for VQA and
-  ``caption_max_new_tokens`` for captions. Prompts are token ids in the Llama-3 chat format with
-  the image placeholders; ``system_prompt`` adds a system turn.
+  no ``answer_type`` in ``meta``, or ``meta.task == "caption"``, as the report readers
+  ``medtune.data.reports.openi | mimic_cxr | xraygpt`` and ``roco`` set it) is scored as
+  captions; force it with ``tasks.<name>: caption`` (or ``vqa``).
+- **Generation**: batched (``batch_size``), KV-cached, through the one inference path
+  (:func:`medtune.inference.answer`). ``generation`` is a block of
+  :class:`medtune.generation.GenerationConfig` fields (``max_new_tokens`` (default 32),
+  ``min_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_beams``,
+  ``length_penalty``, ``repetition_penalty``, ...; an unknown key is named) for VQA;
+  ``caption_generation`` is merged over it for caption datasets (``max_new_tokens`` default 128;
+  LAVIS scores captions with 3-5 beams: ``caption_generation.num_beams=3``). The flat keys of
+  earlier configs still work (the shipped VQA configs hold them as null) and, set, win over the
+  blocks: ``max_new_tokens`` (=
+  ``generation.max_new_tokens``), ``caption_max_new_tokens`` (=
+  ``caption_generation.max_new_tokens``), ``seed`` (= ``generation.seed``). Prompts are token ids
+  in the Llama-3 chat format with the image placeholders; ``system_prompt`` adds a system turn.
 - **Prompt modes** (``prompt_mode``):
   ``direct``: the question through ``prompt_template`` (a format string with ``{question}`` and
   any ``meta`` field; default ``"{question}"`` = ``VQA_DIRECT``); ``short_answer: true`` appends
   LLaVA-1.5's "Answer with a single word or phrase." (``VQA_SHORT_ANSWER``).
   ``describe_then_answer`` (medcap's two steps): first the model describes each image
-  (``describe_prompt``, ``describe_max_new_tokens``), once per distinct image, cached in
+  (``describe_prompt``, ``describe_max_new_tokens``; greedy, whatever ``generation`` says, so
+  that the cache stays valid), once per distinct image, cached in
   ``<ckpt>/<dataset>/descriptions.jsonl``; then it answers the question with that description in
   context as text. ``describe_layout: conversation`` (default) continues the chat
   (user: image + describe prompt, assistant: description, user: question);
@@ -41,10 +53,20 @@ Features (all set in the config):
   (the path), generation (every setting that shapes the output), language, modality,
   content_type, prompt, and description in describe_then_answer), ``<ckpt>/<dataset>/metrics.json``
   (:func:`medtune.eval.vqa_metrics.score_predictions`, the same JSON as ``medtune score``; captions:
-  :func:`medtune.eval.caption_metrics.caption_scores`, BLEU-1..4, METEOR, ROUGE-L, CIDEr), and one
-  table across all pairs, ``results.md`` and ``results.csv`` (rows: checkpoint x dataset; columns:
-  n = scored questions, ``n_closed``, ``n_open`` and every named metric, as fractions), printed at
-  the end, with ``checkpoints.json`` (name -> path).
+  :func:`medtune.eval.caption_metrics.score_caption_rows`, BLEU-1..4, METEOR, ROUGE-L, CIDEr, the
+  same JSON as ``medtune score``), for captions ``<ckpt>/<dataset>/per_row.jsonl`` (the
+  per-report scores, the file ``medtune score --per-row`` writes), and one table across all
+  pairs, ``results.md`` and ``results.csv`` (rows: checkpoint x dataset; columns: n = scored
+  questions, ``n_closed``, ``n_open`` and every named metric, as fractions), printed at the end,
+  with ``checkpoints.json`` (name -> path).
+- **Clinical efficacy** (chest X-ray reports): ``chexbert_dir`` names a local CheXbert labeler
+  (``chexbert.pth``, optionally its BERT ``config.json``) and ``chexbert_tokenizer_dir`` its
+  bert-base-uncased tokenizer folder (``vocab.txt``; default: ``chexbert_dir``). Every caption
+  dataset is then also scored with :mod:`medtune.eval.chexbert` (RadEval's F1CheXbert: positive
+  and uncertain count as positive; the first reference when a row lists several):
+  ``metrics.json["chexbert"]`` (what ``medtune score --chexbert`` adds) and the table's
+  ``f1chexbert_{all,5}_{micro,macro}_f1`` columns (14 observations; the 5 of CheXpert's
+  competition). Default null: no CheXbert. Nothing is downloaded.
 - **Data-parallel**: ``medtune run --nproc_per_node N eval ...`` splits the questions over N
   processes (batch k on rank k % N; each rank loads the checkpoint) and gathers the answers;
   rank 0 alone writes files, and they equal a 1-process run's (same ids, predictions, order).
@@ -84,7 +106,7 @@ from medtune.eval.questions import (
 from medtune.eval.report import checkpoint_names, csv_table, markdown_table, results_table
 from medtune.eval.vqa_metrics import score_predictions
 from medtune.utils.errors import UserError, run_entry
-from medtune.utils.jsonl import append_jsonl, write_text_atomic
+from medtune.utils.jsonl import append_jsonl, write_jsonl_atomic, write_text_atomic
 
 SUPPORTS_DISTRIBUTED = True
 
@@ -100,9 +122,11 @@ KNOWN_KEYS = {
     "device",
     "llm_dtype",
     "batch_size",
-    "max_new_tokens",
-    "caption_max_new_tokens",
-    "seed",
+    "generation",
+    "caption_generation",
+    "max_new_tokens",  # shorthand of generation.max_new_tokens (earlier configs)
+    "caption_max_new_tokens",  # shorthand of caption_generation.max_new_tokens
+    "seed",  # shorthand of generation.seed
     "prompt_mode",
     "prompt_template",
     "short_answer",
@@ -115,13 +139,75 @@ KNOWN_KEYS = {
     "blank_images",
     "overwrite",
     "caption_meteor",
+    "chexbert_dir",
+    "chexbert_tokenizer_dir",
 }
 PROMPT_MODES = ("direct", "describe_then_answer")
 DESCRIBE_LAYOUTS = ("conversation", "text")
 DEFAULT_DESCRIBE_PROMPT = "Describe the medical image."
 DEFAULT_CONTEXT_TEMPLATE = "Image description: {description}\n\n{question}"
+DEFAULT_MAX_NEW_TOKENS = {"generation": 32, "caption_generation": 128}
+#: Flat keys of earlier configs -> (block, field); given, they win over the block's value.
+SHORTHANDS = {
+    "max_new_tokens": ("generation", "max_new_tokens"),
+    "caption_max_new_tokens": ("caption_generation", "max_new_tokens"),
+    "seed": ("generation", "seed"),
+}
 
-__all__ = ["EvalConfigError", "EvalRecipe", "checkpoint_names", "recipe_main"]
+__all__ = ["EvalConfigError", "EvalRecipe", "checkpoint_names", "generation_configs", "recipe_main"]
+
+
+def _block(cfg: DictConfig, key: str) -> dict[str, Any]:
+    node = cfg.get(key)
+    if node is None:
+        return {}
+    if not OmegaConf.is_dict(node):
+        raise EvalConfigError(
+            f"{key}: expected a mapping of medtune.generation.GenerationConfig fields, got {node!r}"
+        )
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def generation_configs(cfg: DictConfig):
+    """The VQA and caption :class:`~medtune.generation.GenerationConfig` of an eval config.
+
+    ``caption_generation`` is merged over ``generation``; each block's ``max_new_tokens`` defaults
+    to :data:`DEFAULT_MAX_NEW_TOKENS`; the :data:`SHORTHANDS` win over the blocks.
+
+    Returns:
+        ``{"vqa": GenerationConfig, "caption": GenerationConfig}``.
+
+    Raises:
+        EvalConfigError: a block that is not a mapping, an unknown field or a bad value, naming
+            the block and the field (``caption_generation.num_beams: expected ...``).
+    """
+    from medtune.generation import GenerationConfig
+    from medtune.utils.errors import ConfigError
+
+    blocks = {k: _block(cfg, k) for k in DEFAULT_MAX_NEW_TOKENS}
+    for short, (block, field) in SHORTHANDS.items():
+        if cfg.get(short) is not None:
+            blocks[block][field] = cfg.get(short)
+    vqa = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS["generation"], **blocks["generation"]}
+    caption = {
+        **vqa,
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS["caption_generation"],
+        **blocks["caption_generation"],
+    }
+    out = {}
+    for task, block, fields in (
+        ("vqa", "generation", vqa),
+        ("caption", "caption_generation", caption),
+    ):
+        try:
+            out[task] = GenerationConfig.from_config(fields)
+        except ConfigError as e:
+            # GenerationConfig names its keys "generation.<key>": name the block they came from
+            msg = str(e)
+            if block != "generation" and msg.startswith("generation."):
+                msg = f"{block}.{msg.removeprefix('generation.')} (merged over generation)"
+            raise EvalConfigError(msg) from None
+    return out
 
 
 class EvalRecipe:
@@ -139,8 +225,7 @@ class EvalRecipe:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.batch_size = int(cfg.get("batch_size", 8))
-        self.max_new_tokens = int(cfg.get("max_new_tokens", 32))
-        self.caption_max_new_tokens = int(cfg.get("caption_max_new_tokens", 128))
+        self.gen_configs = generation_configs(cfg)
         self.prompt_mode = cfg.get("prompt_mode", "direct")
         if self.prompt_mode not in PROMPT_MODES:
             raise EvalConfigError(
@@ -159,10 +244,14 @@ class EvalRecipe:
                 f"describe_layout={self.describe_layout!r}: expected one of {', '.join(DESCRIBE_LAYOUTS)}"
             )
         self.context_template = cfg.get("describe_context_template") or DEFAULT_CONTEXT_TEMPLATE
-        self.seed = int(cfg.get("seed", 0))
         self.blank_images = bool(cfg.get("blank_images", False))
         self.overwrite = bool(cfg.get("overwrite", False))
         self.limit = cfg.get("limit")
+        self.chexbert_dir = cfg.get("chexbert_dir")
+        self.chexbert_tokenizer_dir = cfg.get("chexbert_tokenizer_dir")
+        if self.chexbert_tokenizer_dir is not None and self.chexbert_dir is None:
+            raise EvalConfigError("chexbert_tokenizer_dir is set but chexbert_dir is not")
+        self.chexbert = None  # (labeler, tokenizer), loaded on rank 0 in setup
 
     def _log(self, msg: str) -> None:
         if self.rank == 0:
@@ -223,7 +312,9 @@ class EvalRecipe:
                 continue  # datasets.<name>=null drops a dataset (torchtune sets its _component_ to null)
             node = OmegaConf.to_container(node, resolve=True)
             task = node.pop("task", None) or tasks.get(name)
-            samples = list(config.instantiate(OmegaConf.create(node)))
+            samples = config.instantiate(OmegaConf.create(node))
+            dropped = dict(getattr(samples, "dropped", None) or {})  # report readers count them
+            samples = list(samples)
             if self.limit is not None:
                 samples = samples[: int(self.limit)]
             if task is None:
@@ -236,22 +327,34 @@ class EvalRecipe:
                     f"datasets.{name}: sample ids are not unique (resume keys on them)"
                 )
             self.datasets[str(name)] = (task, samples)
-            self._log(f"dataset {name}: {len(samples)} samples ({task})")
+            why = "; not samples: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()))
+            self._log(f"dataset {name}: {len(samples)} samples ({task}){why if dropped else ''}")
         if not self.datasets:
             raise EvalConfigError("eval: no datasets")
+        if self.chexbert_dir is not None:
+            if not any(task == "caption" for task, _ in self.datasets.values()):
+                raise EvalConfigError(
+                    "chexbert_dir is set but no dataset is a caption / report dataset"
+                )
+            self._on_rank0(self._load_chexbert)  # fail now, not after hours of generation
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.world_size > 1:
             self._log(f"{self.world_size} processes: the questions are split across them")
 
+    def _load_chexbert(self) -> None:
+        from medtune.eval.chexbert import load_chexbert
+
+        self.chexbert = load_chexbert(
+            self.chexbert_dir, self.chexbert_tokenizer_dir, device=self.device
+        )
+        self._log(f"CheXbert labeler: {self.chexbert_dir}")
+
     # ------------------------------------------------------------------ settings
 
     def generation_settings(self, task: str) -> dict[str, Any]:
         """Everything that shapes a prediction, stored with every row (and checked on resume)."""
-        from medtune.generation import GenerationConfig
-
-        max_new = self.caption_max_new_tokens if task == "caption" else self.max_new_tokens
-        gen = GenerationConfig(max_new_tokens=max_new, temperature=0.0, seed=self.seed).to_dict()
+        gen = self.gen_configs[task].to_dict()
         gen["system_prompt"] = self.system_prompt
         if self.blank_images:
             gen["blank_images"] = True
@@ -338,13 +441,12 @@ class EvalRecipe:
             blank_images=self.blank_images,
         )
 
-    def _answers(self, samples: list[Sample], max_new_tokens: int):
-        """Answer already-templated samples (every rank; data-parallel under torchrun), yielding
-        ``(chunk, texts)`` one batch per rank at a time so that rank 0 writes as it goes."""
-        from medtune.generation import GenerationConfig
+    def _answers(self, samples: list[Sample], settings):
+        """Answer already-templated samples with ``settings`` (a ``GenerationConfig``; every rank,
+        data-parallel under torchrun), yielding ``(chunk, texts)`` one batch per rank at a time
+        so that rank 0 writes as it goes."""
         from medtune.inference import answer
 
-        settings = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=self.seed)
         step = self.batch_size * self.world_size
         for i in range(0, len(samples), step):
             chunk = samples[i : i + step]
@@ -370,8 +472,16 @@ class EvalRecipe:
             if key not in cached and key not in todo:
                 todo[key] = describe_sample(key, s, self.describe_prompt)
         if todo:
+            from medtune.generation import GenerationConfig
+
             self._log(f"describing {len(todo)} image(s) ({len(cached)} cached)")
-            for chunk, texts in self._answers(list(todo.values()), self.describe_max_new_tokens):
+            # greedy, as the cache (keyed on prompt and length only) assumes
+            settings = GenerationConfig(
+                max_new_tokens=self.describe_max_new_tokens,
+                temperature=0.0,
+                seed=self.gen_configs["vqa"].seed,
+            )
+            for chunk, texts in self._answers(list(todo.values()), settings):
                 for s, text in zip(chunk, texts):
                     k = s.id.removeprefix("describe:")
                     row = {
@@ -401,7 +511,12 @@ class EvalRecipe:
         def resume() -> dict[str, dict]:
             out_dir.mkdir(parents=True, exist_ok=True)
             if self.overwrite:
-                for p in (pred_path, desc_path, out_dir / "metrics.json"):
+                for p in (
+                    pred_path,
+                    desc_path,
+                    out_dir / "metrics.json",
+                    out_dir / "per_row.jsonl",
+                ):
                     p.unlink(missing_ok=True)
             return resume_rows(pred_path, ckpt_path, gen)
 
@@ -434,7 +549,7 @@ class EvalRecipe:
             by_id = {s.id: s for s in todo}
             fh = open(pred_path, "a", encoding="utf-8") if self.rank == 0 else None  # noqa: SIM115
             try:
-                for chunk, preds in self._answers(asked, gen["max_new_tokens"]):
+                for chunk, preds in self._answers(asked, self.gen_configs[task]):
                     for a, p in zip(chunk, preds):
                         s = by_id[a.id]
                         prompt = [m.content for m in a.messages if m.role == "user"][-1]
@@ -457,25 +572,52 @@ class EvalRecipe:
                     fh.close()
         wanted = {str(s.id) for s in samples}
         rows = [r for k, r in done.items() if k in wanted]
-        metrics = self.score(rows, task, pred_path)
+        metrics, per_row = self.score(rows, task, pred_path)
         if self.rank == 0:
+            if per_row is not None:
+                write_jsonl_atomic(out_dir / "per_row.jsonl", per_row)
             write_text_atomic(
                 out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
             )
         return metrics
 
-    def score(self, rows: list[dict[str, Any]], task: str, pred_path: Path) -> dict[str, Any]:
-        """VQA: ``medtune score``'s JSON; captions: ``caption_scores`` (+ ``predictions``)."""
-        out: dict[str, Any] = {"predictions": str(pred_path)}
-        if task == "caption":
-            if self.rank != 0:
-                return out  # only rank 0 writes metrics; the others skip the (java) scorers
-            from medtune.eval.caption_metrics import score_caption_rows
+    def score(
+        self, rows: list[dict[str, Any]], task: str, pred_path: Path
+    ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The metrics JSON (``medtune score``'s) and, for captions, the per-row scores.
 
-            out.update(score_caption_rows(rows, meteor=bool(self.cfg.get("caption_meteor", True))))
-            return out
-        out.update(score_predictions(rows))
-        return out
+        Returns:
+            ``(metrics, per_row)``: VQA: ``score_predictions`` and None; captions:
+            ``score_caption_rows`` (+ ``chexbert`` with a labeler) and one dict per row
+            (``id``, ``dataset``, ``split`` and each caption metric, as ``--per-row`` writes).
+        """
+        out: dict[str, Any] = {"predictions": str(pred_path)}
+        if task != "caption":
+            out.update(score_predictions(rows))
+            return out, None
+        if self.rank != 0:
+            return out, None  # only rank 0 writes metrics; the others skip the (java) scorers
+        from medtune.eval.caption_metrics import score_caption_rows
+
+        meteor = bool(self.cfg.get("caption_meteor", True))
+        scores = score_caption_rows(rows, meteor=meteor, per_item=True)
+        per_id = scores.pop("per_id")
+        out.update(scores)
+        if self.chexbert is not None and rows:
+            from medtune.eval.chexbert import chexbert_f1, label_reports
+
+            model, tok = self.chexbert
+            # one reference per report (CheXbert compares label vectors): the first of a list
+            refs = [r["answer"][0] if isinstance(r["answer"], list) else r["answer"] for r in rows]
+            out["chexbert"] = chexbert_f1(
+                label_reports(model, tok, [r["prediction"] for r in rows]),
+                label_reports(model, tok, refs),
+            )
+        per_row = [
+            {"id": r["id"], "dataset": r.get("dataset"), "split": r.get("split"), **per_id[r["id"]]}
+            for r in rows
+        ]
+        return out, per_row
 
     def cleanup(self) -> None:
         """Release the model and leave the process group."""

@@ -257,12 +257,12 @@ class LoRAFinetuneRecipeSingleDevice:
         return build_dataloader(  # padded, packed (packed: true) or length-grouped batches
             ds,
             batch_size=self.batch_size,
-            pad_id=self.tokenizer.pad_id,
             shuffle=train and cfg_get(cfg, "shuffle", bool, True),
             seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,
             num_workers=cfg_get(cfg, "num_workers", int, 0),
+            pad_id=self.tokenizer.pad_id,
             packed=cfg_get(cfg, "packed", bool, False),
             max_seq_len=cfg_get(cfg, "max_seq_len", int, None),
             group_by_length=train and cfg_get(cfg, "group_by_length", bool, False),

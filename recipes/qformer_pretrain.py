@@ -169,7 +169,7 @@ class QFormerPretrainRecipe:
         cfg = self.cfg
         collate = CaptionCollate(self.tokenizer, self.max_txt_len)
         self.train_set = self._pairs(cfg.dataset)
-        self.loader, self.sampler = build_dataloader(
+        _, self.loader, self.sampler = build_dataloader(
             self.train_set,
             batch_size=self.batch_size,
             collate_fn=collate,
@@ -186,7 +186,7 @@ class QFormerPretrainRecipe:
         self.val_loader = None
         if val and val.get("_component_"):
             self.val_set = self._pairs(val)
-            self.val_loader, _ = build_dataloader(
+            _, self.val_loader, _ = build_dataloader(
                 self.val_set,
                 batch_size=self.batch_size,
                 collate_fn=collate,
@@ -267,7 +267,7 @@ class QFormerPretrainRecipe:
         self.encoder.eval()
         params = [p for p in self.core.parameters() if p.requires_grad]
         while self.epoch < self.epochs:
-            self.sampler.set_epoch(self.epoch, skip=self.batches_done * self.batch_size)
+            self.sampler.set_epoch(self.epoch, skip=self.batches_done)
             self.train_set.set_epoch(self.epoch)
             run = torch.zeros(len(LOSSES), device=self.device)
             t0 = time.perf_counter()

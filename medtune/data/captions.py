@@ -23,9 +23,10 @@ from medtune.data.rows import (
     get_field,
     load_json,
     load_rows,
+    optional_id,
     resolve_image,
 )
-from medtune.data.sample import Message, Sample
+from medtune.data.sample import Sample, qa_sample
 
 __all__ = ["caption_json", "roco", "IMAGE_KEYS", "CAPTION_KEYS"]
 
@@ -107,15 +108,7 @@ def caption_json(
     out: list[Sample] = []
     for i, row in enumerate(data):
         try:
-            rid = get_field(
-                row,
-                "id",
-                file=path,
-                index=i,
-                types=(str, int),
-                expected="a string or integer id",
-                required=False,
-            )
+            rid = optional_id(row, path, i)
             fctx = {"file": path, "index": i, "row_id": rid}
             image_key = _pick(row, IMAGE_KEYS)
             image = get_field(
@@ -152,14 +145,8 @@ def caption_json(
             meta.update(
                 split=row_split, image=image, caption=caption, question=instruction, answer=caption
             )
-            out.append(
-                Sample(
-                    id=str(rid) if rid is not None else f"{path.stem}-{i}",
-                    images=images,
-                    messages=[Message("user", instruction), Message("assistant", caption)],
-                    meta=meta,
-                )
-            )
+            sid = str(rid) if rid is not None else f"{path.stem}-{i}"
+            out.append(qa_sample(sid, images, instruction, caption, meta))
         except DataError as e:
             counter.record(e)
     return counter.finish(out)
@@ -284,14 +271,7 @@ def roco(
                 "answer": caption,
                 "task": "caption",
             }
-            out.append(
-                Sample(
-                    id=rid,
-                    images=[image],
-                    messages=[Message("user", instruction), Message("assistant", caption)],
-                    meta=meta,
-                )
-            )
+            out.append(qa_sample(rid, [image], instruction, caption, meta))
         except DataError as e:
             counter.record(e)
     return counter.finish(out)

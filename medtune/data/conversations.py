@@ -32,6 +32,7 @@ from medtune.data.rows import (
     SkipCounter,
     get_field,
     load_rows,
+    optional_id,
     resolve_image,
 )
 from medtune.data.sample import IMAGE_MARKER, Message, Sample
@@ -166,16 +167,13 @@ def _read(path, image_root, skip_bad_rows, dataset, parse_row) -> list[Sample]:
     return counter.finish(out)
 
 
+def _row_id(rid: Any, path: Path, i: int) -> str:
+    """The sample id: the row's own id as a string, else ``<file stem>-<row index>``."""
+    return str(rid) if rid is not None else f"{path.stem}-{i}"
+
+
 def _conversation_row(row: Any, i: int, path: Path, image_root: Path, dataset: str) -> Sample:
-    rid = get_field(
-        row,
-        "id",
-        file=path,
-        index=i,
-        types=(str, int),
-        expected="a string or integer id",
-        required=False,
-    )
+    rid = optional_id(row, path, i)
     fctx = {"file": path, "index": i, "row_id": rid}
     messages = _turns(row, fctx)
     images, written = _images(row, image_root, fctx)
@@ -187,12 +185,7 @@ def _conversation_row(row: Any, i: int, path: Path, image_root: Path, dataset: s
     extra = row.get("meta")
     if isinstance(extra, dict):
         meta.update(extra)
-    return Sample(
-        id=str(rid) if rid is not None else f"{path.stem}-{i}",
-        images=images,
-        messages=messages,
-        meta=meta,
-    )
+    return Sample(id=_row_id(rid, path, i), images=images, messages=messages, meta=meta)
 
 
 @holdout_option
@@ -251,12 +244,7 @@ def _llava_row(row: Any, i: int, path: Path, image_root: Path, dataset: str) -> 
     meta.update(question=question, image=written)
     if answer is not None:
         meta["answer"] = str(answer)
-    return Sample(
-        id=str(rid) if rid is not None else f"{path.stem}-{i}",
-        images=images,
-        messages=messages,
-        meta=meta,
-    )
+    return Sample(id=_row_id(rid, path, i), images=images, messages=messages, meta=meta)
 
 
 @holdout_option

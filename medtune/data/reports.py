@@ -29,7 +29,7 @@ from medtune.data.errors import (
 )
 from medtune.data.report_text import SECTIONS, check_section, parse_report_sections, report_target
 from medtune.data.report_text import normalize_text as _norm
-from medtune.data.sample import Message, Sample
+from medtune.data.sample import Sample, qa_sample
 from medtune.data.tables import find_table, read_csv_rows
 
 __all__ = [
@@ -57,12 +57,7 @@ FRONTAL_VIEWS = ("PA", "AP")
 
 def _sample(rid, images, target, instruction, meta) -> Sample:
     meta.update(question=instruction, answer=target, task="caption")
-    return Sample(
-        id=rid,
-        images=images,
-        messages=[Message("user", instruction), Message("assistant", target)],
-        meta=meta,
-    )
+    return qa_sample(rid, images, instruction, target, meta)
 
 
 def _finish(counter: SkipCounter, out: list[Sample], dropped: Counter, source: str):

@@ -28,6 +28,7 @@ __all__ = [
     "get_field",
     "load_json",
     "load_rows",
+    "optional_id",
     "resolve_image",
 ]
 
@@ -164,6 +165,19 @@ def get_field(
             id_name=id_name,
         )
     return value
+
+
+def optional_id(row: Any, path: str | Path, index: int, name: str = "id") -> Any:
+    """The row's optional string or integer id field ``name`` (None when absent)."""
+    return get_field(
+        row,
+        name,
+        file=path,
+        index=index,
+        types=(str, int),
+        expected="a string or integer id",
+        required=False,
+    )
 
 
 def resolve_image(

@@ -53,6 +53,17 @@ class Sample:
         return [str(i) for i in self.images if isinstance(i, (str, Path))]
 
 
+def qa_sample(id: str, images: list[Any], question: str, answer: str, meta: dict) -> Sample:
+    """One question and its answer over ``images``: a user turn and the assistant turn that is its
+    target (how every VQA, caption and report reader shapes a row)."""
+    return Sample(
+        id=id,
+        images=images,
+        messages=[Message("user", question), Message("assistant", answer)],
+        meta=meta,
+    )
+
+
 def require_answers(samples: Sequence[Sample], what: str = "training") -> None:
     """Refuse samples without an assistant turn where answers are the targets (training and
     validation loss): such a sample has no label to learn from and would pass silently.

@@ -38,7 +38,7 @@ from medtune.data.rows import (
     load_json,
     resolve_image,
 )
-from medtune.data.sample import Message, Sample
+from medtune.data.sample import Sample, qa_sample
 
 __all__ = ["slake", "vqa_rad", "ANSWER_TYPES", "SLAKE_SPLITS", "VQA_RAD_SPLITS"]
 
@@ -106,6 +106,54 @@ def _top_level_list(data: Any, path: Path, what: str) -> list:
 
 
 # ------------------------------------------------------------------------------------------ SLAKE
+
+
+def _check_unique(sid: str, i: int, seen: dict[str, int], ctx: dict) -> None:
+    """Refuse a second row with the id ``sid``; ``seen`` maps ids to their first row."""
+    if sid in seen:
+        raise BadValueError(f"duplicate qid (first at row {seen[sid]}; expected unique ids)", **ctx)
+    seen[sid] = i
+
+
+def _qa_fields(row: Any, ctx: dict, image_field: str, image_expected: str) -> tuple:
+    """``(image name, question, answer, answer_type)`` of a VQA row, each checked; ``ctx``
+    names the row (``file``, ``row``, ``row_id``, ``id_name``)."""
+    fctx = {("index" if k == "row" else k): v for k, v in ctx.items()}
+    image_name = get_field(row, image_field, **fctx, expected=image_expected)
+    question = get_field(row, "question", **fctx)
+    answer = get_field(row, "answer", **fctx, types=_ANSWER, expected=_EXPECT_ANSWER)
+    answer_type = _norm_answer_type(
+        get_field(row, "answer_type", **fctx, expected="'OPEN' or 'CLOSED'"), **ctx
+    )
+    return image_name, question, answer, answer_type
+
+
+def _vqa_sample(
+    sid: str,
+    row: dict,
+    image: Path,
+    dataset: str,
+    split: str,
+    question: str,
+    answer: Any,
+    answer_type: str,
+    image_name: str,
+    **more: Any,
+) -> Sample:
+    """The sample of a VQA row: ``meta`` is the row with the normalized keys (module docstring)
+    written over it, in the order ``dataset split question answer answer_type image`` + ``more``."""
+    answer_s = _answer_str(answer)
+    meta = dict(row)
+    meta.update(
+        dataset=dataset,
+        split=split,
+        question=question,
+        answer=answer_s,
+        answer_type=answer_type,
+        image=image_name,
+        **more,
+    )
+    return qa_sample(sid, [image], question, answer_s, meta)
 
 
 def slake_root(root: str | Path) -> Path:
@@ -179,18 +227,9 @@ def slake(
             ctx = {"file": path, "row": i, "row_id": qid, "id_name": "qid"}
             fctx = {"file": path, "index": i, "row_id": qid, "id_name": "qid"}
             sid = str(qid)
-            if sid in seen:
-                raise BadValueError(
-                    f"duplicate qid (first at row {seen[sid]}; expected unique ids)", **ctx
-                )
-            seen[sid] = i
-            img_name = get_field(
-                row, "img_name", **fctx, expected="an image path like 'xmlab0/source.jpg'"
-            )
-            question = get_field(row, "question", **fctx)
-            answer = get_field(row, "answer", **fctx, types=_ANSWER, expected=_EXPECT_ANSWER)
-            answer_type = _norm_answer_type(
-                get_field(row, "answer_type", **fctx, expected="'OPEN' or 'CLOSED'"), **ctx
+            _check_unique(sid, i, seen, ctx)
+            img_name, question, answer, answer_type = _qa_fields(
+                row, ctx, "img_name", "an image path like 'xmlab0/source.jpg'"
             )
             q_lang = get_field(row, "q_lang", **fctx, expected="'en' or 'zh'").strip()
             if q_lang not in SLAKE_LANGS:
@@ -208,25 +247,20 @@ def slake(
                 continue
 
             image = resolve_image(image_root, img_name, **fctx, field="img_name")
-            answer_s = _answer_str(answer)
-            meta = dict(row)
-            meta.update(
-                dataset="slake",
-                split=split,
-                question=question,
-                answer=answer_s,
-                answer_type=answer_type,
-                image=img_name,
-                language=q_lang,
-                modality=modality,
-                content_type=content,
-            )
             out.append(
-                Sample(
-                    id=sid,
-                    images=[image],
-                    messages=[Message("user", question), Message("assistant", answer_s)],
-                    meta=meta,
+                _vqa_sample(
+                    sid,
+                    row,
+                    image,
+                    "slake",
+                    split,
+                    question,
+                    answer,
+                    answer_type,
+                    img_name,
+                    language=q_lang,
+                    modality=modality,
+                    content_type=content,
                 )
             )
         except DataError as e:
@@ -310,18 +344,9 @@ def vqa_rad(
             )
             ctx = {"file": path, "row": i, "row_id": row_id, "id_name": id_name}
             fctx = {"file": path, "index": i, "row_id": row_id, "id_name": id_name}
-            if sid in seen:
-                raise BadValueError(
-                    f"duplicate qid (first at row {seen[sid]}; expected unique ids)", **ctx
-                )
-            seen[sid] = i
-            image_name = get_field(
-                row, "image_name", **fctx, expected="an image file name like 'synpic1234.jpg'"
-            )
-            question = get_field(row, "question", **fctx)
-            answer = get_field(row, "answer", **fctx, types=_ANSWER, expected=_EXPECT_ANSWER)
-            answer_type = _norm_answer_type(
-                get_field(row, "answer_type", **fctx, expected="'OPEN' or 'CLOSED'"), **ctx
+            _check_unique(sid, i, seen, ctx)
+            image_name, question, answer, answer_type = _qa_fields(
+                row, ctx, "image_name", "an image file name like 'synpic1234.jpg'"
             )
             phrase = get_field(
                 row, "phrase_type", **fctx, expected=f"one of {sorted(all_phrases)}"
@@ -335,26 +360,21 @@ def vqa_rad(
             if want_types is not None and answer_type not in want_types:
                 continue
             image = resolve_image(image_root, image_name, **fctx, field="image_name")
-            answer_s = _answer_str(answer)
             qtype = row.get("question_type")
-            meta = dict(row)
-            meta.update(
-                dataset="vqa_rad",
-                split=split,
-                question=question,
-                answer=answer_s,
-                answer_type=answer_type,
-                image=image_name,
-                language="en",
-                content_type=qtype.strip() if isinstance(qtype, str) else qtype,
-                organ=row.get("image_organ"),
-            )
             out.append(
-                Sample(
-                    id=sid,
-                    images=[image],
-                    messages=[Message("user", question), Message("assistant", answer_s)],
-                    meta=meta,
+                _vqa_sample(
+                    sid,
+                    row,
+                    image,
+                    "vqa_rad",
+                    split,
+                    question,
+                    answer,
+                    answer_type,
+                    image_name,
+                    language="en",
+                    content_type=qtype.strip() if isinstance(qtype, str) else qtype,
+                    organ=row.get("image_organ"),
                 )
             )
         except DataError as e:

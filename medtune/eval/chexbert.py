@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medtune.data.classification import CHEXPERT_OBSERVATIONS
 from medtune.utils.errors import UserError
 
 __all__ = [
@@ -45,22 +46,7 @@ __all__ = [
 ]
 
 #: The 14 observations in the heads' order (CheXbert ``src/constants.py``).
-CONDITIONS = (
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-    "No Finding",
-)
+CONDITIONS = (*CHEXPERT_OBSERVATIONS, "No Finding")
 TOP5 = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion")
 CHECKPOINT_NAME = "chexbert.pth"
 MAX_LENGTH = 512  # BERT's position limit; longer reports are truncated (as RadEval)

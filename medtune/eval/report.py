@@ -12,7 +12,21 @@ from typing import Any
 from medtune.eval.caption_metrics import CAPTION_METRIC_KEYS
 from medtune.eval.vqa_metrics import LLAVA_MED_CLOSED_NOTE, METRIC_KEYS
 
-__all__ = ["checkpoint_names", "csv_table", "markdown_table", "results_table"]
+__all__ = [
+    "CHEXBERT_TABLE_KEYS",
+    "checkpoint_names",
+    "csv_table",
+    "markdown_table",
+    "results_table",
+]
+
+#: The CheXbert F1 columns of the table (from ``metrics["chexbert"]``, :mod:`medtune.eval.chexbert`).
+CHEXBERT_TABLE_KEYS = (
+    "f1chexbert_all_micro_f1",
+    "f1chexbert_all_macro_f1",
+    "f1chexbert_5_micro_f1",
+    "f1chexbert_5_macro_f1",
+)
 
 
 def checkpoint_names(paths: list[str]) -> list[str]:
@@ -69,7 +83,8 @@ def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
 
     Returns:
         ``(columns, values)``: ``checkpoint, dataset, n, ...`` then the VQA metrics (when any VQA
-        dataset is present) and the caption metrics (when any caption dataset is present).
+        dataset is present), the caption metrics (when any caption dataset is present) and the
+        CheXbert F1 columns (when any metrics JSON holds a ``chexbert`` object).
     """
     has_vqa = any(r["task"] == "vqa" for r in rows)
     has_cap = any(r["task"] == "caption" for r in rows)
@@ -78,6 +93,8 @@ def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
         cols += ["n_closed", "n_open", *METRIC_KEYS]
     if has_cap:
         cols += list(CAPTION_METRIC_KEYS)
+    if any("chexbert" in r["metrics"] for r in rows):
+        cols += list(CHEXBERT_TABLE_KEYS)
     out = []
     for r in rows:
         m = r["metrics"]
@@ -87,6 +104,9 @@ def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
         else:
             vals["n"] = m.get("n")
         vals.update({k: m.get(k) for k in cols if k in m and k not in vals})
+        vals.update(
+            {k: v for k, v in (m.get("chexbert") or {}).items() if k in CHEXBERT_TABLE_KEYS}
+        )
         out.append([vals.get(c) for c in cols])
     return cols, out
 

@@ -128,16 +128,11 @@ def medvlm_msmedcap_blip2_llama3_8b(
     tokens per image, SAM's first). Load the two stage-1 runs with ``init_from: {sam: ..., clip: ...}``.
     """
     from medtune.models import llama3 as _llama3
-    from medtune.models.builders import medvlm
-    from medtune.models.encoders import biomedclip_vision, timm_vision
+    from medtune.models.builders import medvlm, msmedcap_encoders
 
-    sam = timm_vision(
-        "samvit_base_patch16", checkpoint_path=sam_checkpoint, image_size=sam_image_size
-    )
-    clip = biomedclip_vision(encoder_path, output="patch")
     return medvlm(
         _llama3.llama3_8b(),
-        {"sam": sam, "clip": clip},
+        msmedcap_encoders(encoder_path, sam_checkpoint, sam_image_size),
         connector="blip2_qformer",
         connector_kwargs=_connector_kwargs(num_query_tokens, None),
     )
@@ -179,7 +174,8 @@ def tiny_blip2_medvlm(
 
 
 def tiny_sam_vision(image_size: int = 64):
-    """A random 2-block SAM-style timm encoder (the one of ``builders.tiny_msmedcap``)."""
+    """A random 2-block SAM-style timm encoder (of ``builders.tiny_msmedcap`` and
+    :func:`tiny_msmedcap_blip2`)."""
     from medtune.models.encoders import timm_vision
 
     return timm_vision(

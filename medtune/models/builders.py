@@ -96,6 +96,17 @@ def medvlm_medcap_llama3_8b(encoder_path: str | None = None, num_tokens: int = 3
     )
 
 
+def msmedcap_encoders(
+    encoder_path: str | None, sam_checkpoint: str | None, sam_image_size: int = 1024
+) -> dict[str, nn.Module]:
+    """MSMedCap's two towers, SAM's first: ``{"sam": timm samvit_base_patch16, "clip": BiomedCLIP
+    patch tokens}`` (see :func:`medvlm_msmedcap_llama3_8b` for the arguments)."""
+    sam = timm_vision(
+        "samvit_base_patch16", checkpoint_path=sam_checkpoint, image_size=sam_image_size
+    )
+    return {"sam": sam, "clip": biomedclip_vision(encoder_path, output="patch")}
+
+
 def medvlm_msmedcap_llama3_8b(
     encoder_path: str | None = None,
     sam_checkpoint: str | None = None,
@@ -118,13 +129,9 @@ def medvlm_msmedcap_llama3_8b(
         num_queries: learned queries per Q-Former.
         sam_image_size: SAM's input size.
     """
-    sam = timm_vision(
-        "samvit_base_patch16", checkpoint_path=sam_checkpoint, image_size=sam_image_size
-    )
-    clip = biomedclip_vision(encoder_path, output="patch")
     return medvlm(
         _llama3.llama3_8b(),
-        {"sam": sam, "clip": clip},
+        msmedcap_encoders(encoder_path, sam_checkpoint, sam_image_size),
         connector="qformer",
         connector_kwargs={"num_queries": num_queries},
     )
@@ -145,13 +152,24 @@ def medvlm_open_clip_llama3(
     being the third (128002 for a 128,256-token vocabulary).
     """
     dec = _llama3.llama3_from_hf_config(llm_config, max_seq_len=max_seq_len)
-    enc = open_clip_vision(encoder_path, output=output)
+    return open_clip_medvlm(dec, encoder_path, connector, output, connector_kwargs)
+
+
+def open_clip_medvlm(
+    decoder: TransformerDecoder,
+    encoder_path: str,
+    connector: ConnectorKind = "mlp",
+    output: str = "patch",
+    connector_kwargs: dict | None = None,
+) -> MedVLM:
+    """``decoder`` (full or LoRA) + any open_clip tower (hub-layout folder) + a connector, with the
+    placeholder id of ``decoder``'s vocabulary (:func:`image_token_id_for_vocab`)."""
     return medvlm(
-        dec,
-        enc,
+        decoder,
+        open_clip_vision(encoder_path, output=output),
         connector=connector,
         connector_kwargs=connector_kwargs,
-        image_token_id=image_token_id_for_vocab(dec.tok_embeddings.num_embeddings),
+        image_token_id=image_token_id_for_vocab(decoder.tok_embeddings.num_embeddings),
     )
 
 
@@ -175,17 +193,10 @@ def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
     """A tiny dual-encoder MedVLM shaped like :func:`medvlm_msmedcap_llama3_8b`: a random 2-block
     SAM-style timm encoder (64 px) and the tiny open_clip tower (32 px), a Q-Former each, into the
     tiny Llama-3 of the generated assets. For tests of several encoders with their own transforms."""
+    from medtune.models.blip2_connector import tiny_sam_vision
+
     dec = _llama3.llama3_from_hf_config(f"{assets_dir}/llama3_tiny/config.json")
-    sam = timm_vision(
-        "samvit_base_patch16",
-        image_size=64,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        global_attn_indexes=(1,),
-        window_size=2,
-        neck_chans=24,
-    )
+    sam = tiny_sam_vision(64)
     clip = open_clip_vision(f"{assets_dir}/tiny_clip", output="patch")
     return medvlm(
         dec,

@@ -17,23 +17,27 @@ All decoder construction goes through :func:`_decoder`, which honours :func:`bui
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchtune.models.llama3 import lora_llama3, lora_llama3_8b
 from torchtune.models.llama3_1 import lora_llama3_1, lora_llama3_1_8b
 from torchtune.modules import TransformerDecoder
 
-from medtune.models.builders import image_token_id_for_vocab, medvlm
+from medtune.models.builders import medvlm, open_clip_medvlm
 from medtune.models.connectors import ConnectorKind
-from medtune.models.encoders import biomedclip_vision, open_clip_vision
+from medtune.models.encoders import biomedclip_vision
 from medtune.models.llama3 import build_decoder, build_decoders_on, hf_config_kwargs
 from medtune.models.medvlm import MedVLM
 
 __all__ = [
     "LORA_ATTN_MODULES",
     "build_decoders_on",
+    "lora_args",
     "lora_llama3_from_hf_config",
     "lora_settings",
     "medvlm_open_clip_lora_llama3",
@@ -59,30 +63,7 @@ def _check_modules(lora_attn_modules: Sequence[str]) -> list[str]:
     return mods
 
 
-def _lora_kwargs(
-    lora_attn_modules,
-    apply_lora_to_mlp,
-    apply_lora_to_output,
-    lora_rank,
-    lora_alpha,
-    lora_dropout,
-    use_dora,
-    quantize_base,
-) -> dict:
-    return dict(
-        lora_attn_modules=_check_modules(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-    )
-
-
-def lora_llama3_from_hf_config(
-    config_path: str | Path,
+def lora_args(
     lora_attn_modules: Sequence[str] = ("q_proj", "v_proj"),
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
@@ -91,12 +72,11 @@ def lora_llama3_from_hf_config(
     lora_dropout: float = 0.0,
     use_dora: bool = False,
     quantize_base: bool = False,
-    max_seq_len: int | None = None,
-) -> TransformerDecoder:
-    """A LoRA Llama-3 (or 3.1, from ``rope_scaling``) shaped by an HF ``config.json``.
+) -> dict:
+    """The LoRA arguments of torchtune's ``lora_llama3*`` builders, checked: the one list of them
+    that every LoRA builder here takes (see :func:`_takes_lora_args`).
 
     Args:
-        config_path: the HF ``config.json`` of the base model.
         lora_attn_modules: attention projections to adapt (``q_proj k_proj v_proj output_proj``).
         apply_lora_to_mlp: adapt ``w1 w2 w3`` of every MLP.
         apply_lora_to_output: adapt the final ``output`` projection (never quantized).
@@ -105,27 +85,79 @@ def lora_llama3_from_hf_config(
         lora_dropout: dropout on the adapter input.
         use_dora: DoRA (magnitude [out] x direction) instead of plain LoRA.
         quantize_base: QLoRA: NF4 base weights (weight ``numel`` divisible by 256).
+
+    Returns:
+        The arguments by name, ``lora_attn_modules`` as a checked list.
+
+    Raises:
+        ValueError: an unknown attention module.
+    """
+    kwargs = dict(locals())
+    kwargs["lora_attn_modules"] = _check_modules(lora_attn_modules)
+    return kwargs
+
+
+_LORA_PARAMS = tuple(inspect.signature(lora_args).parameters.values())
+
+
+def _takes_lora_args(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a builder ``fn(..., *, lora: dict, ...)`` the arguments of :func:`lora_args` instead of
+    ``lora``, with ``defaults`` over theirs.
+
+    The builder's signature lists them after its own positional parameters (config checks bind
+    against it, and positional calls keep their order); ``fn`` receives them as ``lora``, the dict
+    :func:`lora_args` returns.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.name != "lora"]
+        extra = [p.replace(default=defaults.get(p.name, p.default)) for p in _LORA_PARAMS]
+        public = sig.replace(
+            parameters=[p for p in own if p.kind is p.POSITIONAL_OR_KEYWORD]
+            + extra
+            + [p for p in own if p.kind is p.KEYWORD_ONLY]
+        )
+
+        @functools.wraps(fn)
+        def builder(*args: Any, **kwargs: Any) -> Any:
+            bound = public.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            lora = lora_args(**{p.name: values.pop(p.name) for p in _LORA_PARAMS})
+            return fn(**values, lora=lora)
+
+        builder.__signature__ = public
+        builder.__doc__ = (fn.__doc__ or "") + (
+            "\n\n    LoRA arguments: those of :func:`lora_args`"
+            + (f" (defaults here: {defaults})" if defaults else "")
+            + ".\n"
+        )
+        return builder
+
+    return wrap
+
+
+@_takes_lora_args()
+def lora_llama3_from_hf_config(
+    config_path: str | Path, *, lora: dict, max_seq_len: int | None = None
+) -> TransformerDecoder:
+    """A LoRA Llama-3 (or 3.1, from ``rope_scaling``) shaped by an HF ``config.json``.
+
+    Args:
+        config_path: the HF ``config.json`` of the base model.
         max_seq_len: overrides ``max_position_embeddings``.
 
     Returns:
         A ``TransformerDecoder``: tokens [b, s] (or embeddings [b, s, d]) -> logits [b, s, vocab].
     """
     kwargs, scale = hf_config_kwargs(config_path, max_seq_len)
-    lora = _lora_kwargs(
-        lora_attn_modules,
-        apply_lora_to_mlp,
-        apply_lora_to_output,
-        lora_rank,
-        lora_alpha,
-        lora_dropout,
-        use_dora,
-        quantize_base,
-    )
     if scale is not None:
         return _decoder(lora_llama3_1, **kwargs, **lora, scale_factor=scale)
     return _decoder(lora_llama3, **kwargs, **lora)
 
 
+@_takes_lora_args()
 def medvlm_open_clip_lora_llama3(
     llm_config: str,
     encoder_path: str,
@@ -133,44 +165,20 @@ def medvlm_open_clip_lora_llama3(
     output: str = "patch",
     connector_kwargs: dict | None = None,
     max_seq_len: int | None = None,
-    lora_attn_modules: Sequence[str] = ("q_proj", "v_proj"),
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
+    *,
+    lora: dict,
 ) -> MedVLM:
     """Any open_clip tower (hub-layout folder) + connector + a LoRA Llama-3 shaped by ``llm_config``.
 
-    The LoRA arguments are those of :func:`lora_llama3_from_hf_config`; the others those of
-    :func:`medtune.models.builders.medvlm_open_clip_llama3`.
+    The other arguments are those of :func:`medtune.models.builders.medvlm_open_clip_llama3`.
     """
-    dec = lora_llama3_from_hf_config(
-        llm_config,
-        lora_attn_modules,
-        apply_lora_to_mlp,
-        apply_lora_to_output,
-        lora_rank,
-        lora_alpha,
-        lora_dropout,
-        use_dora,
-        quantize_base,
-        max_seq_len=max_seq_len,
-    )
-    enc = open_clip_vision(encoder_path, output=output)
-    return medvlm(
-        dec,
-        enc,
-        connector=connector,
-        connector_kwargs=connector_kwargs,
-        image_token_id=image_token_id_for_vocab(dec.tok_embeddings.num_embeddings),
-    )
+    dec = lora_llama3_from_hf_config(llm_config, **lora, max_seq_len=max_seq_len)
+    return open_clip_medvlm(dec, encoder_path, connector, output, connector_kwargs)
 
 
+@_takes_lora_args()
 def tiny_medvlm_lora(
-    assets_dir: str, connector: ConnectorKind = "mlp", llm_dir: str = "llama3_tiny", **lora
+    assets_dir: str, connector: ConnectorKind = "mlp", llm_dir: str = "llama3_tiny", *, lora: dict
 ) -> MedVLM:
     """The tiny MedVLM of the generated assets (``medtune.testing.assets``) with a LoRA decoder.
 
@@ -178,7 +186,6 @@ def tiny_medvlm_lora(
         assets_dir: the tiny assets folder.
         connector: connector kind.
         llm_dir: sub-folder of the LLM (its ``config.json`` shapes the decoder).
-        **lora: arguments of :func:`lora_llama3_from_hf_config`.
     """
     return medvlm_open_clip_lora_llama3(
         f"{assets_dir}/{llm_dir}/config.json",
@@ -192,40 +199,18 @@ def _biomedclip_lora_builder(llm_builder: Callable[..., TransformerDecoder], nam
     """A named BiomedCLIP + LoRA Llama-3 builder around torchtune's ``llm_builder``."""
 
     def builder(
-        encoder_path: str | None = None,
-        connector: ConnectorKind = "mlp",
-        lora_attn_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
-        apply_lora_to_mlp: bool = True,
-        apply_lora_to_output: bool = False,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        use_dora: bool = False,
-        quantize_base: bool = False,
+        encoder_path: str | None = None, connector: ConnectorKind = "mlp", *, lora: dict
     ) -> MedVLM:
-        dec = _decoder(
-            llm_builder,
-            **_lora_kwargs(
-                lora_attn_modules,
-                apply_lora_to_mlp,
-                apply_lora_to_output,
-                lora_rank,
-                lora_alpha,
-                lora_dropout,
-                use_dora,
-                quantize_base,
-            ),
-        )
+        dec = _decoder(llm_builder, **lora)
         return medvlm(dec, biomedclip_vision(encoder_path, output="patch"), connector=connector)
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = (
         f"BiomedCLIP patch tokens (196 x 768) -> LLaVA MLP -> LoRA {llm} (torchtune's "
-        f"``{llm_builder.__name__}``).\n\n    ``encoder_path=None`` builds the tower with random weights "
-        "(e.g. on the meta device); the LoRA arguments are those of\n    "
-        ":func:`lora_llama3_from_hf_config`.\n    "
+        f"``{llm_builder.__name__}``).\n\n    ``encoder_path=None`` builds the tower with random "
+        "weights (e.g. on the meta device)."
     )
-    return builder
+    return _takes_lora_args(lora_attn_modules=LORA_ATTN_MODULES, apply_lora_to_mlp=True)(builder)
 
 
 medvlm_biomedclip_lora_llama3_8b = _biomedclip_lora_builder(

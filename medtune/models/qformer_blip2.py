@@ -38,61 +38,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medtune.utils.distributed import gather, summed
+from medtune.utils.distributed import world as dist_world
+
 DEC_TOKEN = "[DEC]"
-
-
-# ----------------------------------------------------------------------------- collectives
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward sums every rank's gradient and keeps this rank's slice
-    (works on gloo, which has no reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
-        ctx.rank, ctx.n = rank, x.shape[0]
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """``[b, ...]`` -> ``[world * b, ...]`` in rank order, differentiable; identity in one process."""
-    return x if _world()[1] == 1 else _GatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """``[b, ...]`` -> ``[world * b, ...]`` in rank order, no gradient; identity in one process."""
-    if _world()[1] == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(_world()[1])]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """A summed copy over ranks (no gradient); the tensor itself in one process."""
-    if _world()[1] == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x
 
 
 # ----------------------------------------------------------------------------- hard negatives
@@ -293,14 +245,14 @@ class Blip2Qformer(nn.Module):
             ``loss`` (their sum), ``loss_itc``, ``loss_itm``, ``loss_itg``: this rank's terms,
             scaled so that their mean over ranks is the loss of the whole global batch.
         """
-        rank, world = _world()
+        rank, world = dist_world()
         b = image_embeds.shape[0]
         query_out, img = self.encode_image(image_embeds)
         img_f = self.image_feats(query_out)  # [b, Q, D]
         txt_f = self.text_feat(self.encode_text(input_ids, attention_mask))  # [b, D]
 
         # ITC: local rows against every rank's candidates (gathered with gradient)
-        img_all, txt_all = gather_with_grad(img_f), gather_with_grad(txt_f)
+        img_all, txt_all = gather(img_f, True), gather(txt_f, True)
         sim_i2t = self.similarity(img_f, txt_all) / self.temp  # [b, world*b]
         sim_t2i = self.similarity(img_all, txt_f).t() / self.temp  # [b, world*b]
         targets = torch.arange(rank * b, rank * b + b, device=img_f.device)
@@ -312,11 +264,11 @@ class Blip2Qformer(nn.Module):
         # ITM: hard negatives drawn over the whole global batch (same draws on every rank)
         with torch.no_grad():
             full = self.similarity(img_all.detach(), txt_all.detach()) / self.temp  # [M, M]
-            keys = gather_nograd(sample_keys) if sample_keys is not None else None
+            keys = gather(sample_keys, False) if sample_keys is not None else None
             neg_txt = sample_hard_negatives(full, generator, keys)[rank * b : rank * b + b]
             neg_img = sample_hard_negatives(full.t(), generator, keys)[rank * b : rank * b + b]
-        img_world = gather_with_grad(img)
-        ids_world, mask_world = gather_nograd(input_ids), gather_nograd(attention_mask)
+        img_world = gather(img, True)
+        ids_world, mask_world = gather(input_ids, False), gather(attention_mask, False)
         ids = torch.cat([input_ids, input_ids, ids_world[neg_txt]])  # pos, pos, neg text
         att = torch.cat([attention_mask, attention_mask, mask_world[neg_txt]])
         imgs = torch.cat([img, img_world[neg_img], img])  # pos, neg image, pos
@@ -336,7 +288,7 @@ class Blip2Qformer(nn.Module):
             label_smoothing=0.1,
             reduction="sum",
         )
-        n_tok = all_reduce_sum((tgt != -100).sum().float())
+        n_tok = summed((tgt != -100).sum().float())
         loss_itg = lm_sum * world / n_tok.clamp(min=1)
         loss = loss_itc + loss_itm + loss_itg
         return {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}

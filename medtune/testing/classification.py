@@ -13,7 +13,7 @@ import io
 import shutil
 from pathlib import Path
 
-from medtune.testing.datasets import make_medical_image
+from medtune.testing.datasets import save_xray
 
 __all__ = [
     "make_chestxray14_fixture",
@@ -25,13 +25,6 @@ __all__ = [
     "RSNA_FIXTURE",
     "SIIM_FIXTURE",
 ]
-
-_SIZE = 32
-
-
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_medical_image(seed, modality="X-Ray", size=_SIZE).save(path)
 
 
 def _dicom(path: Path, n: int) -> None:
@@ -74,7 +67,7 @@ def make_chestxray14_fixture(root: str | Path) -> Path:
     base = Path(root) / "chestxray14"
     rows = []
     for n, (name, (labels, folder)) in enumerate(_CXR14.items()):
-        _image(base / folder / name, seed=300 + n)
+        save_xray(base / folder / name, seed=300 + n)
         pid = int(name[:8])
         # The release's columns, including its trailing empty column.
         rows.append(
@@ -125,7 +118,7 @@ def make_chexpert_fixture(root: str | Path) -> Path:
     for split, rows in _CHEXPERT.items():
         out = []
         for n, (path, view, cells) in enumerate(rows):
-            _image(base / path, seed=400 + n)
+            save_xray(base / path, seed=400 + n)
             row = [
                 f"CheXpert-v1.0-small/{path}",
                 "Female",

@@ -46,9 +46,17 @@ __all__ = [
     "SLAKE_FIXTURE_COUNTS",
     "VQA_RAD_FIXTURE_COUNTS",
     "make_medical_image",
+    "save_xray",
 ]
 
 _SIZE = 64
+
+
+def save_xray(path: Path, seed: int, size: int = 32) -> None:
+    """Write a synthetic ``size`` px X-ray (:func:`make_medical_image`) to ``path`` (any PIL format,
+    by suffix), creating its folder: the image of the classification and report fixtures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_medical_image(seed, modality="X-Ray", size=size).save(path)
 
 
 def make_medical_image(

@@ -26,7 +26,7 @@ import io
 import json
 from pathlib import Path
 
-from medtune.testing.datasets import make_medical_image
+from medtune.testing.datasets import save_xray
 
 __all__ = [
     "make_openi_fixture",
@@ -37,14 +37,6 @@ __all__ = [
     "MIMIC_REPORTS",
     "XRAYGPT_FIXTURE_COUNT",
 ]
-
-_SIZE = 32
-
-
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = make_medical_image(seed, modality="X-Ray", size=_SIZE)
-    img.save(path)
 
 
 def _csv_text(header: list[str], rows: list[list]) -> str:
@@ -95,7 +87,7 @@ def make_openi_fixture(root: str | Path) -> Path:
         for k, view in enumerate(views):
             name = f"{uid}_IM-{uid:04d}-{1001 + k}.dcm.png"
             projections.append([uid, name, view])
-            _image(img_dir / name, seed=100 * uid + k)
+            save_xray(img_dir / name, seed=100 * uid + k)
     base.mkdir(parents=True, exist_ok=True)
     header = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings"]
     (base / "indiana_reports.csv").write_text(
@@ -219,7 +211,7 @@ def make_mimic_cxr_fixture(root: str | Path) -> Path:
                 [dicom, subject, study, "CHEST (PA AND LAT)", view, 3056, 2544, 21800506,
                  213014.531, "CHEST (PA AND LAT)", "postero-anterior", "Erect"]
             )  # fmt: skip
-            _image(study_dir / f"{dicom}.jpg", seed=1000 + 10 * n + k)
+            save_xray(study_dir / f"{dicom}.jpg", seed=1000 + 10 * n + k)
         (study_dir.parent / f"s{study}.txt").write_text(report, encoding="utf-8")
     split_csv = _csv_text(["dicom_id", "study_id", "subject_id", "split"], split_rows)
     (base / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(gzip.compress(split_csv.encode()))
@@ -251,7 +243,7 @@ def make_xraygpt_fixture(root: str | Path) -> Path:
     base = Path(root) / "xraygpt"
     anns = []
     for n, (image_id, ext, caption) in enumerate(_XRAYGPT):
-        _image(base / "image" / f"{image_id}{ext}", seed=2000 + n)
+        save_xray(base / "image" / f"{image_id}{ext}", seed=2000 + n)
         anns.append({"image_id": image_id, "caption": caption})
     (base / "filter_cap.json").write_text(json.dumps({"annotations": anns}), encoding="utf-8")
     return base

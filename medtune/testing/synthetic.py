@@ -98,64 +98,22 @@ def _row(
 def _questions(
     img_id: int, img_name: str, qid: int, modality: str, lesion, location: str
 ) -> list[dict]:
-    rows = []
-    has = "yes" if lesion else "no"
-    rows.append(
-        _row(
-            img_id,
-            img_name,
-            qid,
-            "Does this image contain a lesion?",
-            has,
-            "CLOSED",
-            "Abnormality",
-            modality,
-            location,
-        )
-    )
-    rows.append(
-        _row(
-            img_id,
-            img_name,
-            qid + 1,
-            "What modality is shown?",
-            MODALITIES[modality],
-            "OPEN",
-            "Modality",
-            modality,
-            location,
-        )
-    )
+    # (question, answer, answer_type, content_type), qids counting up from ``qid``
+    asked = [
+        ("Does this image contain a lesion?", "yes" if lesion else "no", "CLOSED", "Abnormality"),
+        ("What modality is shown?", MODALITIES[modality], "OPEN", "Modality"),
+    ]
     if lesion:
         image_side, part = lesion
         patient_side = "left" if image_side == "right" else "right"  # radiological convention
-        rows.append(
-            _row(
-                img_id,
-                img_name,
-                qid + 2,
-                "Which side is the lesion on?",
-                patient_side,
-                "OPEN",
-                "Position",
-                modality,
-                location,
-            )
-        )
-        rows.append(
-            _row(
-                img_id,
-                img_name,
-                qid + 3,
-                "Is the lesion in the upper or lower part?",
-                part,
-                "CLOSED",
-                "Position",
-                modality,
-                location,
-            )
-        )
-    return rows
+        asked += [
+            ("Which side is the lesion on?", patient_side, "OPEN", "Position"),
+            ("Is the lesion in the upper or lower part?", part, "CLOSED", "Position"),
+        ]
+    return [
+        _row(img_id, img_name, qid + k, q, a, at, ct, modality, location)
+        for k, (q, a, at, ct) in enumerate(asked)
+    ]
 
 
 def write_synthetic_slake(

@@ -22,32 +22,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
-    """Concatenate ``x`` [b, ...] over ranks in rank order -> [N*b, ...] (itself in one process).
-
-    ``with_grad`` keeps the graph (``torch.distributed.nn.all_gather``: the backward sums every
-    rank's gradient for this rank's slice); else the result is detached."""
-    rank, world = _world()
-    if world == 1:
-        return x if with_grad else x.detach()
-    if with_grad:
-        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
-
-        return torch.cat(all_gather_with_grad(x.contiguous()), 0)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts, 0)
+from medtune.utils.distributed import gather
+from medtune.utils.distributed import world as dist_world
 
 
 def hard_negatives(
@@ -96,7 +75,7 @@ class ContrastiveLoss(nn.Module):
     def clip_loss(self):
         from open_clip.loss import ClipLoss
 
-        rank, world = _world()
+        rank, world = dist_world()
         if self._clip is None or self._clip.world_size != world:
             self._clip = ClipLoss(
                 local_loss=self.local_loss,
@@ -130,7 +109,7 @@ class ContrastiveLoss(nn.Module):
         Returns:
             (loss scalar, accuracy scalar) over this rank's 3B pairs.
         """
-        rank, _ = _world()
+        rank, _ = dist_world()
         b = out["image_features"].shape[0]
         dev = out["image_features"].device
         with torch.no_grad():

@@ -53,12 +53,13 @@ def build_dataloader(
     dataset: Dataset,
     *,
     batch_size: int,
-    pad_id: int,
     shuffle: bool,
     seed: int,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    pad_id: int | None = None,
+    collate_fn: Any = None,
     packed: bool = False,
     max_seq_len: int | None = None,
     group_by_length: bool = False,
@@ -76,11 +77,12 @@ def build_dataloader(
     Args:
         dataset: map-style dataset of items (``tokens``, ``labels``, ``images``, ...).
         batch_size: per-rank batch size (rows when packed).
-        pad_id: the tokenizer's padding id.
         shuffle: shuffle each epoch (seeded by ``seed`` and the epoch).
         seed: the run's seed (the same on every rank).
         rank, world_size: this process's share of each epoch.
         num_workers: DataLoader worker processes.
+        pad_id: the tokenizer's padding id (MedVLM items: padded or packed collate).
+        collate_fn: any other collate (image-text pairs, ...), instead of ``pad_id``.
         packed, max_seq_len: pack rows of ``max_seq_len`` tokens.
         group_by_length: length-grouped batches (not with ``packed``).
         dense_mask: packed batches carry a dense [b, S, S] mask (False on CUDA, where the recipe
@@ -97,7 +99,9 @@ def build_dataloader(
 
     if packed and group_by_length:
         raise ConfigError("packed / group_by_length: choose one (packing already fills rows)")
-    collate = functools.partial(collate_vision_chat, pad_id=pad_id)
+    if (pad_id is None) == (collate_fn is None):
+        raise TypeError("build_dataloader: give pad_id (MedVLM items) or collate_fn, not both")
+    collate = collate_fn or functools.partial(collate_vision_chat, pad_id=pad_id)
     if packed:
         if not max_seq_len:
             raise ConfigError("max_seq_len: packed: true needs max_seq_len (the row length)")

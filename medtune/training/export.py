@@ -37,6 +37,8 @@ _COPIED = (
 
 
 def _shape(hf_config: str | Path) -> dict:
+    """The head layout of an HF ``config.json``, as the keyword arguments of torchtune's
+    ``convert_weights`` converters (``num_heads num_kv_heads dim head_dim``)."""
     cfg = json.loads(Path(hf_config).read_text())
     return {
         "num_heads": cfg["num_attention_heads"],
@@ -80,13 +82,7 @@ def save_hf(state: dict[str, torch.Tensor], out_dir: str | Path, hf_config: str 
 
     s = _shape(hf_config)
     base = {k: v for k, v in state.items() if not is_adapter_key(k)}
-    hf = tune_to_hf(
-        base,
-        num_heads=s["num_heads"],
-        num_kv_heads=s["num_kv_heads"],
-        dim=s["dim"],
-        head_dim=s["head_dim"],
-    )
+    hf = tune_to_hf(base, **s)
     out = Path(out_dir)
     _save(hf, out / HF_MODEL_FILE)
     for name in _COPIED:
@@ -126,13 +122,7 @@ def save_peft_adapter(
     adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
     if not adapters:
         raise ValueError("save_peft_adapter: the state dict holds no LoRA/DoRA weights")
-    weights = tune_to_peft_adapter_weights(
-        adapters,
-        num_heads=s["num_heads"],
-        num_kv_heads=s["num_kv_heads"],
-        dim=s["dim"],
-        head_dim=s["head_dim"],
-    )
+    weights = tune_to_peft_adapter_weights(adapters, **s)
     _permute_dora_magnitudes(weights, s)
     cfg = tune_to_peft_adapter_config(
         {

@@ -143,8 +143,9 @@ def _problems(
     if bad:
         k, got, want = bad[0]
         return (
-            f"{source}: {len(bad)} tensor(s) differ in shape, e.g. '{k}' is {got} in the checkpoint "
-            f"but {want} in the model (a checkpoint of another Llama-3 size or width?)"
+            f"{source}: LLM weights do not fit the model's decoder: {len(bad)} tensor(s) differ in "
+            f"shape, e.g. '{k}' is {got} in {source} but {want} in the model (a checkpoint of "
+            "another Llama-3 size or width?)"
         )
     adapters = {"lora_a", "lora_b", "magnitude"}
     missing = [
@@ -191,10 +192,12 @@ def load_unsharded(
         decoder.to_empty(device=device)
         with training.set_default_dtype(dtype):
             _rope_init(decoder, device)
-    own = {clean_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    own = _tensors(model)
     with torch.no_grad():
         for k, v in full.items():
-            own[k].copy_(v)
+            # in the parameter's dtype first (an NF4 weight quantizes from the dtype it reports),
+            # as the sharded path and torchtune's loader do
+            own[k].copy_(v.to(own[k].dtype))
 
 
 def shard_vlm(model: nn.Module, decoder: nn.Module) -> None:
@@ -224,7 +227,8 @@ def load_sharded(
     Rank 0 checks the keys and shapes (verdict broadcast), then sends one tensor at a time in the
     model's key order; each rank keeps its shard (``distribute_tensor`` with ``src_data_rank=0``:
     the other ranks' buffers are only received into). A parameter that is not sharded is
-    broadcast whole. NF4 (QLoRA) weights are re-quantized per shard as torchtune does.
+    broadcast whole. NF4 (QLoRA) weights go to every rank whole and each rank quantizes its
+    chunk with torchtune's ``load_from_full_model_state_dict`` (one tensor at a time).
     Parameters not in ``full`` keep their values (encoder weights loaded by their builder).
     """
     from torch.distributed.tensor import distribute_tensor
@@ -241,20 +245,29 @@ def load_sharded(
     with training.set_default_dtype(torch.float32):
         _rope_init(model, device)
     loaded: dict[str, Any] = {}
+    own = _tensors(model)
     for name, ref in sharded.items():
         if name not in names:
             continue
-        local = getattr(ref, "_local_tensor", None)
-        nf4 = local is not None and type(local).__name__ == "NF4Tensor"
-        dtype = torch.bfloat16 if nf4 else ref.dtype
+        if _is_nf4(own.get(name)):  # a whole NF4 weight on every rank (not sharded): quantize it
+            ref = own[name]
+            value = full.pop(name) if rank == 0 else torch.empty(ref.shape, dtype=ref.dtype)
+            value = value.to(device=device, dtype=ref.dtype)
+            if dist.is_initialized():
+                dist.broadcast(value, src=0)
+            with torch.no_grad():
+                own[name].copy_(value)
+            continue
+        nf4 = _is_nf4(getattr(own.get(name), "_local_tensor", None))
+        dtype = ref.dtype  # an NF4 weight reports the dtype it was quantized from
         if rank == 0:
             value = full.pop(name).to(device=device, dtype=dtype)  # type: ignore[union-attr]
         else:
             value = torch.empty(ref.shape, dtype=dtype, device=device)
-        if nf4:  # every rank needs the full tensor to quantize its own chunk
+        if nf4:  # every rank needs the full tensor to quantize its own chunk (torchtune's path)
             if dist.is_initialized():
                 dist.broadcast(value, src=0)
-            loaded[name] = _nf4_shard(ref, value)
+            training.load_from_full_model_state_dict(model, {name: value}, device, strict=False)
         elif hasattr(ref, "device_mesh"):
             loaded[name] = nn.Parameter(
                 distribute_tensor(value, ref.device_mesh, ref.placements),
@@ -268,32 +281,21 @@ def load_sharded(
     model.load_state_dict(loaded, strict=False, assign=True)
 
 
-def _nf4_shard(ref: Any, full: torch.Tensor) -> nn.Parameter:
-    """This rank's NF4 shard of ``full`` [out, in] (bf16), laid out as FSDP2 shards ``ref``.
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own parameters and buffers by state-dict name. (``state_dict()`` is not used:
+    torchtune's QLoRA layers hand out dequantized copies of their NF4 weights there.)"""
+    out = {clean_name(n): p for n, p in model.named_parameters()}
+    out.update({clean_name(n): b for n, b in model.named_buffers()})
+    return out
 
-    The same steps as torchtune's ``load_from_full_model_state_dict`` for NF4: quantize the full
-    tensor, take this rank's dim-0 chunk (zero-padded to the shard size) and wrap it as a DTensor
-    (``distribute_tensor`` cannot scatter an NF4 tensor).
-    """
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-    from torchao.dtypes.nf4tensor import to_nf4
 
-    local = ref._local_tensor
-    q = to_nf4(full, block_size=local.block_size, scaler_block_size=local.scaler_block_size)
-    mesh = ref.device_mesh
-    chunk = list(torch.chunk(q, mesh.size(0), dim=0))[mesh.get_local_rank(0)]
-    shard = q.new_zeros(chunk.size())
-    shard[: chunk.size(0)].copy_(chunk)
-    spec = DTensorSpec(
-        mesh=mesh,
-        placements=ref.placements,
-        tensor_meta=TensorMeta(shape=ref.size(), dtype=ref.dtype, stride=ref.stride()),
-    )
-    return nn.Parameter(
-        DTensor(local_tensor=shard, spec=spec, requires_grad=ref.requires_grad),
-        requires_grad=ref.requires_grad,
-    )
+def _is_nf4(t: Any) -> bool:
+    """A torchao NF4 tensor (QLoRA base weight)."""
+    try:
+        from torchao.dtypes.nf4tensor import NF4Tensor
+    except ImportError:
+        return False
+    return isinstance(t, NF4Tensor)
 
 
 def check_on_device(model: nn.Module) -> None:

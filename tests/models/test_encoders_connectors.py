@@ -223,7 +223,16 @@ def test_connector_parameter_counts():
     )
     with pytest.raises(ValueError, match="unknown connector 'conv'"):
         build_connector("conv", 1, 1)
-    assert set(CONNECTORS) == {"linear", "mlp", "pooled_unfold", "qformer", "resampler"}
+    import medtune.models.blip2_connector  # noqa: F401  (registers itself; it needs transformers)
+
+    assert set(CONNECTORS) == {
+        "linear",
+        "mlp",
+        "pooled_unfold",
+        "qformer",
+        "resampler",
+        "blip2_qformer",
+    }
 
 
 def test_towers_build_in_fp32_under_a_bf16_default(tiny_assets):

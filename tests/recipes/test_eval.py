@@ -87,7 +87,7 @@ def _eval(*overrides: str, config: str = "slake_vqa_rad") -> int:
         config,
         "device=cpu",
         "batch_size=4",
-        "max_new_tokens=4",
+        "generation.max_new_tokens=4",
         *overrides,
     )
 
@@ -274,7 +274,7 @@ def test_caption_dataset_scored_with_caption_metrics(checkpoints, tmp_path):
         str(tmp_path / "captions.yaml"),
         f"checkpoints=[{checkpoints[0]}]",
         f"output_dir={out}",
-        "caption_max_new_tokens=6",
+        "caption_max_new_tokens=6",  # the flat shorthand of caption_generation.max_new_tokens
         "caption_meteor=false",
     )
     assert status == 0
@@ -283,6 +283,7 @@ def test_caption_dataset_scored_with_caption_metrics(checkpoints, tmp_path):
     assert len(preds) == 3 and all(
         r["task"] == "caption" and r["answer_type"] == "CAPTION" for r in preds
     )
+    assert all(r["generation"]["max_new_tokens"] == 6 for r in preds)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["n"] == 3 and all(k in metrics for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"))
     header = (out / "results.md").read_text().splitlines()[0]
@@ -325,7 +326,9 @@ def _known_keys() -> set[str]:
     raise AssertionError("KNOWN_KEYS not found")
 
 
-@pytest.mark.parametrize("name", ["slake", "vqa_rad", "slake_vqa_rad", "demo"])
+@pytest.mark.parametrize(
+    "name", ["slake", "vqa_rad", "slake_vqa_rad", "demo", "openi_report", "mimic_cxr_report"]
+)
 def test_eval_configs_are_valid(name):
     from medtune._cli.validate import collect_problems
 
@@ -348,7 +351,7 @@ def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path):
         f"data_dir={data_dir}",
         "device=cpu",
         "batch_size=2",  # several batches per dataset, so both ranks answer some
-        "max_new_tokens=4",
+        "max_new_tokens=4",  # the flat shorthand of generation.max_new_tokens
     ]
     assert (
         _cli("run", "eval", "--config", "slake_vqa_rad", *args, f"output_dir={tmp_path / 'one'}")

@@ -206,30 +206,22 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(towers, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=5e-5, msg=k)
 
 
-def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_assets, tmp_path):
+def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_assets, stage1):
     from medtune.models.blip2_connector import tiny_msmedcap_blip2
     from medtune.testing.towers import TINY_BERT
     from medtune.training.stage1 import load_stage1
 
-    sam = {"_component_": "medtune.models.blip2_connector.tiny_sam_vision"}
-    runs = {
-        "sam": _cfg(
-            towers, tmp_path / "sam", tmp_path / "sam.yaml", encoder=sam, max_steps_per_epoch=1
-        ),
-        "clip": _cfg(towers, tmp_path / "clip", tmp_path / "clip.yaml", max_steps_per_epoch=1),
-    }
-    for cfg in runs.values():
-        _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp_path))
+    runs = stage1
     sizes = {k: TINY_BERT[k] for k in TINY_DIMS}
     model = tiny_msmedcap_blip2(
         str(tiny_assets), str(towers / "tiny_biomedclip"), num_query_tokens=8, sizes=sizes
     )
-    mapping = {enc: str(tmp_path / enc / "epoch_0") for enc in runs}
+    mapping = {enc: str(folder) for enc, folder in runs.items()}
     proj_before = model.connectors["sam"].proj.weight.clone()
     names = load_stage1(model, mapping)
     own = dict(model.named_parameters())
     for enc in runs:
-        sd = load_file(str(tmp_path / enc / "epoch_0" / "model.safetensors"))
+        sd = load_file(str(runs[enc] / "model.safetensors"))
         mine = [n for n in names if n.startswith(f"connectors.{enc}.")]
         assert (
             len(mine) == sum(1 for n, _ in model.connectors[enc].named_parameters()) - 2
@@ -247,3 +239,99 @@ def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_ass
         load_stage1(
             model, {"clip": mapping["sam"]}
         )  # a SAM (256-d) checkpoint into the CLIP connector
+
+
+# ----------------------------------------------------------------------------- stage 2 configs
+@pytest.fixture(scope="module")
+def stage1(towers, tmp_path_factory) -> dict[str, Path]:
+    """One-step stage-1 runs on the tiny towers: a SAM Q-Former and a CLIP Q-Former."""
+    tmp = tmp_path_factory.mktemp("stage1")
+    sam = {"_component_": "medtune.models.blip2_connector.tiny_sam_vision"}
+    runs = {
+        "sam": _cfg(
+            towers, tmp / "sam", tmp / "sam.yaml", encoder=sam, max_steps_per_epoch=1, epochs=1
+        ),
+        "clip": _cfg(towers, tmp / "clip", tmp / "clip.yaml", max_steps_per_epoch=1, epochs=1),
+    }
+    for cfg in runs.values():
+        _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp))
+    return {enc: tmp / enc / "epoch_0" for enc in runs}
+
+
+def _stage2_data(name: str, tmp_path: Path) -> tuple[str, list[str]]:
+    """The data folder a stage-2 config reads, as its users download it (tiny)."""
+    if name == "roco_msmedcap":
+        from PIL import Image
+
+        folder = tmp_path / "roco-dataset" / "data" / "train" / "radiology"
+        (folder / "images").mkdir(parents=True)
+        caps, links = [], []
+        for i in range(4):
+            caps.append(f"ROCO_{i:05d}\t Axial CT of the abdomen number {i}.")
+            links.append(f"ROCO_{i:05d}\twget -r ftp://x/PMC{i}.tar.gz -P /d\tfig{i}.jpg")
+            Image.new("L", (16, 16), 40 * i).save(folder / "images" / f"PMC{i}_fig{i}.jpg")
+        (folder / "captions.txt").write_text("\n".join(caps) + "\n")
+        (folder / "dlinks.txt").write_text("\n".join(links) + "\n")
+        return str(tmp_path / "roco-dataset"), []
+    if name == "openi_xraygpt":
+        from medtune.testing.reports import make_xraygpt_fixture
+
+        return str(make_xraygpt_fixture(tmp_path)), []
+    from medtune.testing.reports import make_mimic_cxr_fixture
+
+    return str(make_mimic_cxr_fixture(tmp_path)), []
+
+
+@pytest.mark.parametrize("name", ["roco_msmedcap", "openi_xraygpt", "mimic_cxr_report"])
+def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, tmp_path):
+    """The shipped stage-2 configs, pointed at tiny models and data in the download layouts: the
+    Q-Former connector(s) start from the stage-1 checkpoint(s) (``init_from``) and train with
+    Llama-3 frozen; XrayGPT's variant trains only the projection; every checkpoint holds the
+    stage-1 Q-Former too, so it rebuilds the model on its own."""
+    from medtune.testing.towers import TINY_BERT
+
+    data_dir, extra = _stage2_data(name, tmp_path)
+    sizes = "{" + ", ".join(f"{k}: {TINY_BERT[k]}" for k in TINY_DIMS) + "}"
+    if name == "roco_msmedcap":
+        model = [
+            "model._component_=medtune.models.blip2_connector.tiny_msmedcap_blip2",
+            f"+model.clip_path={towers / 'tiny_biomedclip'}",
+            "~model.encoder_path",
+            "~model.sam_checkpoint",
+            f"init_from.sam={stage1['sam']}",
+            f"init_from.clip={stage1['clip']}",
+        ]
+    else:
+        model = [
+            "model._component_=medtune.models.blip2_connector.tiny_blip2_medvlm",
+            f"model.encoder_path={towers / 'tiny_biomedclip'}",
+            f"init_from.image={stage1['clip']}",
+        ]
+    out = tmp_path / "out"
+    cmd = [
+        str(MEDTUNE), "run", "vision_finetune", "--config", name,
+        f"data_dir={data_dir}", f"model_dir={tiny_assets / 'llama3_tiny'}", f"output_dir={out}",
+        *model, f"+model.assets_dir={tiny_assets}", "model.num_query_tokens=8", f"+model.sizes={sizes}",
+        f"tokenizer.path={tiny_assets / 'llama3_tiny/original/tokenizer.model'}",
+        f"+tokenizer.special_tokens_path={tiny_assets / 'llama3_tiny/tokenizer.json'}",
+        "checkpointer.checkpoint_files=[model.safetensors]", "llm_dtype=fp32", "autocast=false",
+        "device=cpu", "epochs=1", "max_steps_per_epoch=1", "batch_size=2", "val_dataset=null",
+        "max_seq_len=256", *extra,
+    ]  # fmt: skip
+    text = _ok(_run(cmd, tmp_path))
+    assert "training samples" in text
+    saved = load_file(str(out / "epoch_0" / "model.safetensors"))
+    encs = ("sam", "clip") if name == "roco_msmedcap" else ("image",)
+    for enc in encs:
+        src = stage1["sam" if enc == "sam" else "clip"]
+        sd = load_file(str(src / "model.safetensors"))
+        qformer = [k for k in saved if k.startswith(f"connectors.{enc}.") and ".proj." not in k]
+        assert qformer, sorted(saved)[:5]
+        for k in qformer:
+            key = k.removeprefix(f"connectors.{enc}.")
+            if name == "openi_xraygpt":  # frozen: the stage-1 tensors unchanged
+                assert torch.equal(saved[k], sd[key]), k
+    if name == "openi_xraygpt":
+        state = torch.load(out / "recipe_state.pt", weights_only=True)
+        trained = {p for g in state["optimizer"]["param_groups"] for p in g["params"]}
+        assert len(trained) == 2  # the projection's weight and bias only

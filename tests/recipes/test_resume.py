@@ -59,11 +59,6 @@ CASES = {
         1,
         ["+augment.hflip=0.5", "+augment.rotation=10", TEMPLATES, "num_workers=2"],
     ),
-    "vision_2proc_shard_llm_augment": (
-        "vision_finetune",
-        2,
-        ["+augment.hflip=0.5", TEMPLATES, "shard_llm=true"],
-    ),
     "lora_1proc_dropout_augment": (
         "lora_finetune_single_device",
         1,
@@ -75,6 +70,11 @@ CASES = {
         ["model.lora_dropout=0.1", "+augment.hflip=0.5", "num_workers=1"],
     ),
     "full_1proc": ("full_finetune_single_device", 1, [TEMPLATES]),
+    "vision_1proc_packed": (
+        "vision_finetune",
+        1,
+        ["+packed=true", "+max_seq_len=256", "+augment.hflip=0.5", TEMPLATES],
+    ),
 }
 
 

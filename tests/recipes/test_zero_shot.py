@@ -1,31 +1,26 @@
 """``zero_shot_classify`` on the tiny towers and a tiny ChestX-ray14-layout set: prompts (CLI),
-concept book, linear probe and retrieval; the rows score with ``medtune score``."""
+concept book, linear probe and retrieval; the rows score with ``medtune score``. The CLI runs in
+this process; one prompts run is shared by the CLI and the classifier-rule tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from medtune._cli.main import main as medtune_main
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "zero_shot_classify.py"
 CONFIGS = REPO / "recipes" / "configs" / "zero_shot_classify"
-MEDTUNE = Path(sys.executable).parent / "medtune"
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
 
 
 def _run(towers: Path, out: Path, config: str = "demo", **over) -> dict:
@@ -41,25 +36,44 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prompts_through_cli_and_score(tiny_towers, tmp_path):
-    out = tmp_path / "p"
-    p = subprocess.run([str(MEDTUNE), "run", "zero_shot_classify", "--config", "demo", f"assets_dir={tiny_towers}",
-                        f"output_dir={out}"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
+def _medtune(*args: str) -> tuple[int, str, str]:
+    """``medtune <args>`` in this process: (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = medtune_main(list(args))
+        except SystemExit as e:  # ``medtune run`` executes the recipe here; its sys.exit propagates
+            status = e.code
+    return int(status or 0), out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def prompts_run(tiny_towers, tmp_path_factory) -> Path:
+    """``medtune run zero_shot_classify --config demo`` (prompts mode), shared by two tests."""
+    out = tmp_path_factory.mktemp("zs") / "p"
+    status, stdout, stderr = _medtune(
+        "run",
+        "zero_shot_classify",
+        "--config",
+        "demo",
+        f"assets_dir={tiny_towers}",
+        f"output_dir={out}",
+    )
+    assert status == 0, stdout[-2000:] + stderr[-3000:]
+    return out
+
+
+def test_prompts_through_cli_and_score(prompts_run):
+    out = prompts_run
     rows = _rows(out / "predictions.jsonl")
     assert len(rows) == 24
     assert set(rows[0]) == {"id", "dataset", "split", "image", "labels", "scores", "rule"}
     assert rows[0]["dataset"] == "chestxray14" and rows[0]["split"] == "test"
     assert set(rows[0]["labels"]) == set(rows[0]["scores"]) == {"Nodule", "Mass"}
     assert {r["rule"] for r in rows} == {"prompts_vs_negative_softmax"}
-    s = subprocess.run(
-        [str(MEDTUNE), "score", str(out / "predictions.jsonl")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert s.returncode == 0, s.stderr
-    metrics = json.loads(s.stdout)
+    status, stdout, stderr = _medtune("score", str(out / "predictions.jsonl"))
+    assert status == 0, stderr
+    metrics = json.loads(stdout)
     saved = json.loads((out / "metrics.json").read_text())
     assert (
         metrics["auroc_macro"] == pytest.approx(saved["auroc_macro"])
@@ -67,14 +81,13 @@ def test_prompts_through_cli_and_score(tiny_towers, tmp_path):
     )
 
 
-def test_prompt_rule_is_open_clip_classifier(tiny_towers, tmp_path):
+def test_prompt_rule_is_open_clip_classifier(prompts_run, tiny_towers):
     """Scores = softmax over (class, negative) of scale * cos with the averaged, re-normalised prompts."""
     from medtune.data.classification import chestxray14
     from medtune.eval import zero_shot as zs
     from medtune.models.dual_encoder import open_clip_dual_encoder, tokenizer_for
 
-    _run(tiny_towers, tmp_path / "p")
-    rows = _rows(tmp_path / "p" / "predictions.jsonl")
+    rows = _rows(prompts_run / "predictions.jsonl")
     m = open_clip_dual_encoder(
         str(tiny_towers / "tiny_biomedclip"), str(tiny_towers / "tiny_bert")
     ).eval()
