@@ -320,7 +320,7 @@ class QFormerPretrainRecipe:
     def validate(self, tag: str) -> dict[str, float]:
         """Validation losses and ITC retrieval recall; writes ``<tag>/retrieval.safetensors``."""
         from medtune.eval.retrieval_metrics import itm_eval, save_retrieval
-        from medtune.models.qformer_blip2 import gather_nograd
+        from medtune.utils.distributed import gather
 
         self.model.eval()
         n = len(self.val_set)
@@ -338,9 +338,9 @@ class QFormerPretrainRecipe:
                         batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
                     )
                 )
-            img_rows.append(gather_nograd(img.float()))
-            txt_rows.append(gather_nograd(txt.float()))
-            idx_rows.append(gather_nograd(batch["index"].to(self.device)))
+            img_rows.append(gather(img.float(), False))
+            txt_rows.append(gather(txt.float(), False))
+            idx_rows.append(gather(batch["index"].to(self.device), False))
         self.model.train()
         self.encoder.eval()
         losses = (all_reduce_sum(tot) / (self.world_size * max(k, 1))).tolist()
