@@ -69,7 +69,7 @@ from medtune.training.contrastive import (
 )
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
-from medtune.utils.config import check_keys
+from medtune.utils.config import check_keys, optional_component
 from medtune.utils.errors import (
     ConfigError,
     UserError,
@@ -162,7 +162,8 @@ class ContrastivePretrainRecipe:
             augment=augment,
             seed=self.seed,
         )
-        self.val_samples = config.instantiate(cfg.val_dataset) if cfg.get("val_dataset") else None
+        val = optional_component(cfg, "val_dataset")  # val_dataset=null switches it off
+        self.val_samples = config.instantiate(val) if val is not None else None
         collate = collate_image_text(self.tokenizer)
         _, self.loader, self.sampler = build_dataloader(
             self.train_set,

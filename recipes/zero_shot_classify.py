@@ -44,7 +44,7 @@ from torchtune import config
 
 from medtune.eval import zero_shot as zs
 from medtune.training.distributed import resolve_device
-from medtune.utils.config import check_keys
+from medtune.utils.config import check_keys, optional_component
 from medtune.utils.errors import (
     ConfigError,
     UserError,
@@ -175,7 +175,7 @@ class ZeroShotClassifyRecipe:
         rows = zs.prediction_rows(items, classes, scores, rule)
         write_jsonl_atomic(self.output_dir / "predictions.jsonl", rows)
         val_rows = None
-        if self.cfg.get("val_dataset"):
+        if optional_component(self.cfg, "val_dataset") is not None:  # val_dataset=null: off
             val = config.instantiate(self.cfg.val_dataset)
             vs, _ = self._scores(val, classes)
             val_rows = zs.prediction_rows(val, classes, vs, rule)

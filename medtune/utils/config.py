@@ -34,3 +34,13 @@ def check_keys(cfg: Any, known: Iterable[str], recipe: str) -> None:
         f"config key(s) not known to {recipe}: {', '.join(unknown)}{hint}; "
         f"known: {', '.join(sorted(known))}"
     )
+
+
+def optional_component(cfg: Any, key: str) -> Any:
+    """The component config at ``key``, or None when it is absent, null, or was switched off on
+    the command line (``val_dataset=null`` over a node with a ``_component_`` leaves
+    ``{_component_: None, ...}``: torchtune's override parser sets the component, not the node)."""
+    node = cfg.get(key) if hasattr(cfg, "get") else None
+    if not node or not hasattr(node, "get") or node.get("_component_") is None:
+        return None
+    return node
