@@ -99,7 +99,7 @@ from medtune.training.setup import (
     read_llm_state,
     shard_vlm,
 )
-from medtune.utils.config import check_keys
+from medtune.utils.config import check_keys, optional_component
 from medtune.utils.errors import ConfigError, cfg_get, positive, run_entry
 
 SUPPORTS_DISTRIBUTED = True
@@ -160,9 +160,9 @@ class LoRAFinetuneRecipeDistributed:
         if self.is_rank_zero and cfg.get("metric_logger"):
             self.metric_logger = config.instantiate(cfg.metric_logger)
         self.train_ds, self.train_loader, self.sampler = self._setup_data(cfg.dataset, train=True)
-        val = cfg.get("val_dataset")  # ``val_dataset=null`` leaves {_component_: None}
+        val = optional_component(cfg, "val_dataset")  # val_dataset=null switches it off
         self.val_loader = None
-        if val and val.get("_component_"):
+        if val is not None:
             self.val_loader = self._setup_data(val, train=False)[1]
         n_batches = len(self.train_loader)
         if self.max_steps_per_epoch is not None:

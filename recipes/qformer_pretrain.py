@@ -57,7 +57,7 @@ from medtune.training.contrastive import ImageTextDataset
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.training.stage1 import CaptionCollate, IndexedPairs, save_sizes
-from medtune.utils.config import check_keys
+from medtune.utils.config import check_keys, optional_component
 from medtune.utils.errors import ConfigError, cfg_get, non_negative, positive, run_entry
 
 SUPPORTS_DISTRIBUTED = True
@@ -182,9 +182,9 @@ class QFormerPretrainRecipe:
         self.n_batches = len(self.loader)
         if self.max_steps_per_epoch is not None:
             self.n_batches = min(self.n_batches, self.max_steps_per_epoch * self.accum)
-        val = cfg.get("val_dataset")
+        val = optional_component(cfg, "val_dataset")  # val_dataset=null switches it off
         self.val_loader = None
-        if val and val.get("_component_"):
+        if val is not None:
             self.val_set = self._pairs(val)
             _, self.val_loader, _ = build_dataloader(
                 self.val_set,
