@@ -227,8 +227,8 @@ def load_sharded(
     Rank 0 checks the keys and shapes (verdict broadcast), then sends one tensor at a time in the
     model's key order; each rank keeps its shard (``distribute_tensor`` with ``src_data_rank=0``:
     the other ranks' buffers are only received into). A parameter that is not sharded is
-    broadcast whole. NF4 (QLoRA) weights go to every rank whole and each rank quantizes its
-    chunk with torchtune's ``load_from_full_model_state_dict`` (one tensor at a time).
+    broadcast whole; an NF4 (QLoRA) weight, which :func:`~medtune.training.distributed.
+    shard_module` leaves whole on every rank, is then quantized in place.
     Parameters not in ``full`` keep their values (encoder weights loaded by their builder).
     """
     from torch.distributed.tensor import distribute_tensor
@@ -249,33 +249,25 @@ def load_sharded(
     for name, ref in sharded.items():
         if name not in names:
             continue
-        if _is_nf4(own.get(name)):  # a whole NF4 weight on every rank (not sharded): quantize it
-            ref = own[name]
-            value = full.pop(name) if rank == 0 else torch.empty(ref.shape, dtype=ref.dtype)
-            value = value.to(device=device, dtype=ref.dtype)
-            if dist.is_initialized():
-                dist.broadcast(value, src=0)
-            with torch.no_grad():
-                own[name].copy_(value)
-            continue
-        nf4 = _is_nf4(getattr(own.get(name), "_local_tensor", None))
-        dtype = ref.dtype  # an NF4 weight reports the dtype it was quantized from
+        param = own[name]  # (``ref`` is a dequantized copy for an NF4 weight)
+        nf4 = _is_nf4(param)  # QLoRA base: kept whole on every rank (shard_module ignores NF4)
+        dtype = param.dtype if nf4 else ref.dtype  # NF4 reports the dtype it was quantized from
         if rank == 0:
             value = full.pop(name).to(device=device, dtype=dtype)  # type: ignore[union-attr]
         else:
             value = torch.empty(ref.shape, dtype=dtype, device=device)
-        if nf4:  # every rank needs the full tensor to quantize its own chunk (torchtune's path)
-            if dist.is_initialized():
-                dist.broadcast(value, src=0)
-            training.load_from_full_model_state_dict(model, {name: value}, device, strict=False)
-        elif hasattr(ref, "device_mesh"):
+        if hasattr(ref, "device_mesh"):  # sharded: scatter from rank 0
             loaded[name] = nn.Parameter(
                 distribute_tensor(value, ref.device_mesh, ref.placements),
                 requires_grad=ref.requires_grad,
             )
+            continue
+        if dist.is_initialized():  # not sharded: every rank gets the whole tensor
+            dist.broadcast(value, src=0)
+        if nf4:
+            with torch.no_grad():
+                param.copy_(value)  # quantizes in place
         else:
-            if dist.is_initialized():
-                dist.broadcast(value, src=0)
             loaded[name] = value
         del value
     model.load_state_dict(loaded, strict=False, assign=True)
