@@ -108,3 +108,16 @@ def tiny_towers() -> Path:
     """Root of the tiny dual-encoder assets (read-only): tiny_bert/, tiny_biomedclip/,
     tiny_captions/, tiny_cxr14/, concepts.json."""
     return build_cached_tiny_towers()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """On 2 shared cores torch's default thread pool oversubscribes the CPU: one thread for a
+    module's runs, its module-scoped fixtures included. Recipe test files opt in with
+    ``pytestmark = [..., pytest.mark.usefixtures("one_thread")]``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

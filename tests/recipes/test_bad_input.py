@@ -17,22 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from medtune._cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["epochs=1", "max_steps_per_epoch=1", "batch_size=4", "val_dataset=null"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _fails(capsys, *args: str, config: str = "vision_finetune/demo") -> str:

@@ -34,7 +34,7 @@ RECIPE = REPO / "recipes" / "contrastive_pretrain.py"
 DEMO = REPO / "recipes" / "configs" / "contrastive_pretrain" / "demo.yaml"
 MEDTUNE = Path(sys.executable).parent / "medtune"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _env() -> dict[str, str]:
@@ -99,14 +99,6 @@ def _cfg(towers: Path, out: Path, **over) -> dict:
             node = node[h]
         node[last] = v
     return cfg
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # The run shared by the CLI test and the resume test: 2 epochs x 2 steps of 8, ITM on.

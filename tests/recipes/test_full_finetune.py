@@ -35,16 +35,7 @@ SMALL = [
 ]
 LLAMA3_8B = 8_030_261_248
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores torch's default thread pool oversubscribes the CPU: one thread per run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _run(recipe: str, config: str, *overrides: str, nproc: int = 0) -> str:

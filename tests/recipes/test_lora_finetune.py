@@ -38,16 +38,7 @@ SMALL = [
 LLAMA3_8B = 8_030_261_248
 LORA_8B_R8_ALL = 20_971_520  # rank 8 on q/k/v/o + w1/w2/w3 of 32 layers
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores torch's default thread pool oversubscribes the CPU: one thread per run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def run_recipe(

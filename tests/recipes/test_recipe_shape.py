@@ -10,18 +10,10 @@ import torch
 
 from medtune._cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SMALL = ["epochs=1", "max_steps_per_epoch=2", "batch_size=4", "val_dataset=null", "shuffle=false"]
 LOSS_LINE = "return self.loss_fn(logits, targets[keep]), keep.sum()"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(*args: str) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from medtune._cli.main import main as medtune_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # ROCO as released: captions.txt / dlinks.txt per split and subset, images fetched by fetch.py
 _ROCO = [
@@ -77,14 +77,6 @@ def _concept_book(path: Path, classes: list[str]) -> Path:
         json.dumps({c: [f"{c.lower()} seen.", f"signs of {c.lower()}."] for c in classes})
     )
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

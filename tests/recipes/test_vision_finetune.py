@@ -31,17 +31,7 @@ RECIPE = REPO / "recipes" / "vision_finetune.py"
 DEMO = REPO / "recipes" / "configs" / "vision_finetune" / "demo.yaml"
 MEDTUNE = Path(sys.executable).parent / "medtune"
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs on one thread: on 2 shared cores, torch's default thread pool oversubscribes
-    the CPU and runs the tiny model ~8x slower (subprocesses get OMP_NUM_THREADS=1, see _env)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 # ----------------------------------------------------------------------------- helpers
