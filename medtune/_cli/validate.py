@@ -263,9 +263,10 @@ def _validate(args: argparse.Namespace) -> int:
     key_problems = []
     known = registry.read_known_keys(recipe.path) if recipe is not None else None
     if known is not None:
-        unknown = sorted(set(cfg.keys()) - known)
+        from medtune.utils.config import unknown_keys
+
         key_problems = [
-            f"{k}: not a key of {recipe.name}{did_you_mean(k, sorted(known))}" for k in unknown
+            f"{k}: not a key of {recipe.name}{hint}" for k, hint in unknown_keys(cfg, known)
         ]
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from medtune.utils.errors import ConfigError
+from medtune.utils.errors import ConfigError, did_you_mean
+
+
+def unknown_keys(cfg: Any, known: Iterable[str]) -> list[tuple[str, str]]:
+    """The top-level keys of ``cfg`` that are not in ``known``, each with its close-match hint:
+    ``[("epochz", " (did you mean 'epochs'?)")]``."""
+    known = set(known)
+    return [(k, did_you_mean(k, known)) for k in sorted(set(cfg.keys()) - known)]
 
 
 def check_keys(cfg: Any, known: Iterable[str], recipe: str) -> None:
@@ -20,20 +26,12 @@ def check_keys(cfg: Any, known: Iterable[str], recipe: str) -> None:
     Raises:
         ConfigError: ``config key(s) not known to <recipe>: epochz (did you mean 'epochs'?)``.
     """
-    known = set(known)
-    unknown = sorted(set(cfg.keys()) - known)
-    if not unknown:
-        return
-    hints = []
-    for k in unknown:
-        close = difflib.get_close_matches(k, sorted(known), n=1)
-        if close:
-            hints.append(f"'{k}' -> '{close[0]}'?")
-    hint = f" (did you mean {', '.join(hints)})" if hints else ""
-    raise ConfigError(
-        f"config key(s) not known to {recipe}: {', '.join(unknown)}{hint}; "
-        f"known: {', '.join(sorted(known))}"
-    )
+    unknown = unknown_keys(cfg, known)
+    if unknown:
+        raise ConfigError(
+            f"config key(s) not known to {recipe}: {', '.join(k + hint for k, hint in unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
 
 
 def optional_component(cfg: Any, key: str) -> Any:

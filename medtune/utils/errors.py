@@ -22,6 +22,7 @@ This module is import-light (no torch): library error types are matched by modul
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "at_least",
     "cfg_get",
     "describe",
+    "did_you_mean",
     "in_range",
     "non_negative",
     "one_of",
@@ -47,6 +49,24 @@ __all__ = [
 MISSING: Any = object()
 
 _INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """Return a `` (did you mean 'x'?)`` suffix for the closest candidates, or ``""``.
+
+    Args:
+        word: what the user typed.
+        candidates: valid names.
+
+    Returns:
+        A string starting with a space, naming up to three close matches, or an empty string.
+    """
+    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    if len(matches) == 1:
+        return f" (did you mean '{matches[0]}'?)"
+    return " (did you mean " + " or ".join(f"'{m}'" for m in matches) + "?)"
 
 
 class UserError(Exception):
