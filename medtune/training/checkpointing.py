@@ -24,8 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtune.utils.errors import UserError
+
 RECIPE_STATE = "recipe_state.pt"
 MODEL_FILE = "model.safetensors"
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint that does not fit the model (unknown keys, other shapes) or its own config."""
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+    """A checkpoint folder without its ``model.safetensors``."""
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -72,17 +82,18 @@ def check_trained(
         strict_keys: names the model lacks are an error (else they are left for the caller to skip).
 
     Raises:
-        ValueError: naming ``source`` and the unknown keys or the first mismatched shape.
+        CheckpointMismatchError: naming ``source`` and the unknown keys or the first mismatched
+            shape.
     """
     unknown = [k for k in sd if k not in shapes]
     if unknown and strict_keys:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{source}: {len(unknown)} key(s) not in the model, e.g. {unknown[:3]} "
             "(a checkpoint of another model or connector?)"
         )
     for k, v in sd.items():
         if k in shapes and tuple(v.shape) != shapes[k]:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"{source}: '{k}' has shape {tuple(v.shape)}, the model expects {shapes[k]}"
             )
 
@@ -94,18 +105,13 @@ def load_trained(model: nn.Module, ckpt_dir: str | Path, strict_keys: bool = Tru
         The keys loaded.
 
     Raises:
-        FileNotFoundError / ValueError: naming the folder and the mismatched keys or shapes.
+        MissingCheckpointError / CheckpointMismatchError / UserError: naming the folder and the
+            missing file, the mismatched keys or shapes, or an unreadable file.
     """
-    from safetensors.torch import load_file
-
-    f = Path(ckpt_dir) / MODEL_FILE
-    if not f.is_file():
-        raise FileNotFoundError(
-            f"{ckpt_dir}: no {MODEL_FILE} (expected a medtune checkpoint folder such as epoch_0/)"
-        )
-    sd = load_file(str(f))
+    sd = read_trained(ckpt_dir)
     own = dict(model.named_parameters())
-    check_trained(sd, {k: tuple(p.shape) for k, p in own.items()}, str(f), strict_keys)
+    f = str(Path(ckpt_dir) / MODEL_FILE)
+    check_trained(sd, {k: tuple(p.shape) for k, p in own.items()}, f, strict_keys)
     with torch.no_grad():
         for k, v in sd.items():
             if k in own:
@@ -161,8 +167,6 @@ def set_rng_state(saved: dict[str, Any] | list[dict[str, Any]]) -> None:
         UserError: the run is resumed on another number of processes than it was saved on.
     """
     import torch.distributed as dist
-
-    from medtune.utils.errors import UserError
 
     if isinstance(saved, list):
         rank, world = 0, 1
@@ -223,27 +227,31 @@ def load_optimizer_state(
     set_optimizer_state_dict(model, optimizer, state, options=opts)
 
 
-def read_trained(ckpt_dir: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+def read_trained(ckpt_dir: str | Path, what: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a medtune checkpoint folder's ``model.safetensors``.
 
+    Args:
+        ckpt_dir: the checkpoint folder (``output_dir/epoch_0``).
+        what: the config key it came from, prefixed to messages (``init_from``).
+
     Raises:
-        UserError: the folder or file is missing, or the file is not a safetensors file.
+        MissingCheckpointError: the folder has no ``model.safetensors``.
+        UserError: the file is not a safetensors file (truncated, another format).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from medtune.utils.errors import UserError
-
+    prefix = f"{what}: " if what else ""
     f = Path(ckpt_dir) / MODEL_FILE
     if not f.is_file():
-        raise UserError(
-            f"{what}: {f} does not exist (expected a medtune checkpoint folder such as "
+        raise MissingCheckpointError(
+            f"{prefix}{ckpt_dir}: no {MODEL_FILE} (expected a medtune checkpoint folder such as "
             "output_dir/epoch_0)"
         )
     try:
         return load_file(str(f))
     except SafetensorError as e:  # truncated, or not a safetensors file at all
-        raise UserError(f"{what}: {f} is not a readable safetensors file ({e})") from None
+        raise UserError(f"{prefix}{f} is not a readable safetensors file ({e})") from None
 
 
 def save_recipe_state(output_dir: Path, state: dict[str, Any]) -> None:
@@ -254,8 +262,6 @@ def save_recipe_state(output_dir: Path, state: dict[str, Any]) -> None:
 
 def load_recipe_state(output_dir: Path) -> dict[str, Any]:
     import pickle
-
-    from medtune.utils.errors import UserError
 
     f = Path(output_dir) / RECIPE_STATE
     if not f.is_file():

@@ -13,11 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from medtune.utils.errors import UserError
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """A checkpoint folder that does not fit its own config (tokenizer, LLM width, adapters)."""
+from medtune.training.checkpointing import CheckpointMismatchError  # re-exported for callers
 
 
 def load_from_checkpoint(
