@@ -21,61 +21,6 @@ def _broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def _load_full_state_sharded(
-    model: Any, state: dict[str, Any] | None, device: Any, rank: int
-) -> None:
-    """Fill an FSDP2-sharded model that sits on the meta device from rank 0's full state dict.
-
-    Only rank 0 holds the checkpoint (``state``; None on the other ranks). The keys are checked
-    on rank 0 (strict: none missing, none unexpected) and the outcome is broadcast, so every rank
-    raises together. Then, one tensor at a time in the model's own key order (the same on every
-    rank), rank 0 moves the full tensor to ``device`` in the parameter's dtype and
-    ``distribute_tensor`` scatters its shards (its default ``src_data_rank=0``: the other ranks
-    pass an uninitialised buffer of the same shape, whose data is never read); a parameter that
-    is not sharded is broadcast whole. Parameters are then assigned, as torchtune's
-    ``load_from_full_model_state_dict`` does.
-
-    Memory: rank 0 holds the checkpoint in host memory (about 140 GB for 70B in bf16) and every
-    rank holds at most one full tensor on ``device`` at a time (for 70B the 2.1 GB embedding)
-    besides its shards. torchtune's ``load_from_full_model_state_dict`` on this stack (torch 2.14
-    with torchtune 0.6.1 takes its fallback path) would need the full checkpoint in host memory
-    on every rank (8 x 140 GB for 70B on one 8-GPU node) and read it N times, although
-    ``distribute_tensor`` only uses rank 0's copy.
-    """
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.tensor import distribute_tensor
-
-    sharded = model.state_dict()  # meta (D)Tensors, global shapes
-    error = None
-    if rank == 0:
-        assert state is not None
-        missing = [k for k in sharded if k not in state]
-        unexpected = [k for k in state if k not in sharded]
-        if missing or unexpected:
-            error = (
-                f"judge checkpoint does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-    error = _broadcast_object(error)
-    if error:
-        raise ValueError(error)
-    loaded: dict[str, Any] = {}
-    for name, meta in sharded.items():
-        if rank == 0:
-            full = state.pop(name).to(device=device, dtype=meta.dtype)  # type: ignore[union-attr]
-        else:
-            full = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-        if hasattr(meta, "device_mesh"):
-            value = distribute_tensor(full, meta.device_mesh, meta.placements)
-        else:
-            dist.broadcast(full, src=0)
-            value = full
-        loaded[name] = value  # assign=True wraps parameters in nn.Parameter again
-        del full
-    model.load_state_dict(loaded, strict=True, assign=True)
-
-
 class ShardedGenerate:
     """``generate_texts`` of a judge sharded with FSDP2 over the processes of a torchrun launch.
 
@@ -171,8 +116,8 @@ def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
     Each process initialises the process group (gloo on CPU, NCCL on CUDA, one GPU per local
     rank), builds the decoder on the meta device, shards it per layer then at the root
     (:func:`medtune.training.distributed.shard_decoder`) on a 1-D mesh of all ranks, and gets its
-    shards from the checkpoint read on rank 0 only (:func:`_load_full_state_sharded`). Greedy
-    decoding; see :class:`ShardedGenerate` for the lock-step rules.
+    shards from the checkpoint read on rank 0 only (:func:`medtune.training.setup.load_sharded`).
+    Greedy decoding; see :class:`ShardedGenerate` for the lock-step rules.
 
     Args:
         cfg: the ``judge`` section, as for :func:`build_local_generate_fn` (``quantize`` must be
@@ -213,7 +158,7 @@ def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
 
             shard_module(model, mesh)
         state, error = None, None
-        if rank == 0:  # only rank 0 reads the checkpoint (see _load_full_state_sharded)
+        if rank == 0:  # only rank 0 reads the checkpoint (load_sharded sends the shards)
             try:
                 state = _instantiate(cfg["checkpointer"]).load_checkpoint()[training.MODEL_KEY]
             except Exception as e:  # report on every rank, not only here
@@ -221,16 +166,14 @@ def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
         error = _broadcast_object(error)
         if error:
             raise ValueError(error)
-        _load_full_state_sharded(model, state, device, rank)
+        # rank 0's tensors -> every rank's shards, one at a time (the trainers' loader); RoPE
+        # caches are rebuilt off meta, and nothing may be left on meta
+        from medtune.training.setup import check_on_device, load_sharded
+
+        with training.set_default_dtype(dtype):
+            load_sharded(model, state, device, "judge checkpoint")
         del state
-        with device:  # RoPE caches are buffers outside the checkpoint: rebuild them off meta
-            for module in model.modules():
-                if hasattr(module, "rope_init"):
-                    module.rope_init()
-        training.validate_no_params_on_meta_device(model)
-        still_meta = [n for n, b in model.named_buffers() if b.is_meta]
-        if still_meta:
-            raise ValueError(f"judge model buffers left on the meta device: {still_meta[:5]}")
+        check_on_device(model)
         model.eval()
         model.requires_grad_(False)
         params = list(model.parameters())
