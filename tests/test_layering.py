@@ -18,9 +18,9 @@ LEVELS = {
     "training": 3,
     "eval": 3,
     "generation": 3,
-    "beam_search": 3,
     "inference": 3,
     "serve": 4,
+    "viz": 4,  # figures and pages: read data (DICOM thumbnails) and eval (metrics)
     "testing": 4,  # builders of tiny test assets: use models and training's exporters
     "_cli": 5,
 }
