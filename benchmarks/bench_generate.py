@@ -10,7 +10,7 @@ Four comparisons, from one run:
    at prefill only, one token per step) against full recomputation of the whole sequence (images
    included) at every step.
 3. **beam search, batched vs per-sample**: the same 8 prompts at ``--beams`` (4) beams and
-   ``--beam-new-tokens`` (32) new tokens (:func:`medtune.beam_search.beam_search`: one prefill
+   ``--beam-new-tokens`` (32) new tokens (:func:`medtune.generation.beam_search.beam_search`: one prefill
    per prompt, the KV cache repeated per beam and reordered every step), one batch against one
    prompt at a time.
 4. **medtune vs HF transformers**: ``LlavaForConditionalGeneration.generate`` (greedy, left

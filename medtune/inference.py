@@ -92,7 +92,7 @@ def answer(
 
     Args:
         model: a MedVLM or a bare torchtune decoder, in eval mode.
-        transform: the model transform (:class:`medtune.data.transform.MedVLMTransform`), called
+        transform: the model transform (:class:`medtune.data.model_transform.MedVLMTransform`), called
             as ``transform(sample, inference=True, index=i)``; a sample's last assistant turn, if
             any, is left out of the prompt.
         samples: the samples (:class:`medtune.data.sample.Sample`).

@@ -21,7 +21,7 @@ Features (all set in the config):
   ``limit`` keeps the first N samples
   of each (smoke runs). A dataset whose samples are captions (``caption_json``: a ``caption`` and
   no ``answer_type`` in ``meta``, or ``meta.task == "caption"``, as the report readers
-  ``medtune.data.reports.openi | mimic_cxr | xraygpt`` and ``roco`` set it) is scored as
+  ``medtune.data.report_readers.openi | mimic_cxr | xraygpt`` and ``roco`` set it) is scored as
   captions; force it with ``tasks.<name>: caption`` (or ``vqa``).
 - **Generation**: batched (``batch_size``), KV-cached, through the one inference path
   (:func:`medtune.inference.answer`). ``generation`` is a block of
@@ -420,7 +420,7 @@ class EvalRecipe:
     def _ensure_model(self, ckpt_path: str) -> None:
         if self.model is not None:
             return
-        from medtune.data.transform import medvlm_transform
+        from medtune.data.model_transform import medvlm_transform
         from medtune.training.loading import load_from_checkpoint
 
         node = self.cfg.get("checkpoint_overrides")

@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 from tqdm import tqdm
 
+from medtune.data.model_transform import VisionChatDataset, medvlm_transform
 from medtune.data.packing import attention_mask
-from medtune.data.transform import VisionChatDataset, medvlm_transform
 from medtune.models.medvlm import output_at
 from medtune.training import checkpointing as ckpt
 from medtune.training import export

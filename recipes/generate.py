@@ -30,7 +30,7 @@ Features (all set in the config):
   :func:`medtune.generation.generate`, KV-cached, images at prefill only): ``temperature``
   (0 = greedy), ``top_k``, ``top_p``, ``max_new_tokens``, ``seed`` (sampling draws from a
   generator seeded per batch by (seed, batch number)), ``use_cache``; beam search with
-  ``num_beams`` > 1 and ``length_penalty`` (HF/LAVIS rules, :mod:`medtune.beam_search`);
+  ``num_beams`` > 1 and ``length_penalty`` (HF/LAVIS rules, :mod:`medtune.generation.beam_search`);
   ``repetition_penalty`` (CTRL/HF) and ``min_new_tokens`` for either. Stops at ``<|eot_id|>`` /
   end of text.
 - **Data-parallel**: ``medtune run --nproc_per_node N generate ...`` splits a prompts file's
@@ -165,7 +165,7 @@ class GenerateRecipe:
             "top_p": cfg.get("top_p"),
             "seed": int(cfg.get("seed", 0)),
             "use_cache": bool(cfg.get("use_cache", True)),
-            # beam search (medtune.beam_search): 1 = greedy / sampling as above
+            # beam search (medtune.generation.beam_search): 1 = greedy / sampling as above
             "num_beams": int(cfg.get("num_beams", 1)),
             "length_penalty": float(cfg.get("length_penalty", 1.0)),
             "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
@@ -182,7 +182,7 @@ class GenerateRecipe:
 
     def setup(self) -> None:
         """Load the checkpoint and the prompts."""
-        from medtune.data.transform import medvlm_transform
+        from medtune.data.model_transform import medvlm_transform
         from medtune.training.distributed import init_distributed, resolve_device
         from medtune.training.loading import load_from_checkpoint
 

@@ -59,8 +59,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 from tqdm import tqdm
 
+from medtune.data.model_transform import VisionChatDataset, medvlm_transform
 from medtune.data.packing import attention_mask
-from medtune.data.transform import VisionChatDataset, medvlm_transform
 from medtune.models.llama3 import decoder_dtype
 from medtune.models.lora import adapter_init_state, lora_settings
 from medtune.models.medvlm import output_at

@@ -10,7 +10,7 @@ Features (all set in the config):
 - **Encoder** (``encoder``): any ``_component_`` returning a medtune vision encoder
   (``medtune.models.encoders.biomedclip_vision``, ``open_clip_vision``, ``timm_vision`` for SAM);
   it stays frozen (eval mode, no gradient), as in BLIP-2. Its image transform is used.
-- **Q-Former** (``model``): ``medtune.models.qformer_blip2.blip2_qformer``: a BERT-style
+- **Q-Former** (``model``): ``medtune.models.blip2.qformer.blip2_qformer``: a BERT-style
   Q-Former initialised from a local HF BERT folder (``bert_dir``; bert-base-uncased for BLIP-2),
   cross-attention every ``cross_attention_freq`` layers, ``num_query_tokens`` queries, 256-d
   ITC projections, ITM head, temperature 0.07. ``tokenizer`` is that folder's BERT tokenizer with
@@ -30,6 +30,8 @@ Features (all set in the config):
   text-to-image recall at 1/5/10 from the ITC scores (BLIP's ``itm_eval`` keys, computed by
   :func:`medtune.eval.retrieval_metrics.itm_eval`); ``epoch_k/retrieval.safetensors`` holds the
   scores (``medtune score`` re-scores it).
+- **Curves**: ``output_dir/plots/*.png`` (losses, lr, validation recall; from the DiskLogger log),
+  redrawn after each epoch by :func:`medtune.viz.curves.plot_run`.
 - **Checkpoints**: ``output_dir/epoch_{k}/model.safetensors`` (the Q-Former, every tensor),
   ``qformer.json`` (its sizes), ``config.yaml``; ``save_every_n_steps`` adds ``step_{n}/``;
   ``output_dir/recipe_state.pt`` (optimizer, scheduler, step, data position, every RNG).
@@ -59,6 +61,7 @@ from medtune.training.distributed import all_reduce_sum, barrier, init_process_g
 from medtune.training.stage1 import CaptionCollate, IndexedPairs, save_sizes
 from medtune.utils.config import check_keys, optional_component
 from medtune.utils.errors import ConfigError, cfg_get, non_negative, positive, run_entry
+from medtune.viz.curves import plot_run
 
 SUPPORTS_DISTRIBUTED = True
 
@@ -315,6 +318,8 @@ class QFormerPretrainRecipe:
             if self.val_loader is not None:
                 self.validate(tag)
             self.save_checkpoint(tag)
+            if self.is_rank_zero:
+                plot_run(self.output_dir)  # output_dir/plots/*.png, redrawn each epoch
 
     @torch.no_grad()
     def validate(self, tag: str) -> dict[str, float]:

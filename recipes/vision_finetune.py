@@ -28,7 +28,7 @@ Features (all set in the config):
   give the same loss and update as one process with batch N*B. Logits are computed only at the
   answer positions (:func:`medtune.models.medvlm.output_at`).
 - **Data**: ``dataset`` / ``val_dataset`` are any medtune reader (``medtune.data.slake``, ...)
-  returning samples; the model transform (:func:`medtune.data.transform.medvlm_transform`) turns
+  returning samples; the model transform (:func:`medtune.data.model_transform.medvlm_transform`) turns
   them into tokens, labels and images: ``prompt_template`` (string or list, sampled per item),
   ``system_prompt``, ``augment`` (opt-in image augmentation), ``blank_images`` (question-only
   baseline), ``window`` (DICOM), ``max_seq_len``.
@@ -70,8 +70,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 from tqdm import tqdm
 
+from medtune.data.model_transform import VisionChatDataset, medvlm_transform
 from medtune.data.packing import attention_mask
-from medtune.data.transform import VisionChatDataset, medvlm_transform
 from medtune.models.llama3 import decoder_dtype
 from medtune.models.medvlm import output_at
 from medtune.training import checkpointing as ckpt

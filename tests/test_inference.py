@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from medtune.data.model_transform import medvlm_transform
 from medtune.data.sample import Message, Sample
-from medtune.data.transform import medvlm_transform
 from medtune.generation import GenerationConfig, generate
 from medtune.inference import Answer, answer
 
@@ -91,7 +91,7 @@ def test_sampling_is_seeded_per_batch(llm):
 PROGRESS = """
 import torch
 from medtune.data.sample import Message, Sample
-from medtune.data.transform import medvlm_transform
+from medtune.data.model_transform import medvlm_transform
 from medtune.generation import GenerationConfig
 from medtune.inference import answer
 from medtune.models.llama3 import llama3_tiny, llama3_tokenizer

@@ -192,8 +192,8 @@ def medvlm_attention(
         (map float32 [H, W] in [0, 1] at the image's size, the answer text).
     """
     from medtune.data.images import load_image
+    from medtune.data.model_transform import medvlm_transform
     from medtune.data.sample import Message, Sample
-    from medtune.data.transform import medvlm_transform
     from medtune.generation import GenerationConfig
     from medtune.inference import answer
 

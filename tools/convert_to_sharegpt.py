@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from medtune.data import IMAGE_MARKER, Sample, caption_json, roco, slake, vqa_rad
-from medtune.data.reports import mimic_cxr, openi, xraygpt
+from medtune.data.report_readers import mimic_cxr, openi, xraygpt
 from medtune.utils.errors import run_entry
 from medtune.utils.jsonl import write_text_atomic
 

@@ -1,4 +1,4 @@
-"""Batching for :class:`medtune.data.transform.VisionChatDataset` items."""
+"""Batching for :class:`medtune.data.model_transform.VisionChatDataset` items."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from medtune.data.transform import IGNORE_INDEX
+from medtune.data.model_transform import IGNORE_INDEX
 
 
 def collate_vision_chat(

@@ -7,7 +7,7 @@ multi-frame); grayscale is replicated to 3 channels.
 Raster files with more than 8 bits per sample (16-bit PNG / TIFF, float TIFF) are scaled the same
 way as DICOM (``window`` if given, else min-max) instead of being clipped by PIL.
 
-The tensor transform lives in :mod:`medtune.data.transforms`; its names (``image_transform``,
+The tensor transform lives in :mod:`medtune.data.image_transforms`; its names (``image_transform``,
 ``ImageTransform``, ``CLIP_MEAN``, ...) and the DICOM ones are re-exported here.
 """
 
@@ -29,7 +29,7 @@ from medtune.data.dicom import (
     window_values,
 )
 from medtune.data.errors import ImageLoadError
-from medtune.data.transforms import (
+from medtune.data.image_transforms import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_AUGMENT,

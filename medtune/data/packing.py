@@ -39,8 +39,7 @@ def token_lengths(dataset, epoch: int = 0) -> list[int]:
     """Token count of every item of ``dataset``, without loading images where possible.
 
     Uses the dataset's transform (``transform.prepare`` / ``transform.encode``, as in
-    :class:`medtune.data.transform.VisionChatDataset`) or the older ``prepare`` / ``encode``
-    methods of :class:`medtune.data.chat.VisionChatDataset`; any other dataset is indexed (which
+    :class:`medtune.data.model_transform.VisionChatDataset`); any other dataset is indexed (which
     loads its images: slower, same result).
 
     Args:
@@ -53,13 +52,6 @@ def token_lengths(dataset, epoch: int = 0) -> list[int]:
         return [
             len(tf.encode(tf.prepare(s, epoch=epoch, index=i))[0]) for i, s in enumerate(samples)
         ]
-    if samples is not None and hasattr(dataset, "prepare") and hasattr(dataset, "encode"):
-        saved = getattr(dataset, "epoch", 0)
-        dataset.epoch = epoch
-        try:
-            return [len(dataset.encode(dataset.prepare(s, i))[0]) for i, s in enumerate(samples)]
-        finally:
-            dataset.epoch = saved
     return [len(dataset[i]["tokens"]) for i in range(len(dataset))]
 
 

@@ -2,7 +2,7 @@
 
 A :class:`Sample` holds image references, chat messages and metadata. Readers (SLAKE, VQA-RAD,
 captions, ShareGPT/LLaVA conversations, DICOM folders) return lists of samples; the tokenizing
-dataset (:mod:`medtune.data.chat`) turns one into token ids, labels and image tensors.
+dataset (:mod:`medtune.data.model_transform`) turns one into token ids, labels and image tensors.
 
 Image positions: a message's text may hold :data:`IMAGE_MARKER` (``"<image>"``, the LLaVA
 convention) once per image, in image order. A sample whose messages hold no marker gets all of its

@@ -1,5 +1,8 @@
 """Named model builders: plain functions, usable as ``_component_`` in configs.
 
+Connectors by kind: :data:`CONNECTORS` / :func:`build_connector`. BLIP-2 Q-Former MedVLMs:
+:mod:`medtune.models.blip2.builders`.
+
 Full-size builders take the encoder folder (``encoder_path``) and build the Llama-3 decoder
 empty; the recipe loads the decoder weights through torchtune's checkpointer. Pass
 ``encoder_path=None`` to build with random encoder weights (e.g. on the ``meta`` device).
@@ -13,11 +16,43 @@ from torch import nn
 from torchtune.modules import TransformerDecoder
 
 from medtune.models import llama3 as _llama3
-from medtune.models.connectors import ConnectorKind, build_connector
-from medtune.models.encoders import biomedclip_vision, open_clip_vision, timm_vision
+from medtune.models.blip2.connector import Blip2QFormerConnector
+from medtune.models.connectors import (
+    Connector,
+    ConnectorKind,
+    LearnedQueryConnector,
+    LinearConnector,
+    MLPConnector,
+    PooledUnfold,
+    Resampler,
+)
+from medtune.models.encoders import (
+    biomedclip_vision,
+    open_clip_vision,
+    timm_vision,
+    tiny_sam_vision,
+)
 from medtune.models.medvlm import MedVLM
 
 LLAMA3_IMAGE_TOKEN_ID = 128002  # <|reserved_special_token_0|> in Llama-3 and 3.1
+
+
+CONNECTORS: dict[str, type[Connector]] = {
+    "linear": LinearConnector,
+    "mlp": MLPConnector,
+    "pooled_unfold": PooledUnfold,
+    "learned_queries": LearnedQueryConnector,
+    "resampler": Resampler,
+    "blip2_qformer": Blip2QFormerConnector,
+}
+"""Connector kind -> class (the names of :data:`medtune.models.connectors.ConnectorKind`)."""
+
+
+def build_connector(kind: str, in_dim: int, out_dim: int, **kwargs) -> Connector:
+    """Build a connector by kind (a key of :data:`CONNECTORS`)."""
+    if kind not in CONNECTORS:
+        raise ValueError(f"unknown connector {kind!r}: expected one of {', '.join(CONNECTORS)}")
+    return CONNECTORS[kind](in_dim, out_dim, **kwargs)
 
 
 def image_token_id_for_vocab(vocab_size: int) -> int:
@@ -132,7 +167,7 @@ def medvlm_msmedcap_llama3_8b(
     return medvlm(
         _llama3.llama3_8b(),
         msmedcap_encoders(encoder_path, sam_checkpoint, sam_image_size),
-        connector="qformer",
+        connector="learned_queries",
         connector_kwargs={"num_queries": num_queries},
     )
 
@@ -193,15 +228,13 @@ def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
     """A tiny dual-encoder MedVLM shaped like :func:`medvlm_msmedcap_llama3_8b`: a random 2-block
     SAM-style timm encoder (64 px) and the tiny open_clip tower (32 px), a Q-Former each, into the
     tiny Llama-3 of the generated assets. For tests of several encoders with their own transforms."""
-    from medtune.models.blip2_connector import tiny_sam_vision
-
     dec = _llama3.llama3_from_hf_config(f"{assets_dir}/llama3_tiny/config.json")
     sam = tiny_sam_vision(64)
     clip = open_clip_vision(f"{assets_dir}/tiny_clip", output="patch")
     return medvlm(
         dec,
         {"sam": sam, "clip": clip},
-        connector="qformer",
+        connector="learned_queries",
         connector_kwargs={
             "num_queries": num_queries,
             "hidden_dim": 32,

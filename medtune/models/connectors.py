@@ -1,14 +1,17 @@
 """Connectors: encoder tokens ``[b, n, d_in]`` -> LLM embeddings ``[b, N, d_out]``.
 
-Every connector knows its output token count through ``num_tokens(n_in)`` so the prompt can hold
+The registry of kinds and ``build_connector`` live in :mod:`medtune.models.builders` (it also
+knows the BLIP-2 Q-Former connector, :mod:`medtune.models.blip2.connector`). Every connector knows its output token count through ``num_tokens(n_in)`` so the prompt can hold
 exactly N placeholders per image.
 
 - :class:`LinearConnector`: one linear map per token (N = n).
 - :class:`MLPConnector`: LLaVA-1.5's 2-layer GELU MLP (N = n).
 - :class:`PooledUnfold`: medcap's: one pooled vector (tokens are mean-pooled first if n > 1) ->
   a linear map to N * d_out, unfolded into N tokens.
-- :class:`QFormer`: BLIP-2 style: N learned queries, each layer self-attention over the queries,
-  cross-attention to the image tokens, an MLP; then a linear map to d_out.
+- :class:`LearnedQueryConnector` (kind ``learned_queries``): N learned queries, each layer
+  self-attention over the queries, cross-attention to the image tokens, an MLP; then a linear map
+  to d_out. Small and randomly initialised; BLIP-2's BERT-shaped Q-Former is
+  :class:`medtune.models.blip2.connector.Blip2QFormerConnector` (kind ``blip2_qformer``).
 - :class:`Resampler`: Flamingo's Perceiver resampler: N latents attend to [image tokens; latents].
 """
 
@@ -100,7 +103,9 @@ class _CrossBlock(nn.Module):
         return q + self.mlp(self.norm_mlp(q))
 
 
-class QFormer(Connector):
+class LearnedQueryConnector(Connector):
+    """N learned queries read the image tokens (was ``QFormer``, kind ``qformer``)."""
+
     def __init__(
         self,
         in_dim: int,
@@ -163,23 +168,8 @@ class Resampler(Connector):
         return self.proj(self.norm(lat))
 
 
-ConnectorKind = Literal["linear", "mlp", "pooled_unfold", "qformer", "resampler", "blip2_qformer"]
-"""The connector names builders accept (``medtune validate`` checks config values against it)."""
-
-CONNECTORS: dict[str, type[Connector]] = {
-    "linear": LinearConnector,
-    "mlp": MLPConnector,
-    "pooled_unfold": PooledUnfold,
-    "qformer": QFormer,
-    "resampler": Resampler,
-}
-
-
-def build_connector(kind: str, in_dim: int, out_dim: int, **kwargs) -> Connector:
-    """Build a connector by name (``linear | mlp | pooled_unfold | qformer | resampler |
-    blip2_qformer``)."""
-    if kind == "blip2_qformer":  # registers itself; a separate module (it needs transformers)
-        import medtune.models.blip2_connector  # noqa: F401
-    if kind not in CONNECTORS:
-        raise ValueError(f"unknown connector {kind!r}: expected one of {', '.join(CONNECTORS)}")
-    return CONNECTORS[kind](in_dim, out_dim, **kwargs)
+ConnectorKind = Literal[
+    "linear", "mlp", "pooled_unfold", "learned_queries", "resampler", "blip2_qformer"
+]
+"""The connector names builders accept (``medtune validate`` checks config values against it);
+:func:`medtune.models.builders.build_connector` builds one by name."""

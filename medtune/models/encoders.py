@@ -348,3 +348,19 @@ def timm_vision(
         out_dim=model.num_features,
         transform=transform,
     )
+
+
+def tiny_sam_vision(image_size: int = 64):
+    """A random 2-block SAM-style timm encoder for tests (of ``builders.tiny_msmedcap`` and
+    ``blip2.builders.tiny_msmedcap_blip2``); moved here from ``models/blip2_connector.py``."""
+
+    return timm_vision(
+        "samvit_base_patch16",
+        image_size=image_size,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        global_attn_indexes=(1,),
+        window_size=2,
+        neck_chans=24,
+    )

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from medtune.data.model_transform import medvlm_transform
 from medtune.data.sample import Sample
-from medtune.data.transform import medvlm_transform
 from medtune.generation import GenerationConfig
 
 

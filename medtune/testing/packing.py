@@ -83,7 +83,7 @@ def synthetic_item(
     n_images: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One dataset item shaped like :class:`medtune.data.transform.VisionChatDataset`'s.
+    """One dataset item shaped like :class:`medtune.data.model_transform.VisionChatDataset`'s.
 
     Layout: [bos, images (placeholders), question, answer]; labels are the answer tokens.
     """

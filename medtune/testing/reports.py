@@ -1,6 +1,6 @@
 """Tiny on-disk copies of OpenI (Kaggle), MIMIC-CXR-JPG and XrayGPT's captions, in their real layouts.
 
-For the report readers (:mod:`medtune.data.reports`), the converters and the recipe tests. Images
+For the report readers (:mod:`medtune.data.report_readers`), the converters and the recipe tests. Images
 are small synthetic chest X-rays (:func:`medtune.testing.datasets.make_medical_image`); the
 numbers in ``*_COUNTS`` are what the readers must return.
 
@@ -66,7 +66,7 @@ _OPENI = {
     ),
     5: ("Lungs are clear bilaterally.", "", ["Frontal"]),
 }
-#: Samples :func:`medtune.data.reports.openi` returns per section, and what it drops.
+#: Samples :func:`medtune.data.report_readers.openi` returns per section, and what it drops.
 OPENI_FIXTURE_COUNTS = {
     "findings": {"kept": [1, 4, 5], "dropped": {"empty findings": 1, "no frontal image": 1}},
     "impression": {"kept": [1, 2, 4], "dropped": {"empty impression": 1, "no frontal image": 1}},

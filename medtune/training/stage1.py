@@ -7,11 +7,11 @@
   then merge" as configuration. ``vision_finetune``'s ``init_from`` may be a mapping
   ``encoder name -> stage-1 checkpoint folder``; each folder's Q-Former (``ln_vision``,
   ``query_tokens``, the query path of ``qformer``) is copied into that encoder's ``blip2_qformer``
-  connector (:mod:`medtune.models.blip2_connector`). The ITC/ITM/ITG heads and the text-only
+  connector (:mod:`medtune.models.blip2.connector`). The ITC/ITM/ITG heads and the text-only
   weights stay behind, as in LAVIS's stage 2. The connector's projection to the LLM is new.
 
 Checkpoint layout of ``qformer_pretrain``: ``output_dir/epoch_{k}/model.safetensors`` (every
-Q-Former tensor, :class:`~medtune.models.qformer_blip2.Blip2Qformer` names), ``qformer.json``
+Q-Former tensor, :class:`~medtune.models.blip2.qformer.Blip2Qformer` names), ``qformer.json``
 (its sizes), ``config.yaml``.
 """
 
@@ -118,7 +118,7 @@ def stage1_state_dict(
         FileNotFoundError / ValueError: a missing file, a checkpoint of other sizes (naming the
             folder and the first tensor that differs).
     """
-    from medtune.models.blip2_connector import Blip2QFormerConnector
+    from medtune.models.blip2.connector import Blip2QFormerConnector
 
     out: dict[str, torch.Tensor] = {}
     for enc, folder in mapping.items():

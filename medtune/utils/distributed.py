@@ -26,7 +26,7 @@ def gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
     ``with_grad`` keeps the graph: the backward sums every rank's gradient and keeps this rank's
     slice (an all-reduce, which gloo has; ``torch.distributed.nn.all_gather``'s all-to-all
     emulation on gloo did not give the 1-process gradients in
-    ``tests/models/test_qformer_blip2.py``). Else the result is detached. Every rank must pass
+    ``tests/models/test_blip2_qformer.py``). Else the result is detached. Every rank must pass
     the same ``b``."""
     _, n = world()
     if n == 1:

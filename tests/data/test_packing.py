@@ -198,9 +198,9 @@ def test_token_lengths_of_a_vision_chat_dataset_match_its_items(tiny_assets):
     import numpy as np
     from PIL import Image
 
+    from medtune.data.model_transform import MedVLMTransform, VisionChatDataset
     from medtune.data.packing import token_lengths
     from medtune.data.sample import Message, Sample
-    from medtune.data.transform import MedVLMTransform, VisionChatDataset
     from medtune.models.llama3 import llama3_tokenizer
 
     tok = llama3_tokenizer(str(tiny_assets / "llama3_tiny" / "original" / "tokenizer.model"))

@@ -9,8 +9,8 @@ import pytest
 
 from medtune.data import Message, Sample, sharegpt
 from medtune.data.errors import NoAnswerError
+from medtune.data.model_transform import VisionChatDataset
 from medtune.data.sample import require_answers
-from medtune.data.transform import VisionChatDataset
 from medtune.utils.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""``medtune.beam_search``: the batched, KV-cached search equals a plain per-sample beam search
+"""``medtune.generation.beam_search``: the batched, KV-cached search equals a plain per-sample beam search
 (full forward for every beam at every step, Python lists, the rules of the module docstring)
 token for token; num_beams=1 is greedy; repetition penalty and min_new_tokens on the greedy path;
 the settings' checks."""
@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from medtune.beam_search import beam_search
-from medtune.generation import GenerationConfig, generate
+from medtune.generation import GenerationConfig, beam_search, generate
 from medtune.models.builders import medvlm
 from medtune.models.encoders import open_clip_vision
 from medtune.models.llama3 import llama3_tiny

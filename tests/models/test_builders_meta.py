@@ -93,8 +93,10 @@ def test_llama3_1_builder_uses_scaled_rope():
 SAM_VIT_B = 89_670_912
 
 
-def _qformer(in_dim: int, n_q: int = 32, h: int = 768, layers: int = 2, out: int = 4096) -> int:
-    """medtune's QFormer: queries; per layer self-attn, cross-attn, MLP, 3 LayerNorms over the queries and
+def _learned_queries(
+    in_dim: int, n_q: int = 32, h: int = 768, layers: int = 2, out: int = 4096
+) -> int:
+    """LearnedQueryConnector: queries; per layer self-attn, cross-attn, MLP, 3 LayerNorms over the queries and
     one over the encoder tokens; final LayerNorm + projection."""
     self_attn = 4 * h * h + 4 * h
     cross = (
@@ -119,8 +121,8 @@ def test_msmedcap_dual_encoder_builder_on_meta():
     assert _n(model.encoders["sam"]) == SAM_VIT_B
     assert _n(model.encoders["clip"]) == BIOMEDCLIP_VISUAL
     assert model.encoders["sam"].num_tokens == 64 * 64 and model.encoders["sam"].out_dim == 256
-    assert _n(model.connectors["sam"]) == _qformer(256)
-    assert _n(model.connectors["clip"]) == _qformer(768)
+    assert _n(model.connectors["sam"]) == _learned_queries(256)
+    assert _n(model.connectors["clip"]) == _learned_queries(768)
     assert model.tokens_per_image == 64  # 32 queries per encoder
     assert model.image_transforms["sam"]["image_size"] == 1024
     assert model.image_transforms["clip"]["image_size"] == 224

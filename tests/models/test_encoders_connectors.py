@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medtune.models.connectors import CONNECTORS, build_connector
+from medtune.models.builders import CONNECTORS, build_connector
 from medtune.models.encoders import open_clip_vision, timm_vision
 
 
@@ -194,7 +194,7 @@ def test_timm_sam_style_encoder():
         ("mlp", {}, 5),
         ("mlp", {"hidden_dim": 7}, 5),
         ("pooled_unfold", {"num_tokens": 3}, 3),
-        ("qformer", {"num_queries": 4, "hidden_dim": 16, "num_heads": 2}, 4),
+        ("learned_queries", {"num_queries": 4, "hidden_dim": 16, "num_heads": 2}, 4),
         ("resampler", {"num_latents": 6, "hidden_dim": 16, "num_heads": 2}, 6),
     ],
 )
@@ -223,13 +223,11 @@ def test_connector_parameter_counts():
     )
     with pytest.raises(ValueError, match="unknown connector 'conv'"):
         build_connector("conv", 1, 1)
-    import medtune.models.blip2_connector  # noqa: F401  (registers itself; it needs transformers)
-
     assert set(CONNECTORS) == {
         "linear",
         "mlp",
         "pooled_unfold",
-        "qformer",
+        "learned_queries",
         "resampler",
         "blip2_qformer",
     }

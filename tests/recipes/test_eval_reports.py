@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from medtune._cli.main import main
-from medtune.data.reports import mimic_cxr, openi
+from medtune.data.report_readers import mimic_cxr, openi
 from medtune.eval.caption_metrics import CAPTION_METRIC_KEYS
 from medtune.eval.predictions import read_predictions
 from medtune.eval.report import CHEXBERT_TABLE_KEYS
@@ -187,7 +187,7 @@ def test_openi_report_rows_metrics_table_and_rescore(
 
 
 def test_num_beams_is_applied_and_recorded(beam_run, checkpoint, data):
-    from medtune.data.transform import medvlm_transform
+    from medtune.data.model_transform import medvlm_transform
     from medtune.eval.questions import caption_sample
     from medtune.generation import GenerationConfig
     from medtune.inference import answer

@@ -207,7 +207,7 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(towers, tmp_path):
 
 
 def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_assets, stage1):
-    from medtune.models.blip2_connector import tiny_msmedcap_blip2
+    from medtune.models.blip2.builders import tiny_msmedcap_blip2
     from medtune.testing.towers import TINY_BERT
     from medtune.training.stage1 import load_stage1
 
@@ -246,7 +246,7 @@ def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_ass
 def stage1(towers, tmp_path_factory) -> dict[str, Path]:
     """One-step stage-1 runs on the tiny towers: a SAM Q-Former and a CLIP Q-Former."""
     tmp = tmp_path_factory.mktemp("stage1")
-    sam = {"_component_": "medtune.models.blip2_connector.tiny_sam_vision"}
+    sam = {"_component_": "medtune.models.encoders.tiny_sam_vision"}
     runs = {
         "sam": _cfg(
             towers, tmp / "sam", tmp / "sam.yaml", encoder=sam, max_steps_per_epoch=1, epochs=1
@@ -294,7 +294,7 @@ def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, t
     sizes = "{" + ", ".join(f"{k}: {TINY_BERT[k]}" for k in TINY_DIMS) + "}"
     if name == "roco_msmedcap":
         model = [
-            "model._component_=medtune.models.blip2_connector.tiny_msmedcap_blip2",
+            "model._component_=medtune.models.blip2.builders.tiny_msmedcap_blip2",
             f"+model.clip_path={towers / 'tiny_biomedclip'}",
             "~model.encoder_path",
             "~model.sam_checkpoint",
@@ -303,7 +303,7 @@ def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, t
         ]
     else:
         model = [
-            "model._component_=medtune.models.blip2_connector.tiny_blip2_medvlm",
+            "model._component_=medtune.models.blip2.builders.tiny_blip2_medvlm",
             f"model.encoder_path={towers / 'tiny_biomedclip'}",
             f"init_from.image={stage1['clip']}",
         ]

@@ -32,7 +32,7 @@ _ROCO = [
      "Angiography of the internal carotid artery, late arterial phase."),
 ]  # fmt: skip
 
-# SAM's timm encoder at test size (the shape of medtune.models.blip2_connector.tiny_sam_vision)
+# SAM's timm encoder at test size (the shape of medtune.models.encoders.tiny_sam_vision)
 _TINY_SAM = dict(depth=2, embed_dim=32, num_heads=2, global_attn_indexes=[1], window_size=2,
                  neck_chans=24)  # fmt: skip
 

@@ -606,20 +606,20 @@ def _teacher_forced_accuracy(recipe, split: str) -> float:
     """Greedy next-token answers, teacher-forced over the answer tokens: right when the argmax at
     every answer position (and the closing <|eot_id|>) is the reference token."""
     from medtune.data import slake
-    from medtune.data.chat import IGNORE_INDEX, VisionChatDataset
     from medtune.data.collate import collate_vision_chat
+    from medtune.data.model_transform import IGNORE_INDEX, MedVLMTransform, VisionChatDataset
 
     cfg = recipe.cfg
     samples = slake(root=cfg.dataset.root, split=split)
-    ds = VisionChatDataset(
-        samples,
+    tf = MedVLMTransform(
         recipe.tokenizer,
         image_token_id=recipe.model.image_token_id,
         tokens_per_image=recipe.model.tokens_per_image,
-        transforms=recipe.model.image_transforms,
+        image_transforms=recipe.model.image_transforms,
         prompt_template=cfg.prompt_template,
         blank_images=bool(cfg.blank_images),
     )
+    ds = VisionChatDataset(samples, tf, train=False)
     right = total = 0
     recipe.model.eval()
     with torch.no_grad():

@@ -103,8 +103,8 @@ def test_recomputed_probabilities_reproduce_each_layer(am, medvlm, scan):
     """softmax(qk^T/sqrt(d)) from the hooked q/k (RoPE, GQA repeat), times the layer's v, equals
     what enters the layer's output projection: the recomputation is the layer's own attention."""
     model, tokenizer = medvlm
+    from medtune.data.model_transform import medvlm_transform
     from medtune.data.sample import Message, Sample
-    from medtune.data.transform import medvlm_transform
 
     attn0 = model.decoder.layers[0].attn
     assert attn0.num_heads != attn0.num_kv_heads  # the tiny Llama-3 uses GQA: the repeat is tested

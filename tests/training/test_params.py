@@ -49,7 +49,9 @@ def test_parameter_table_names_nf4_weights():
     assert row.startswith("llm") and "nf4" in row and "float32" in row
 
 
-@pytest.mark.parametrize("connector", ["linear", "mlp", "pooled_unfold", "qformer", "resampler"])
+@pytest.mark.parametrize(
+    "connector", ["linear", "mlp", "pooled_unfold", "learned_queries", "resampler"]
+)
 @pytest.mark.parametrize("output", ["patch", "pooled"])
 def test_encoder_and_connector_outputs_are_not_views(tiny_assets, connector, output):
     """FSDP2 wraps each encoder and connector; a view among their outputs lets an in-place op drop

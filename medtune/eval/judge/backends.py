@@ -154,8 +154,8 @@ def _generate_texts_fn(
     """``generate_texts(prompts) -> texts``: each prompt one user turn through the model transform,
     greedy and batched by :func:`medtune.inference.answer` (every rank runs every batch: a sharded
     model needs all ranks in each forward, so the prompts are not split across ranks)."""
+    from medtune.data.model_transform import medvlm_transform
     from medtune.data.sample import Message, Sample
-    from medtune.data.transform import medvlm_transform
     from medtune.generation import GenerationConfig
     from medtune.inference import answer
 

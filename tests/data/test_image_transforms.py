@@ -1,4 +1,4 @@
-"""medtune.data.transforms: resize modes, normalization, augmentation drawn from a generator."""
+"""medtune.data.image_transforms: resize modes, normalization, augmentation drawn from a generator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medtune.data.transforms import CLIP_MEAN, CLIP_STD, image_transform
+from medtune.data.image_transforms import CLIP_MEAN, CLIP_STD, image_transform
 
 
 def test_transform_shape_and_normalization():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medtune.models.qformer_blip2 import bert_tokenizer, blip2_qformer, sample_hard_negatives
+from medtune.models.blip2.qformer import bert_tokenizer, blip2_qformer, sample_hard_negatives
 from medtune.testing.towers import TINY_BERT, write_tiny_bert
 
 W = 24  # encoder width of the tests
@@ -254,7 +254,7 @@ def test_full_size_qformer_builds_on_meta_with_the_derived_count(width):
 
 
 def test_stage2_connector_full_size_count_and_forward_shape():
-    from medtune.models.blip2_connector import Blip2QFormerConnector
+    from medtune.models.blip2.connector import Blip2QFormerConnector
 
     with torch.device("meta"):
         c = Blip2QFormerConnector(768, 4096)

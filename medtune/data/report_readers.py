@@ -27,8 +27,13 @@ from medtune.data.errors import (
     load_json,
     resolve_image,
 )
-from medtune.data.report_text import SECTIONS, check_section, parse_report_sections, report_target
-from medtune.data.report_text import normalize_text as _norm
+from medtune.data.report_sections import (
+    SECTIONS,
+    check_section,
+    parse_report_sections,
+    report_target,
+)
+from medtune.data.report_sections import normalize_text as _norm
 from medtune.data.sample import Sample, qa_sample
 from medtune.data.tables import find_table, read_csv_rows
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medtune.data import DataError, MissingImageError
-from medtune.data.reports import mimic_cxr, openi, parse_report_sections, xraygpt
+from medtune.data.report_readers import mimic_cxr, openi, parse_report_sections, xraygpt
 from medtune.testing.reports import (
     MIMIC_FIXTURE_COUNTS,
     MIMIC_REPORTS,

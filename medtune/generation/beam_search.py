@@ -19,10 +19,12 @@ over from those papers mean the same here:
   included, padding excluded; ``min_new_tokens`` blocks the stop tokens while fewer have been
   generated. Both act on the log-probabilities, as in HF's beam search.
 
-The prompt batch is left-padded as in :func:`medtune.generation.generate`. The prefill runs once
+The prompt batch is left-padded as in :func:`medtune.generation.sampling.generate`. The prefill runs once
 per sample (images encoded once), then each KV cache is repeated ``num_beams`` times along the
 batch and, every step, gathered by the beams' source indices. The result is the best finished
 hypothesis per prompt, without the stop token.
+
+Moved here from ``medtune/beam_search.py``.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from torchtune.generation import (
     get_position_ids_from_padding_mask,
 )
 
-from medtune.generation import (
-    _forward,
-    _left_pad,
-    _teardown_caches,
+from medtune.generation.common import (
     block_tokens,
+    left_pad,
+    model_forward,
     penalize_repeats,
     seen_tokens,
+    teardown_caches,
 )
 from medtune.models.medvlm import output_at
 
@@ -113,7 +115,7 @@ def beam_search(
         raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
     device = next(model.parameters()).device
     bsz, k = len(prompts), num_beams
-    tokens, padding, plen = _left_pad(prompts, pad_id, max_new_tokens, device)
+    tokens, padding, plen = left_pad(prompts, pad_id, max_new_tokens, device)
     total = plen + max_new_tokens
     masks = get_causal_mask_from_padding_mask(padding, target_seq_len=total)
     input_pos = get_position_ids_from_padding_mask(padding)
@@ -132,7 +134,7 @@ def beam_search(
     try:
         with output_at(decoder, last):
             # one prefill per sample: the images go through the encoder once, not once per beam
-            logits = _forward(
+            logits = model_forward(
                 model,
                 tokens[:, :plen],
                 images=images,
@@ -212,7 +214,7 @@ def beam_search(
                 for kv in _kv_caches(decoder):
                     kv.k_cache.copy_(kv.k_cache.index_select(0, flat))
                     kv.v_cache.copy_(kv.v_cache.index_select(0, flat))
-                logits = _forward(
+                logits = model_forward(
                     model,
                     new[:, None],
                     images=None,
@@ -222,7 +224,7 @@ def beam_search(
                 )
             else:
                 seq = torch.cat((prompt_ids, run_seqs.view(bsz * k, -1)[:, : t + 1]), 1)
-                logits = _forward(
+                logits = model_forward(
                     model,
                     seq,
                     images=beam_images,
@@ -233,7 +235,7 @@ def beam_search(
             logits = logits[:, -1]
     finally:
         if use_cache:
-            _teardown_caches(decoder)
+            teardown_caches(decoder)
 
     stops = set(stop.tolist())
     out = []

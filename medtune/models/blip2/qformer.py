@@ -312,7 +312,7 @@ def blip2_qformer(
         num_query_tokens, embed_dim, cross_attention_freq: LAVIS's 32, 256, 2.
         dropout: override BERT's hidden and attention dropout (e.g. 0 for equivalence tests).
     """
-    from medtune.models.qformer_bert import bert_sizes, load_bert_weights
+    from medtune.models.blip2.bert_init import bert_sizes, load_bert_weights
 
     sizes, bos, pad = ({}, 30522, 0) if bert_dir is None else bert_sizes(bert_dir)
     if dropout is not None:

@@ -1,4 +1,4 @@
-"""medtune.data.transform: one model transform for training and inference, seeded per item."""
+"""medtune.data.model_transform: one model transform for training and inference, seeded per item."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from medtune.data.sample import Message, Sample
-from medtune.data.transform import (
+from medtune.data.model_transform import (
     IGNORE_INDEX,
     MedVLMTransform,
     VisionChatDataset,
     medvlm_transform,
 )
+from medtune.data.sample import Message, Sample
 
 TF = {"clip": {"image_size": 16}}
 AUG = {"rotation": 20.0, "brightness": 0.3, "hflip": 0.5}
@@ -98,23 +98,16 @@ def test_template_sampling_is_per_item_and_reproducible(tokenizer):
     assert len({tuple(t) for t in firsts}) > 1  # several templates were drawn
 
 
-def test_dataset_items_are_transform_calls_and_old_path_matches(tokenizer):
-    from medtune.data import chat
-
+def test_dataset_items_are_transform_calls(tokenizer):
     samples = [_sample(i) for i in range(4)]
     tf = _transform(tokenizer, augment=AUG, seed=2)
     ds = VisionChatDataset(samples, tf, train=True)
     ds.set_epoch(3)
-    old = chat.VisionChatDataset(
-        samples, tokenizer, image_token_id=tf.image_token_id, tokens_per_image=3, transforms=TF,
-        train=True, augment=AUG, seed=2,
-    )  # fmt: skip
-    old.set_epoch(3)
     for i in range(4):
         want = tf(samples[i], train=True, epoch=3, index=i)
-        for item in (ds[i], old[i]):
-            assert item["tokens"] == want["tokens"] and item["labels"] == want["labels"]
-            assert torch.equal(item["images"]["clip"], want["images"]["clip"])
+        item = ds[i]
+        assert item["tokens"] == want["tokens"] and item["labels"] == want["labels"]
+        assert torch.equal(item["images"]["clip"], want["images"]["clip"])
 
 
 def test_medvlm_transform_bare_llm_has_no_image_tokens(tokenizer):
