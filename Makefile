@@ -1,11 +1,12 @@
-# Two commands: `make demo` and `make test`. Each creates .venv and installs medtune (editable,
+# Two commands: `make demo` (every tiny asset set of medtune.testing.demo_assets into assets/<name>,
+# then the demo run into outputs/demo) and `make test`. Each creates .venv and installs medtune (editable,
 # with the dev extra) when the venv is missing or pyproject.toml changed since the last install.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medtune-installed
-ASSETS := assets/tiny
+ASSETS := assets
 # Tests use both cores of the CI machine; override with `make test PYTEST_ARGS=...`.
 PYTEST_ARGS ?= -n 2
 
@@ -20,8 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python tools/make_tiny_assets.py --out $(ASSETS)
-	$(BIN)/python tools/run_demo.py --assets $(ASSETS)
+	$(BIN)/python tools/make_tiny_assets.py --root $(ASSETS)
+	$(BIN)/python tools/run_demo.py --assets $(ASSETS)/tiny
 
 # Headless Chromium for tests/serve/test_page.py (Debian's package; installed only when missing).
 browser:

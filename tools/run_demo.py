@@ -11,7 +11,9 @@
    (the baseline with ``blank_images=true``); accuracy is exact match after lower-casing over the
    held-out test questions in eval's ``predictions.jsonl`` (its ``metrics.json`` has the rest).
 
-The last line printed is ``image accuracy: 0.XX | question-only baseline: 0.YY``.
+The last line printed is ``image accuracy: 0.XX | question-only baseline: 0.YY``. The image
+run's last checkpoint (``outputs/demo/image/epoch_5``, ``DEMO_CHECKPOINT`` in
+``medtune.testing.demo_assets``) is what ``eval``, ``generate`` and ``serve``'s ``demo`` configs read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from medtune.testing.demo_assets import DEMO_CHECKPOINT, DEMO_OUTPUT
 from medtune.utils.errors import UserError, run_entry
 from medtune.utils.jsonl import read_jsonl
 
@@ -130,13 +133,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--assets", default="assets/tiny", type=Path)
-    p.add_argument("--out", default="outputs/demo", type=Path)
+    p.add_argument("--out", default=DEMO_OUTPUT, type=Path)
     p.add_argument("--split", default="test")
     args = p.parse_args()
     t0 = time.perf_counter()
     if args.out.exists():
         shutil.rmtree(args.out)
     ckpts = train_both(args.assets, {"image": [], "blank": ["blank_images=True"]}, args.out)
+    expected = args.out / DEMO_CHECKPOINT.relative_to(DEMO_OUTPUT)
+    if ckpts["image"] != expected:
+        # the eval / generate / serve demo configs read DEMO_CHECKPOINT: keep them in step
+        raise UserError(
+            f"demo: the image run's last checkpoint is {ckpts['image']}, but the demo configs "
+            f"read {expected} (update DEMO_CHECKPOINT in medtune/testing/demo_assets.py)"
+        )
     evals = eval_both(args.assets, ckpts, args.split, args.out)
     acc_img = accuracy(evals["image"])
     acc_blank = accuracy(evals["blank"])

@@ -35,6 +35,7 @@ from medtune.utils.errors import passthrough
 
 from . import registry
 from ._errors import CLIError
+from .needs import check_needed_paths
 from .overrides import check_overrides
 
 USAGE = (
@@ -291,6 +292,7 @@ def _run(args: argparse.Namespace) -> int:
             )
     cfg_path = resolve_config(config_spec, script, recipe)
     argv = ["--config", str(cfg_path), *check_overrides(overrides, cfg_path)]
+    check_needed_paths(cfg_path, argv[2:])  # a missing demo asset / checkpoint: name its maker
     if torchrun_ns is None:
         return _run_in_process(script, argv)
     return _run_distributed(torchrun_ns, script, argv)
