@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         return _error("--per-row takes one predictions file")
     if args.val and not Path(args.val).is_file():
         return _error(f"validation predictions file not found: {args.val}")
+    if args.val and Path(args.val).stat().st_size == 0:
+        return _error(f"{args.val}: the validation predictions file is empty (0 bytes)")
     results = {}
     per_row: list[dict] | None = None
     for path in args.predictions:
@@ -115,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
             return _error(f"predictions file not found: {path}")
         if not p.is_file():
             return _error(f"not a file: {path}")
+        if p.stat().st_size == 0:
+            # what a run killed before its first row leaves: never a table of nulls
+            return _error(
+                f"{path}: the predictions file is empty (0 bytes); expected rows to score"
+            )
         try:
             if p.suffix == ".safetensors":
                 metrics = _score_retrieval(p, args)
@@ -166,6 +173,8 @@ def _score_rows(path: Path, args: argparse.Namespace) -> tuple[dict, list[dict] 
     from medtune.eval.vqa_metrics import score_predictions
 
     rows = read_predictions(path, validate=False)
+    if not rows:
+        raise UserError(f"{path}: the predictions file holds no rows; expected rows to score")
     metrics: dict = {"predictions": str(path)}
     n_cls = sum(map(is_classification_row, rows))
     if n_cls:
