@@ -42,7 +42,8 @@ Features (all set in the config):
   encoder by ``medtune.models.encoders.open_clip_vision``), and ``output_dir/recipe_state.pt``
   (optimizer, scheduler, step, data position, momentum queue, every RNG). ``save_every_n_steps``
   adds ``step_{n}/``. ``resume_from_checkpoint=True`` continues and reproduces the uninterrupted run.
-- **Logging**: stdout and ``metric_logger`` (torchtune's DiskLogger by default).
+- **Logging**: stdout and ``metric_logger`` (torchtune's DiskLogger by default); curves in
+  ``output_dir/plots/*.png`` redrawn after each epoch (:func:`medtune.viz.curves.plot_run`).
 - **Bad input** stops with one ``contrastive_pretrain: error:`` line naming the file, row or key.
 - **Distributed**: ``medtune run --nproc_per_node N``: gloo on CPU, NCCL on CUDA; the towers (and
   the ITM head) are wrapped in DDP; every rank holds identical weights.
@@ -69,16 +70,16 @@ from medtune.training.contrastive import (
 )
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
-from medtune.utils.config import check_keys, optional_component
-from medtune.utils.errors import (
-    ConfigError,
-    UserError,
+from medtune.utils.config import (
     cfg_get,
+    check_keys,
     non_negative,
     one_of,
+    optional_component,
     positive,
-    run_entry,
 )
+from medtune.utils.errors import ConfigError, UserError, run_entry
+from medtune.viz.curves import plot_run
 
 SUPPORTS_DISTRIBUTED = True
 
@@ -363,6 +364,10 @@ class ContrastivePretrainRecipe:
             self.epoch = epoch + 1
             self.save_checkpoint(f"epoch_{epoch}")
             self.evaluate(self.output_dir / f"epoch_{epoch}")
+            if self.rank == 0:
+                plot_run(self.output_dir)  # output_dir/plots/*.png, redrawn each epoch
+        if done and self.rank == 0:
+            plot_run(self.output_dir)  # stopped by max_steps inside an epoch
 
     @torch.no_grad()
     def evaluate(self, folder: Path) -> dict[str, float] | None:

@@ -59,8 +59,8 @@ from medtune.training.contrastive import ImageTextDataset
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.training.stage1 import CaptionCollate, IndexedPairs, save_sizes
-from medtune.utils.config import check_keys, optional_component
-from medtune.utils.errors import ConfigError, cfg_get, non_negative, positive, run_entry
+from medtune.utils.config import cfg_get, check_keys, non_negative, optional_component, positive
+from medtune.utils.errors import ConfigError, run_entry
 from medtune.viz.curves import plot_run
 
 SUPPORTS_DISTRIBUTED = True
@@ -256,7 +256,12 @@ class QFormerPretrainRecipe:
     def _log(self, metrics: dict[str, float], dt: float) -> None:
         if not self.is_rank_zero or self.global_step % self.log_every:
             return
-        metrics = {**metrics, "lr": self.optimizer.param_groups[0]["lr"], "step_seconds": dt}
+        metrics = {
+            **metrics,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_seconds": dt,
+            "images_per_second": self.batch_size * self.accum * self.world_size / dt,
+        }
         if self.metric_logger is not None:
             self.metric_logger.log_dict(metrics, step=self.global_step)
         parts = " ".join(f"{k} {metrics[k]:.4f}" for k in LOSSES)

@@ -21,7 +21,7 @@ Figures (``run_dir/plots/*.png``, written atomically, 1200 x 750 px):
 - ``loss.png``: every key containing ``loss``; keys starting with ``val`` are validation (markers);
 - ``lr.png``: ``lr`` and per-group keys (``lr/connector``, ``lr_encoder``, ...);
 - ``grad_norm.png``: keys containing ``grad_norm``;
-- ``throughput.png``: tokens/s or images/s (keys containing ``per_second`` / ``per_sec``);
+- ``throughput.png``: tokens/s or images/s (``tokens_per_second_per_gpu``, ``images_per_s``, ...);
 - ``metrics.png``: every other numeric key, one panel each (retrieval recall, accuracy, ...).
 
 Drawn with matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas):
@@ -95,7 +95,7 @@ def group_of(key: str) -> str:
         return "lr"
     if "grad_norm" in k:
         return "grad_norm"
-    if "per_second" in k or "per_sec" in k or "throughput" in k:
+    if re.search(r"_per_s(ec(ond)?)?(_|$)", k) or "throughput" in k:
         return "throughput"
     return "metrics"
 
@@ -210,6 +210,10 @@ def curve_figures(runs: Sequence[RunLog]) -> dict:
             g = group_of(k)
             if k not in keys_by_group[g]:
                 keys_by_group[g].append(k)
+    all_steps = [s for run in runs for pts in run.series.values() for s in pts]
+    # every panel spans the whole run, so a metric logged once per epoch sits where it happened
+    lo, hi = (min(all_steps), max(all_steps)) if all_steps else (0, 1)
+    pad = max(0.5, 0.02 * (hi - lo))
     w, h = FIGURE_PX
     figs = {}
     colors = [f"C{i}" for i in range(10)]
@@ -249,6 +253,7 @@ def curve_figures(runs: Sequence[RunLog]) -> dict:
                     label=label,
                 )
             ax.set_xlabel("step")
+            ax.set_xlim(lo - pad, hi + pad)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
             if group == "metrics":

@@ -155,3 +155,5 @@ def test_values_parse_like_torchtune_writes_them():
     assert math.isnan(curves._parse_payload("loss:nan")["loss"])
     assert curves.group_of("lr_encoder") == "lr" and curves.group_of("lrx") == "metrics"
     assert curves.group_of("images_per_second") == "throughput"
+    assert curves.group_of("images_per_s") == "throughput"
+    assert curves.group_of("tokens_per_step") == "metrics"
