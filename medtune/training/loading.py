@@ -64,6 +64,10 @@ def load_from_checkpoint(
             f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id"
         )
     state = config.instantiate(cfg.checkpointer).load_checkpoint()["model"]
+    from medtune.training.setup import llm_width_problem
+
+    if width := llm_width_problem(model.decoder, state, cfg.checkpointer.checkpoint_dir):
+        raise CheckpointMismatchError(width)
     # LoRA/DoRA runs: the base checkpoint lacks the adapters, which come from model.safetensors below.
     missing, unexpected = model.decoder.load_state_dict(state, strict=False)
     adapters = {f"decoder.{k}" for k in missing if is_adapter_key(k)}

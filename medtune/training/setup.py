@@ -126,10 +126,39 @@ def read_llm_state(
     return {prefix + k: v for k, v in state.items()}
 
 
+def llm_width_problem(model: nn.Module, full: dict[str, torch.Tensor], where: str) -> str | None:
+    """The one line when the LLM weights ``full`` are of another width than the model's decoder.
+
+    Every loader calls it before its key / shape checks (``_problems`` here; ``generate``, ``eval``
+    and ``serve`` through :func:`medtune.training.loading.load_from_checkpoint`), so a checkpoint
+    of another Llama-3 size is named in words, not by torch's size-mismatch list.
+
+    Args:
+        model: the model (MedVLM or bare decoder; meta, sharded or plain).
+        full: the state dict to load, in the model's key names.
+        where: the LLM checkpoint folder as the user gave it.
+
+    Returns:
+        ``"LLM checkpoint <where> has width 256, the model expects 128"``, or None.
+    """
+    got = [tuple(v.shape) for k, v in full.items() if k.endswith("tok_embeddings.weight")]
+    own = [
+        tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("tok_embeddings.weight")
+    ]
+    if len(got) == 1 and len(own) == 1 and len(got[0]) == 2 and got[0][1] != own[0][1]:
+        return f"LLM checkpoint {where} has width {got[0][1]}, the model expects {own[0][1]}"
+    return None
+
+
 def _problems(
     model: nn.Module, full: dict[str, torch.Tensor], source: str, prefix: str
 ) -> str | None:
-    """Why ``full`` does not fit ``model`` (None when it does): unknown keys, shapes, missing LLM keys."""
+    """Why ``full`` does not fit ``model`` (None when it does): width, unknown keys, shapes,
+    missing LLM keys."""
+    # callers name the source "checkpointer (<dir>)": the width line names the folder itself
+    where = source.removeprefix("checkpointer (").removesuffix(")")
+    if (width := llm_width_problem(model, full, where)) is not None:
+        return width
     own = {
         k: tuple(v.shape) for k, v in model.state_dict().items()
     }  # global shapes (meta/DTensor too)
