@@ -18,6 +18,11 @@ Features (all set in the config):
   (multi-label), else by a softmax over the classes.
 - **mode: concepts**: a MAVL concept book JSON ``{disease: [aspect sentences]}``
   (``concepts.book``); each aspect against ``concepts.normal`` by a 2-way softmax, averaged per disease.
+- **mode: mavl**: a MAVL model (``medtune.models.mavl.mavl_model``; ``checkpoint`` is a
+  ``mavl_pretrain`` folder ``epoch_k/`` or MAVL's released ``.pth``, read through
+  ``medtune.models.convert.mavl``); per class, the present-probability of the MAVL entity it maps to
+  (``mavl.class_map`` overrides MAVL's per-dataset maps in ``medtune.eval.mavl_zero_shot``), as
+  MAVL's ``Zero-shot_classification/test.py`` (``mode: feature``). No tokenizer is needed.
 - **mode: linear_probe**: a linear head on frozen image features, trained on ``train_dataset``
   (``probe.epochs``, ``probe.lr``, ``probe.weight_decay``); saved in ``output_dir/linear_probe/``.
 - **mode: retrieval**: ``dataset`` is an image-caption reader; writes ``retrieval.safetensors``
@@ -44,24 +49,23 @@ from torchtune import config
 
 from medtune.eval import zero_shot as zs
 from medtune.training.distributed import resolve_device
-from medtune.utils.config import check_keys, optional_component
-from medtune.utils.errors import (
-    ConfigError,
-    UserError,
+from medtune.utils.config import (
     cfg_get,
+    check_keys,
     non_negative,
     one_of,
+    optional_component,
     positive,
-    run_entry,
 )
+from medtune.utils.errors import ConfigError, UserError, run_entry
 
 SUPPORTS_DISTRIBUTED = False
 
-MODES = ("prompts", "concepts", "linear_probe", "retrieval")
+MODES = ("prompts", "concepts", "linear_probe", "retrieval", "mavl")
 KNOWN_KEYS = {
     "output_dir", "assets_dir", "data_dir", "model", "tokenizer", "checkpoint", "mode", "dataset",
     "val_dataset", "train_dataset", "classes", "prompts", "concepts", "probe", "retrieval",
-    "batch_size", "num_workers", "device", "seed",
+    "batch_size", "num_workers", "device", "seed", "mavl",
 }  # fmt: skip
 
 
@@ -83,6 +87,8 @@ class ZeroShotClassifyRecipe:
     def setup(self) -> None:
         torch.manual_seed(self.seed)
         self.model = config.instantiate(self.cfg.model)
+        if self.mode == "mavl":
+            return self._setup_mavl()
         if not hasattr(self.model, "encode_image"):
             raise ConfigError("model: expected a medtune.models.dual_encoder.DualEncoder builder")
         ck = cfg_get(self.cfg, "checkpoint", str, None)
@@ -97,6 +103,27 @@ class ZeroShotClassifyRecipe:
                 )
         self.model.to(self.device).eval()
         self.tokenizer = config.instantiate(self.cfg.tokenizer, self.model)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _setup_mavl(self) -> None:
+        if not hasattr(self.model, "presence"):
+            raise ConfigError("model: mode mavl expects a medtune.models.mavl.mavl_model builder")
+        ck = cfg_get(self.cfg, "checkpoint", str, None)
+        if ck and ck.endswith((".pth", ".pt", ".bin")):
+            from medtune.models.convert.mavl import load_released_mavl
+
+            load_released_mavl(self.model, ck)
+        elif ck:
+            from medtune.training.checkpointing import read_trained
+
+            missing, unexpected = self.model.load_state_dict(
+                read_trained(ck, "checkpoint"), strict=False
+            )
+            if missing or unexpected:
+                raise UserError(f"checkpoint: {ck} does not match the model "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")  # fmt: skip
+        self.model.to(self.device).eval()
+        self.tokenizer = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _classes(self, items) -> list[str]:
@@ -115,6 +142,14 @@ class ZeroShotClassifyRecipe:
         return list(seen)
 
     def _scores(self, items, classes: list[str]) -> tuple[torch.Tensor, str]:
+        if self.mode == "mavl":
+            from medtune.eval import mavl_zero_shot as mz
+
+            scores = mz.mavl_scores(
+                self.model, items, classes, cfg_get(self.cfg, "mavl.class_map", dict, None),
+                batch_size=self.batch_size, device=self.device, num_workers=self.num_workers,
+            )  # fmt: skip
+            return scores, mz.RULE
         feats = zs.embed_images(self.model, [str(it.image) for it in items], batch_size=self.batch_size,
                                 device=self.device, num_workers=self.num_workers)  # fmt: skip
         cfg = self.cfg

@@ -105,3 +105,31 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def build_cached_tiny_mavl() -> Path:
+    """The assets built once into the test cache (``$MEDTUNE_TEST_ASSETS`` or the temp dir), keyed
+    by this module's source and flock'd, for the test fixtures."""
+    import fcntl
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    h = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    base = Path(
+        os.environ.get("MEDTUNE_TEST_ASSETS", Path(tempfile.gettempdir()) / "medtune-test-assets")
+    )
+    base.mkdir(parents=True, exist_ok=True)
+    out = base / f"mavl-{h}"
+    with open(base / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / ".complete").exists():
+                tmp = base / f"{out.name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                make_tiny_mavl(tmp)
+                os.replace(tmp, out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
