@@ -7,7 +7,7 @@ with ``inference=True`` (the ids then end with an open assistant header). Per sa
 1. optionally rewrites the first user turn with a prompt template (a list of templates is sampled
    per (seed, epoch, index), so runs are reproducible and resumable) and prepends a system turn;
 2. splits every turn at the ``<image>`` markers (or puts all images at the start of the first user
-   turn when there is no marker) and encodes the Llama-3 chat format as ids, each image becoming
+   turn when there is no marker) and encodes the tokenizer's chat format as ids, each image becoming
    ``tokens_per_image`` copies of the placeholder id;
 3. loads each image (PNG/JPEG/DICOM via :func:`medtune.data.images.load_image`) and applies every
    encoder's transform (with augmentation when ``train=True`` and ``augment`` is set).
@@ -91,7 +91,8 @@ class MedVLMTransform:
     """Sample -> model inputs (token ids, labels, image tensors), for training and inference.
 
     Args:
-        tokenizer: a Llama-3 tokenizer (:func:`medtune.models.llama3.llama3_tokenizer`).
+        tokenizer: any LLM family's tokenizer (:mod:`medtune.models.llm`); its chat format
+            encodes the turns (:func:`medtune.models.llm.encode_messages`).
         image_token_id: the placeholder id (``model.image_token_id``).
         tokens_per_image: placeholders per image (``model.tokens_per_image``; 0 for a bare LLM).
         image_transforms: encoder name -> transform settings (``model.image_transforms``).
@@ -177,7 +178,7 @@ class MedVLMTransform:
         Raises:
             DataError: placeholders that do not match the images, or longer than ``max_seq_len``.
         """
-        from medtune.models.llama3 import encode_messages
+        from medtune.models.llm import encode_messages
 
         turns = split_markers(sample)
         if inference and turns and turns[-1][0] == "assistant":
@@ -310,11 +311,11 @@ def medvlm_transform(model, tokenizer, **kwargs: Any) -> MedVLMTransform:
             image_transforms=model.image_transforms,
             **kwargs,
         )
-    from medtune.models.llama3 import IMAGE_TOKEN
+    from medtune.models.llm import image_token_id
 
     return MedVLMTransform(
         tokenizer,
-        image_token_id=tokenizer.special_tokens[IMAGE_TOKEN],
+        image_token_id=image_token_id(tokenizer),
         tokens_per_image=0,
         image_transforms={},
         **kwargs,

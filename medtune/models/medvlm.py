@@ -1,6 +1,8 @@
-"""MedVLM: image encoder(s) + connector(s) + a torchtune Llama-3 decoder.
+"""MedVLM: image encoder(s) + connector(s) + a torchtune decoder of any LLM family.
 
-The prompt carries each image as N copies of the placeholder id (:data:`medtune.models.llama3.IMAGE_TOKEN`).
+The prompt carries each image as N copies of the placeholder id (chosen per family in
+:mod:`medtune.models.llm.placeholder`: Llama-3's reserved token, or a negative id that never
+indexes the embedding table).
 ``forward`` embeds the text tokens with the decoder's own embedding, replaces the placeholder
 positions with the connector outputs (row-major: sample by sample, image by image), and runs the
 decoder. The decoder's state dict is untouched (``decoder.tok_embeddings.weight`` etc.), so
@@ -83,7 +85,7 @@ class MedVLM(nn.Module):
     """Encoders + connectors + decoder.
 
     Args:
-        decoder: a torchtune ``TransformerDecoder`` (Llama-3).
+        decoder: a torchtune ``TransformerDecoder`` (Llama-3, Llama-2 / Vicuna, Mistral, Qwen2.5).
         encoders: name -> encoder with ``num_tokens``, ``out_dim``, ``transform``; forward
             ``[n, 3, H, W] -> [n, t, d]``.
         connectors: name -> connector (same names as ``encoders`` for ``fuse="sequence"``, or a
@@ -118,9 +120,12 @@ class MedVLM(nn.Module):
             decoder.tok_embeddings = new
         self.embed_dim = decoder.tok_embeddings.embedding_dim
         vocab = decoder.tok_embeddings.num_embeddings
-        if not 0 <= self.image_token_id < vocab:
+        # a reserved id inside the table (Llama-3) or a negative one that no tokenizer produces
+        # (the other families): the rule lives in medtune.models.llm.placeholder
+        if self.image_token_id >= vocab:
             raise ValueError(
-                f"image_token_id {self.image_token_id} is outside the decoder's vocabulary of {vocab}"
+                f"image_token_id {self.image_token_id} is past the decoder's vocabulary of {vocab} "
+                "(use a reserved id inside it, or a negative id: see medtune.models.llm.placeholder)"
             )
         self.tokens_per_image = self._check_shapes()
         # Encoders and connectors are FSDP2 units. Their outputs are often views (a token slice,

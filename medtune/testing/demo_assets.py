@@ -36,10 +36,18 @@ def _mavl(out: Path) -> Path:
     return make_tiny_mavl(out)
 
 
+def _llms(out: Path) -> Path:
+    from medtune.testing.llm_families import make_tiny_llms
+
+    return make_tiny_llms(out)
+
+
 # folder under assets/ -> builder. Order matters only for builders that read another set.
 DEMO_ASSETS: dict[str, Callable[[Path], Path]] = {
     "tiny": _tiny,
     "tiny_towers": _towers,
+    "tiny_blip": lambda o: import_module("medtune.testing.blip").make_tiny_blip(o),
+    "tiny_llms": _llms,
     "tiny_mavl": _mavl,
     "benchmarks": lambda o: import_module("medtune.testing.benchmarks").make_benchmark_fixtures(o),
 }

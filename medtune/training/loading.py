@@ -59,7 +59,9 @@ def load_from_checkpoint(
     tokenizer = config.instantiate(cfg.tokenizer)
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg.model)
-    if tokenizer.special_tokens.get(IMAGE_TOKEN) != getattr(model, "image_token_id", None):
+    from medtune.models.llm import image_token_id
+
+    if image_token_id(tokenizer) != getattr(model, "image_token_id", None):
         raise CheckpointMismatchError(
             f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id"
         )

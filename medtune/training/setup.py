@@ -34,7 +34,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training
 
-from medtune.models.llama3 import IMAGE_TOKEN, build_decoders_on
+from medtune.models.llama3 import build_decoders_on
+from medtune.models.llm import image_token_id
 from medtune.models.lora import adapters_to_fp32, clean_name, lora_modules
 from medtune.training.distributed import shard_module
 from medtune.utils.errors import ConfigError, UserError
@@ -82,10 +83,10 @@ def check_tokenizer(model: nn.Module, tokenizer: Any) -> None:
     """The tokenizer's image placeholder id must be the model's."""
     if not is_vlm(model):
         return
-    tok_img = tokenizer.special_tokens.get(IMAGE_TOKEN)
+    tok_img = image_token_id(tokenizer)
     if tok_img != model.image_token_id:
         raise ConfigError(
-            f"tokenizer: its {IMAGE_TOKEN} id is {tok_img} but the model's image_token_id is "
+            f"tokenizer: its image placeholder id is {tok_img} but the model's image_token_id is "
             f"{model.image_token_id} (tokenizer and model do not belong together)"
         )
 

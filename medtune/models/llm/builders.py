@@ -1,0 +1,80 @@
+"""MedVLM builders for every LLM family: plain functions, usable as ``_component_`` in configs.
+
+The decoder is built empty (the recipe loads it through torchtune's checkpointer with the
+family's ``model_type``: LLAMA3, LLAMA2, MISTRAL, QWEN2); the placeholder id comes from
+:func:`medtune.models.llm.placeholder.placeholder_id`, so a config swaps the LLM by naming another
+builder (or another ``config.json``) and the family's tokenizer: nothing in the recipes changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torchtune.modules import TransformerDecoder
+
+from medtune.models.builders import medvlm
+from medtune.models.connectors import ConnectorKind
+from medtune.models.encoders import biomedclip_vision, open_clip_vision
+from medtune.models.llm import decoder_from_hf_config
+from medtune.models.llm.llama2 import llama2_7b, vicuna_7b_v0
+from medtune.models.llm.mistral import mistral_7b_instruct_v0_2
+from medtune.models.llm.placeholder import placeholder_id
+from medtune.models.llm.qwen2_5 import qwen2_5_7b_instruct
+from medtune.models.medvlm import MedVLM
+
+# family -> its 7B decoder builder
+DECODERS_7B: dict[str, Callable[[], TransformerDecoder]] = {
+    "llama2": llama2_7b,
+    "vicuna_v0": vicuna_7b_v0,
+    "mistral": mistral_7b_instruct_v0_2,
+    "qwen2_5": qwen2_5_7b_instruct,
+}
+
+
+def family_medvlm(decoder: TransformerDecoder, family: str, encoders, **kwargs) -> MedVLM:
+    """:func:`medtune.models.builders.medvlm` with ``family``'s placeholder id."""
+    vocab = decoder.tok_embeddings.num_embeddings
+    return medvlm(decoder, encoders, image_token_id=placeholder_id(family, vocab), **kwargs)
+
+
+def medvlm_open_clip_llm(
+    llm_config: str,
+    encoder_path: str,
+    connector: ConnectorKind = "mlp",
+    output: str = "patch",
+    connector_kwargs: dict | None = None,
+    max_seq_len: int | None = None,
+) -> MedVLM:
+    """Any open_clip tower (hub-layout folder) + the LLM an HF ``config.json`` describes (Llama-3,
+    Llama-2 / Vicuna, Mistral or Qwen2.5: :func:`medtune.models.llm.family_of_hf_config`)."""
+    dec, family = decoder_from_hf_config(llm_config, max_seq_len=max_seq_len)
+    enc = open_clip_vision(encoder_path, output=output)
+    return family_medvlm(dec, family, enc, connector=connector, connector_kwargs=connector_kwargs)
+
+
+def _biomedclip(family: str, encoder_path: str | None, connector: ConnectorKind) -> MedVLM:
+    dec = DECODERS_7B[family]()
+    enc = biomedclip_vision(encoder_path, output="patch")
+    fam = "llama2" if family == "vicuna_v0" else family
+    return family_medvlm(dec, fam, enc, connector=connector)
+
+
+def medvlm_biomedclip_vicuna_7b(
+    encoder_path: str | None = None, connector: ConnectorKind = "mlp"
+) -> MedVLM:
+    """BiomedCLIP patch tokens -> connector -> Vicuna-7B v1.5 / Llama-2-7B (4,096 context)."""
+    return _biomedclip("llama2", encoder_path, connector)
+
+
+def medvlm_biomedclip_mistral_7b(
+    encoder_path: str | None = None, connector: ConnectorKind = "mlp"
+) -> MedVLM:
+    """BiomedCLIP patch tokens -> connector -> Mistral-7B-Instruct-v0.2 (LLaVA-Med v1.5's LLM)."""
+    return _biomedclip("mistral", encoder_path, connector)
+
+
+def medvlm_biomedclip_qwen2_5_7b(
+    encoder_path: str | None = None, connector: ConnectorKind = "mlp"
+) -> MedVLM:
+    """BiomedCLIP patch tokens -> connector -> Qwen2.5-7B-Instruct."""
+    return _biomedclip("qwen2_5", encoder_path, connector)
