@@ -53,8 +53,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from medtune.utils.config import check_keys
-from medtune.utils.errors import ConfigError, cfg_get, one_of, positive, run_entry
+from medtune.utils.config import cfg_get, check_keys, one_of, positive
+from medtune.utils.errors import ConfigError, run_entry
 
 SUPPORTS_DISTRIBUTED = False
 
@@ -171,14 +171,15 @@ def build_app(cfg: DictConfig):
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
     """Entry point: ``python recipes/serve.py --config CONFIG [key=value ...]``."""
-    import uvicorn
+    from medtune.serve import serve
 
     app, host, port = build_app(cfg)
     log_level = cfg_get(cfg, "log_level", str, "info")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    _log(f"serving {app.state.engine.name} on http://{host}:{port}/ (Ctrl-C stops)")
-    server.run()
-    return 0
+    _log(
+        f"serving {app.state.engine.name} on http://{host}:{port}/ (Ctrl-C or SIGTERM stops it "
+        "after answering the requests in flight)"
+    )
+    return serve(app, host, port, log_level)
 
 
 if __name__ == "__main__":
