@@ -58,7 +58,10 @@ Features (all set in the config):
   per-report scores, the file ``medtune score --per-row`` writes), and one table across all
   pairs, ``results.md`` and ``results.csv`` (rows: checkpoint x dataset; columns: n = scored
   questions, ``n_closed``, ``n_open`` and every named metric, as fractions), printed at the end,
-  with ``checkpoints.json`` (name -> path).
+  with ``checkpoints.json`` (name -> path); ``charts/<metric>.png`` (a grouped bar chart per
+  metric, checkpoints x datasets, values on the bars) and ``<ckpt>/<dataset>/report.html`` (every
+  question with its thumbnail, reference, prediction and per-metric marks; filters, search, side
+  by side with another checkpoint; static, offline), by :mod:`medtune.viz.eval_outputs`.
 - **Clinical efficacy** (chest X-ray reports): ``chexbert_dir`` names a local CheXbert labeler
   (``chexbert.pth``, optionally its BERT ``config.json``) and ``chexbert_tokenizer_dir`` its
   bert-base-uncased tokenizer folder (``vocab.txt``; default: ``chexbert_dir``). Every caption
@@ -91,7 +94,10 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 from medtune.data.prompts import VQA_DIRECT, VQA_SHORT_ANSWER
-from medtune.data.sample import Sample
+from medtune.data.sample import Message, Sample
+from medtune.eval.backends import build_backend, parse_spec
+from medtune.eval.mcq import MCQ_PROMPT, mcq_prompt, mcq_row_fields, score_mcq_rows
+from medtune.eval.medevalkit_vqa import score_medevalkit_vqa
 from medtune.eval.questions import (
     EvalConfigError,
     caption_sample,
@@ -103,7 +109,8 @@ from medtune.eval.questions import (
     read_descriptions,
     resume_rows,
 )
-from medtune.eval.report import checkpoint_names, csv_table, markdown_table, results_table
+from medtune.eval.report import checkpoint_names
+from medtune.eval.results import write_results
 from medtune.eval.vqa_metrics import score_predictions
 from medtune.utils.errors import UserError, run_entry
 from medtune.utils.jsonl import append_jsonl, write_jsonl_atomic, write_text_atomic
@@ -141,6 +148,7 @@ KNOWN_KEYS = {
     "caption_meteor",
     "chexbert_dir",
     "chexbert_tokenizer_dir",
+    "mcq_prompt_template",
 }
 PROMPT_MODES = ("direct", "describe_then_answer")
 DESCRIBE_LAYOUTS = ("conversation", "text")
@@ -214,7 +222,7 @@ class EvalRecipe:
     """Checkpoints x datasets -> predictions JSONL, metrics JSON, one table. See the module docstring."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.model = None
+        self.backend = None
         self.rank, self.world_size = 0, 1
         unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
         if unknown:
@@ -226,6 +234,8 @@ class EvalRecipe:
         self.output_dir = Path(cfg.output_dir)
         self.batch_size = int(cfg.get("batch_size", 8))
         self.gen_configs = generation_configs(cfg)
+        self.gen_configs["mcq"] = self.gen_configs["vqa"]  # one decoding block for questions
+        self.mcq_template = cfg.get("mcq_prompt_template") or MCQ_PROMPT
         self.prompt_mode = cfg.get("prompt_mode", "direct")
         if self.prompt_mode not in PROMPT_MODES:
             raise EvalConfigError(
@@ -287,11 +297,24 @@ class EvalRecipe:
                 "eval: no checkpoints given (checkpoints='[run1/epoch_2,run2/epoch_4]')"
             )
         if OmegaConf.is_dict(ckpts):
-            self.checkpoints = [(str(k), str(v)) for k, v in ckpts.items()]
+            entries = [
+                (str(k), OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+                for k, v in ckpts.items()
+            ]
         else:
             paths = [str(p) for p in (ckpts if OmegaConf.is_list(ckpts) else [ckpts])]
-            self.checkpoints = list(zip(checkpoint_names(paths), paths))
-        for _name, path in self.checkpoints:
+            entries = list(zip(checkpoint_names(paths), paths))
+        # name -> backend spec (medtune.eval.backends.parse_spec); (name, identity) pairs
+        self.specs = {name: parse_spec(name, value) for name, value in entries}
+        self.checkpoints = [(name, spec["identity"]) for name, spec in self.specs.items()]
+        for name, path in self.checkpoints:
+            if self.specs[name]["model"] == "hf" and not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"checkpoints.{name}: {path} holds no config.json (model: hf expects a "
+                    "transformers model folder)"
+                )
+            if self.specs[name]["model"] != "medtune":
+                continue
             if not (Path(path) / "config.yaml").is_file():
                 epochs = (
                     sorted(p.name for p in Path(path).glob("epoch_*"))
@@ -317,10 +340,14 @@ class EvalRecipe:
             samples = list(samples)
             if self.limit is not None:
                 samples = samples[: int(self.limit)]
+            if task is None and samples and samples[0].meta.get("task") == "mcq":
+                task = "mcq"  # the multiple-choice readers (medtune.data.benchmarks)
             if task is None:
                 task = "caption" if is_caption_dataset(samples) else "vqa"
-            if task not in ("vqa", "caption"):
-                raise EvalConfigError(f"datasets.{name}: task {task!r} (expected vqa or caption)")
+            if task not in ("vqa", "caption", "mcq"):
+                raise EvalConfigError(
+                    f"datasets.{name}: task {task!r} (expected vqa, mcq or caption)"
+                )
             ids = [s.id for s in samples]
             if len(set(ids)) != len(ids):
                 raise EvalConfigError(
@@ -361,6 +388,10 @@ class EvalRecipe:
         if task == "caption":
             gen["prompt_mode"] = "caption"
             return gen
+        if task == "mcq":
+            gen["prompt_mode"] = "mcq"
+            gen["prompt_template"] = self.mcq_template
+            return gen
         gen["prompt_mode"] = self.prompt_mode
         gen["prompt_template"] = self.prompt_template
         if self.prompt_mode == "describe_then_answer":
@@ -384,28 +415,26 @@ class EvalRecipe:
         t0 = time.perf_counter()
         results = []
         for ckpt_name, ckpt_path in self.checkpoints:
-            self.model = None
+            self._release()
             for ds_name, (task, samples) in self.datasets.items():
                 metrics = self.evaluate_pair(ckpt_name, ckpt_path, ds_name, task, samples)
                 results.append(
                     {
                         "checkpoint": ckpt_name,
+                        "model": self.specs[ckpt_name]["model"],
                         "path": ckpt_path,
                         "dataset": ds_name,
                         "task": task,
                         "metrics": metrics,
                     }
                 )
-            self.model = None
+            self._release()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         if self.rank != 0:
             return results
-        cols, values = results_table(results)
-        md = markdown_table(cols, values)
-        write_text_atomic(self.output_dir / "results.md", md)
-        write_text_atomic(self.output_dir / "results.csv", csv_table(cols, values))
+        md = write_results(self.output_dir, results, dict(self.checkpoints))
         write_text_atomic(
             self.output_dir / "checkpoints.json",
             json.dumps(dict(self.checkpoints), indent=2) + "\n",
@@ -415,51 +444,51 @@ class EvalRecipe:
             f"{self.output_dir / 'results.md'} and results.csv"
         )
         print(md, flush=True)
+        # charts/<metric>.png and <ckpt>/<dataset>/report.html (thumbnails from the samples' files)
+        from medtune.viz.eval_outputs import write_eval_figures
+
+        images = {d: {str(s.id): s.image_paths for s in ss} for d, (_, ss) in self.datasets.items()}
+        figures = write_eval_figures(self.output_dir, images=images)
+        self._log(f"wrote {len(figures)} charts and report pages ({self.output_dir / 'charts'})")
         return results
 
-    def _ensure_model(self, ckpt_path: str) -> None:
-        if self.model is not None:
-            return
-        from medtune.data.model_transform import medvlm_transform
-        from medtune.training.loading import load_from_checkpoint
+    def _release(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
 
+    def _ensure_model(self, ckpt_name: str) -> None:
+        """Build the pair's answer backend (:mod:`medtune.eval.backends`) once per checkpoint."""
+        if self.backend is not None:
+            return
         node = self.cfg.get("checkpoint_overrides")
         overrides = (
             OmegaConf.to_container(node, resolve=True)
             if OmegaConf.is_config(node)
             else dict(node or {})
         )
-        self._log(f"loading {ckpt_path}")
-        self.model, self.tokenizer, _ = load_from_checkpoint(
-            ckpt_path, self.device, self.cfg.get("llm_dtype"), overrides
-        )
-        self.transform = medvlm_transform(
-            self.model,
-            self.tokenizer,
+        spec = self.specs[ckpt_name]
+        self._log(f"loading {spec['identity']} (model: {spec['model']})")
+        self.backend = build_backend(
+            spec,
+            device=self.device,
+            batch_size=self.batch_size,
             system_prompt=self.system_prompt,
             window=self.cfg.get("window"),
             blank_images=self.blank_images,
+            llm_dtype=self.cfg.get("llm_dtype"),
+            checkpoint_overrides=overrides,
         )
 
     def _answers(self, samples: list[Sample], settings):
-        """Answer already-templated samples with ``settings`` (a ``GenerationConfig``; every rank,
-        data-parallel under torchrun), yielding ``(chunk, texts)`` one batch per rank at a time
-        so that rank 0 writes as it goes."""
-        from medtune.inference import answer
-
+        """Answer already-templated samples with ``settings`` (a ``GenerationConfig``) through the
+        backend (every rank; data-parallel under torchrun for medtune and hf), yielding
+        ``(chunk, texts)`` one chunk of ``batch_size * world_size`` at a time so that rank 0
+        writes as it goes."""
         step = self.batch_size * self.world_size
         for i in range(0, len(samples), step):
             chunk = samples[i : i + step]
-            out = answer(
-                self.model,
-                self.transform,
-                chunk,
-                settings,
-                tokenizer=self.tokenizer,
-                batch_size=self.batch_size,
-                device=self.device,
-            )
-            yield chunk, [a.text for a in out]
+            yield chunk, self.backend.answer(chunk, settings)
 
     def _describe(self, samples: list[Sample], path: Path, checkpoint: str) -> dict[str, str]:
         """Descriptions of the samples' distinct images, cached in ``path`` (resumable)."""
@@ -526,7 +555,7 @@ class EvalRecipe:
             f"{ckpt_name} x {ds_name}: {len(todo)} to generate, {len(samples) - len(todo)} already done"
         )
         if todo:
-            self._ensure_model(ckpt_path)
+            self._ensure_model(ckpt_name)
             descriptions = None
             if task == "vqa" and self.prompt_mode == "describe_then_answer":
                 descriptions = self._describe(todo, desc_path, ckpt_path)
@@ -536,6 +565,18 @@ class EvalRecipe:
             asked = [
                 caption_sample(s)
                 if task == "caption"
+                else Sample(
+                    s.id,
+                    list(s.images),
+                    [
+                        Message(
+                            "user",
+                            mcq_prompt(s.meta["question"], s.meta["choices"], self.mcq_template),
+                        )
+                    ],
+                    dict(s.meta),
+                )
+                if task == "mcq"
                 else question_sample(
                     s,
                     self.prompt_template,
@@ -562,6 +603,8 @@ class EvalRecipe:
                             prompt=prompt,
                             description=descs[s.id],
                         )
+                        if task == "mcq":
+                            row.update(mcq_row_fields(s))
                         if fh is not None:
                             from medtune.eval.predictions import write_prediction
 
@@ -592,8 +635,12 @@ class EvalRecipe:
             (``id``, ``dataset``, ``split`` and each caption metric, as ``--per-row`` writes).
         """
         out: dict[str, Any] = {"predictions": str(pred_path)}
+        if task == "mcq":
+            out.update(score_mcq_rows(rows, str(pred_path)))
+            return out, None
         if task != "caption":
             out.update(score_predictions(rows))
+            out.update(score_medevalkit_vqa(rows))
             return out, None
         if self.rank != 0:
             return out, None  # only rank 0 writes metrics; the others skip the (java) scorers
@@ -623,7 +670,7 @@ class EvalRecipe:
         """Release the model and leave the process group."""
         from medtune.training.distributed import destroy
 
-        self.model = None
+        self._release()
         gc.collect()
         if self.world_size > 1:
             destroy()
