@@ -11,7 +11,9 @@ file is read from its content:
   (:mod:`medtune.eval.classification_metrics`); ``--val FILE`` adds validation-threshold metrics;
 - rows with ``task: caption``: BLEU/METEOR/ROUGE-L/CIDEr (``--per-row FILE`` writes per-report
   scores as JSONL);
-- other rows: VQA metrics (:func:`medtune.eval.vqa_metrics.score_predictions`; DESIGN §3).
+- rows with ``task: mcq``: multiple-choice accuracy (:func:`medtune.eval.mcq.score_mcq_rows`);
+- other rows: VQA metrics (:func:`medtune.eval.vqa_metrics.score_predictions`; DESIGN §3) and
+  MedEvalKit's accuracies (:func:`medtune.eval.medevalkit_vqa.score_medevalkit_vqa`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ caption files (rows with task "caption", as `medtune run eval` writes them): BLE
   ROUGE-L, CIDEr through pycocoevalcap (needs java); --no-meteor skips the slow METEOR;
   --per-row FILE writes one JSON line of per-report scores per row; --chexbert DIR adds
   CheXbert F1 (14 and 5 observations, micro/macro) with a local labeler checkpoint.
+multiple-choice files (rows with task "mcq": id, question, choices, answer letter, prediction):
+  mcq_accuracy by MedEvalKit's judge_multi_choice (letters, option text, \\boxed{} / <answer> /
+  "answer:" extraction, else the most similar option), n_mcq, n_mcq_no_option (settled by
+  similarity), per-group accuracies (by_modality, by_question_type, by_subset, ...).
+VQA files also get MedEvalKit's accuracy_medevalkit, closed_accuracy_medevalkit,
+  open_accuracy_medevalkit and open_token_f1_medevalkit (its rules: see rules_medevalkit).
 retrieval files (*.safetensors with sim_i2t, txt2img[, sim_t2i]): BLIP itm_eval's txt_r1/5/10,
   txt_r_mean, img_r1/5/10, img_r_mean, r_mean in percent.
 classification files (rows with labels and scores objects): auroc_macro, per-class auroc,
@@ -169,6 +177,8 @@ def _score_rows(path: Path, args: argparse.Namespace) -> tuple[dict, list[dict] 
         read_classification_rows,
         score_classification_rows,
     )
+    from medtune.eval.mcq import is_mcq_row, score_mcq_rows
+    from medtune.eval.medevalkit_vqa import score_medevalkit_vqa
     from medtune.eval.predictions import read_predictions
     from medtune.eval.vqa_metrics import score_predictions
 
@@ -192,13 +202,25 @@ def _score_rows(path: Path, args: argparse.Namespace) -> tuple[dict, list[dict] 
         raise UserError(f"{path}: --chexbert is for report (caption) files")
     if args.val:
         raise UserError(f"{path}: --val is for classification predictions (labels and scores)")
+    n_mcq = sum(map(is_mcq_row, rows))
+    if n_mcq:
+        # multiple choice (task: mcq): MedEvalKit's judge_multi_choice, medtune.eval.mcq
+        if n_mcq != len(rows):
+            raise UserError(
+                f"{path}: {n_mcq} multiple-choice row(s) (task: mcq) and {len(rows) - n_mcq} "
+                "other row(s); score them apart"
+            )
+        if args.chexbert or args.per_row:
+            raise UserError(f"{path}: --chexbert and --per-row are for caption files")
+        return metrics | score_mcq_rows(rows, str(path)), None
     n_cap = sum(map(is_caption_row, rows))
     if n_cap and n_cap != len(rows):
         raise UserError(
             f"{path}: {n_cap} caption row(s) and {len(rows) - n_cap} VQA row(s); score them apart"
         )
     if not n_cap:
-        return metrics | score_predictions(read_predictions(path)), None
+        vqa_rows = read_predictions(path)
+        return metrics | score_predictions(vqa_rows) | score_medevalkit_vqa(vqa_rows), None
     scores = score_caption_rows(rows, meteor=not args.no_meteor, per_item=bool(args.per_row))
     per_id = scores.pop("per_id", None)
     metrics.update(scores)

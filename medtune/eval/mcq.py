@@ -38,6 +38,7 @@ __all__ = [
     "judge_multi_choice",
     "lettered",
     "mcq_prompt",
+    "mcq_row_fields",
     "most_similar_index",
     "parse_response",
     "score_mcq_row",
@@ -214,6 +215,17 @@ def judge_multi_choice(choices: list[str], answer: str, response: str) -> tuple[
 
 
 # ----------------------------------------------------------------------------- rows and scores
+
+
+def mcq_row_fields(sample: Any) -> dict[str, Any]:
+    """What a multiple-choice predictions row adds to eval's row: ``task``, ``answer_type``
+    (``"MCQ"``), ``choices`` and the group keys the sample's ``meta`` holds."""
+    m = sample.meta
+    out = {"task": "mcq", "answer_type": "MCQ", "choices": list(m["choices"])}
+    for field in MCQ_GROUP_FIELDS.values():
+        if field != "dataset" and m.get(field) is not None:
+            out[field] = m[field]
+    return out
 
 
 def is_mcq_row(row: Mapping[str, Any]) -> bool:
