@@ -58,10 +58,7 @@ Features (all set in the config):
   per-report scores, the file ``medtune score --per-row`` writes), and one table across all
   pairs, ``results.md`` and ``results.csv`` (rows: checkpoint x dataset; columns: n = scored
   questions, ``n_closed``, ``n_open`` and every named metric, as fractions), printed at the end,
-  with ``checkpoints.json`` (name -> path); ``charts/<metric>.png`` (a grouped bar chart per
-  metric, checkpoints x datasets, values on the bars) and ``<ckpt>/<dataset>/report.html`` (every
-  question with its thumbnail, reference, prediction and per-metric marks; filters, search, side
-  by side with another checkpoint; static, offline), by :mod:`medtune.viz.eval_outputs`.
+  with ``checkpoints.json`` (name -> path).
 - **Clinical efficacy** (chest X-ray reports): ``chexbert_dir`` names a local CheXbert labeler
   (``chexbert.pth``, optionally its BERT ``config.json``) and ``chexbert_tokenizer_dir`` its
   bert-base-uncased tokenizer folder (``vocab.txt``; default: ``chexbert_dir``). Every caption
@@ -444,12 +441,6 @@ class EvalRecipe:
             f"{self.output_dir / 'results.md'} and results.csv"
         )
         print(md, flush=True)
-        # charts/<metric>.png and <ckpt>/<dataset>/report.html (thumbnails from the samples' files)
-        from medtune.viz.eval_outputs import write_eval_figures
-
-        images = {d: {str(s.id): s.image_paths for s in ss} for d, (_, ss) in self.datasets.items()}
-        figures = write_eval_figures(self.output_dir, images=images)
-        self._log(f"wrote {len(figures)} charts and report pages ({self.output_dir / 'charts'})")
         return results
 
     def _release(self) -> None:

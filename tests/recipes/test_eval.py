@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from medtune._cli.main import main
 from medtune.data import VQA_SHORT_ANSWER, slake, vqa_rad
+from medtune.eval.medevalkit_vqa import MEDEVALKIT_VQA_KEYS, score_medevalkit_vqa
 from medtune.eval.predictions import REQUIRED_KEYS, read_predictions
 from medtune.eval.vqa_metrics import METRIC_KEYS, score_predictions
 from medtune.testing.datasets import make_medical_image, make_slake_fixture, make_vqa_rad_fixture
@@ -139,15 +140,21 @@ def test_eval_end_to_end(first_run, checkpoints, data_dir):
             metrics = json.loads((folder / "metrics.json").read_text())
             for key in (*METRIC_KEYS, "n_closed", "n_open", "n_skipped_empty_answer", "rules"):
                 assert key in metrics
-            rescored = {"predictions": str(folder / "predictions.jsonl"), **score_predictions(rows)}
+            rescored = {
+                "predictions": str(folder / "predictions.jsonl"),
+                **score_predictions(rows),
+                **score_medevalkit_vqa(rows),
+            }
             assert metrics == json.loads(json.dumps(rescored))  # exactly what `medtune score` gives
             if ds_name == "slake":
                 assert metrics["n_skipped_empty_answer"] == 1  # the fixture's empty answer
     md = (out / "results.md").read_text().strip().splitlines()
-    assert md[0].startswith("| checkpoint | dataset | n |") and all(k in md[0] for k in METRIC_KEYS)
+    assert md[0].startswith("| checkpoint | model | dataset | task | n |")
+    assert all(k in md[0] for k in (*METRIC_KEYS, *MEDEVALKIT_VQA_KEYS))
     from medtune.eval.vqa_metrics import LLAVA_MED_CLOSED_NOTE
 
-    assert len(md) == 2 + 4 + 2 and md[-1] == LLAVA_MED_CLOSED_NOTE  # the rule said under the table
+    assert md[2 + 4 + 1] == LLAVA_MED_CLOSED_NOTE  # the rule said under the table
+    assert md[2 + 4 + 3] == "Per group:"  # then the per-group table (answer type, modality, ...)
     with open(out / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [(r["checkpoint"], r["dataset"]) for r in table] == [

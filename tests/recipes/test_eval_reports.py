@@ -173,7 +173,11 @@ def test_openi_report_rows_metrics_table_and_rescore(
     # the results table: one row, caption metrics and the CheXbert F1 columns, as in metrics.json
     with open(beam_run / "results.csv") as fh:
         (row,) = list(csv.DictReader(fh))
-    assert list(row) == ["checkpoint", "dataset", "n", *CAPTION_METRIC_KEYS, *CHEXBERT_TABLE_KEYS]
+    assert list(row) == [
+        *("checkpoint", "model", "dataset", "task", "n"),
+        *CAPTION_METRIC_KEYS,
+        *CHEXBERT_TABLE_KEYS,
+    ]
     assert (row["checkpoint"], row["dataset"], row["n"]) == ("run1_epoch_0", "openi", "3")
     for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
         assert float(row[k]) == pytest.approx(metrics[k], rel=1e-12, abs=0)
