@@ -94,8 +94,8 @@ from medtune.training.setup import (
     load_unsharded,
     read_llm_state,
 )
-from medtune.utils.config import check_keys, optional_component
-from medtune.utils.errors import ConfigError, cfg_get, positive, run_entry
+from medtune.utils.config import cfg_get, check_keys, optional_component, positive
+from medtune.utils.errors import ConfigError, run_entry
 
 SUPPORTS_DISTRIBUTED = False
 NAME = "lora_finetune_single_device"

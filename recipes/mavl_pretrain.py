@@ -54,8 +54,8 @@ from medtune.data.mavl_entities import MAVLPretrainDataset, collate_mavl
 from medtune.training import checkpointing as ckpt
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
-from medtune.utils.config import check_keys
-from medtune.utils.errors import ConfigError, UserError, cfg_get, non_negative, positive, run_entry
+from medtune.utils.config import cfg_get, check_keys, non_negative, positive
+from medtune.utils.errors import ConfigError, UserError, run_entry
 from medtune.viz.curves import plot_run
 
 SUPPORTS_DISTRIBUTED = True

@@ -12,8 +12,6 @@ import os
 import re
 import sys
 
-from medtune.utils.errors import UserError
-
 __all__ = ["translate"]
 
 
@@ -23,7 +21,7 @@ def translate(exc: BaseException) -> str | None:
     worker = _unwrap_worker(exc)
     if worker is not None:
         return worker
-    if isinstance(exc, UserError):
+    if _is_user_error(type(exc)):
         return _one_line(str(exc))
     for fn in _TRANSLATORS:
         message = fn(exc)
@@ -40,6 +38,14 @@ def _one_line(text: str) -> str:
 def _is(exc: BaseException, module: str, name: str) -> bool:
     """``exc`` is an instance of ``module.name`` (matched by name: no import of the library)."""
     return any(c.__name__ == name and c.__module__.startswith(module) for c in type(exc).__mro__)
+
+
+def _is_user_error(cls: type) -> bool:
+    """``cls`` is medtune's ``UserError`` or a subclass (by name: this module is imported by
+    :mod:`medtune.utils.errors`, which defines it, so it does not import it back)."""
+    return any(
+        c.__name__ == "UserError" and c.__module__ == "medtune.utils.errors" for c in cls.__mro__
+    )
 
 
 def _frames(exc: BaseException) -> list[tuple[str, str, dict]]:
@@ -194,13 +200,13 @@ def _unwrap_worker(exc: BaseException) -> str | None:
             continue
         original = "\n".join([head.group(2), *lines[i + 1 :]])
         cls = _resolve(head.group(1))
-        if cls is not None and issubclass(cls, UserError):
+        if cls is not None and _is_user_error(cls):
             return _one_line(original)
         try:
             inner = cls(original) if cls is not None else None
         except Exception:
             inner = None
-        if inner is None or isinstance(inner, UserError):
+        if inner is None or _is_user_error(type(inner)):
             return None
         # A library error re-built from its message (no traceback to read): only those whose
         # message suffices (missing files; YAML and omegaconf errors carry the key in the text).

@@ -27,7 +27,8 @@ ENTRY_RECIPE = textwrap.dedent(
 
     from torchtune import config
 
-    from medtune.utils.errors import cfg_get, run_entry
+    from medtune.utils.errors import run_entry
+    from medtune.utils.config import cfg_get
 
 
     @config.parse

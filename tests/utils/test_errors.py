@@ -8,18 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchtune import config
 
 from medtune.data.errors import DataError, MissingFieldError
-from medtune.utils.errors import (
-    ConfigError,
-    UserError,
-    cfg_get,
-    in_range,
-    positive,
-    run_entry,
-)
+from medtune.utils.errors import UserError, run_entry
 
 
 @pytest.fixture(autouse=True)
@@ -195,27 +187,6 @@ def test_type_error_inside_a_component_is_a_bug(tmp_path, monkeypatch):
     main = _recipe(tmp_path, monkeypatch, yaml_text, body=lambda cfg: config.instantiate(cfg.x))
     with pytest.raises(TypeError):
         run_entry("prog", main)
-
-
-def test_cfg_get_converts_and_names_the_key():
-    cfg = OmegaConf.create(
-        {"batch_size": "abc", "lr": "1e-4", "n": 3, "flag": True, "opt": {"lr": -0.1}}
-    )
-    assert cfg_get(cfg, "lr", float) == pytest.approx(1e-4)
-    assert cfg_get(cfg, "n", int) == 3
-    assert cfg_get(cfg, "missing", int, 7) == 7
-    with pytest.raises(ConfigError, match=r"^batch_size: expected an integer, got 'abc'$"):
-        cfg_get(cfg, "batch_size", int)
-    with pytest.raises(ConfigError, match=r"^flag: expected an integer, got True$"):
-        cfg_get(cfg, "flag", int)
-    with pytest.raises(ConfigError, match=r"^epochs: missing \(expected an integer\)$"):
-        cfg_get(cfg, "epochs", int)
-    with pytest.raises(ConfigError, match=r"^opt\.lr: must be > 0, got -0\.1$"):
-        cfg_get(cfg, "opt.lr", float, check=positive())
-    with pytest.raises(ConfigError, match=r"^opt\.lr: must satisfy v >= 0, got -0\.1$"):
-        cfg_get(cfg, "opt.lr", float, check=lambda v: v >= 0)
-    with pytest.raises(ConfigError, match=r"^n: must be in \[0, 1\], got 3$"):
-        cfg_get(cfg, "n", int, check=in_range(0, 1))
 
 
 # ----------------------------------------------------------------------------- files
