@@ -26,6 +26,7 @@ examples:
   $ medtune validate my_demo.yaml                   # check every _component_ imports and binds
   $ medtune run vision_finetune --config demo optimizer.lr=1e-4
   $ medtune run --nproc_per_node 2 vision_finetune --config demo
+  $ medtune plot outputs/demo/image outputs/demo/blank      # training curves on shared axes
 
 Run `medtune <command> --help` for each command's options.
 """
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         score.register(subparsers)
+    from . import plot  # imports matplotlib only when run
+
+    plot.register(subparsers)
     return parser
 
 
