@@ -182,3 +182,34 @@ def make_tiny_llms(out: str | Path, seed: int = 0) -> Path:
         _save_hf(folder, model, cfg, family)
     (out / ".complete").write_text("ok\n")
     return out
+
+
+def cached_tiny_llms() -> Path:
+    """Build (or reuse) the tiny families under ``$MEDTUNE_TEST_ASSETS`` (or the temp folder),
+    keyed by the content of the modules that write them, and flock'd across test processes."""
+    import fcntl
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    import medtune.models.llm as llm_pkg
+    import medtune.testing.synthetic as synthetic
+
+    h = hashlib.sha256()
+    for f in (
+        Path(__file__),
+        Path(synthetic.__file__),
+        *Path(llm_pkg.__file__).parent.glob("*.py"),
+    ):
+        h.update(f.read_bytes())
+    base = Path(
+        os.environ.get("MEDTUNE_TEST_ASSETS", Path(tempfile.gettempdir()) / "medtune-test-assets")
+    )
+    base.mkdir(parents=True, exist_ok=True)
+    out = base / f"llms-{h.hexdigest()[:16]}"
+    with open(base / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists() and not (out / ".complete").exists():
+            shutil.rmtree(out)  # a half-written folder from a killed build
+        return make_tiny_llms(out)
