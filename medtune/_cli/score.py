@@ -55,6 +55,9 @@ retrieval files (*.safetensors with sim_i2t, txt2img[, sim_t2i]): BLIP itm_eval'
 classification files (rows with labels and scores objects): auroc_macro, per-class auroc,
   f1_max_mavl, acc_at_f1_max_mavl; with --val VAL.jsonl also f1_at_val_threshold and
   acc_at_val_threshold.
+--charts DIR also draws <metric>.png (a bar per file: checkpoint x dataset from its rows), roc_<n>.png
+  for classification files and report_<n>.html (every question, filters, search) for VQA / caption
+  files; --judge VERDICTS adds vqa_judge verdicts to the pages, --images ROOT finds the images.
 """
 
 
@@ -92,6 +95,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="caption files of chest X-ray reports: CheXbert F1 with this local labeler "
         "(chexbert.pth and vocab.txt; nothing is downloaded)",
+    )
+    parser.add_argument(
+        "--charts",
+        metavar="DIR",
+        help="also draw: a bar chart per metric over the files, ROC curves per class for "
+        "classification files, report.html pages for VQA / caption files (medtune.viz)",
+    )
+    parser.add_argument(
+        "--judge",
+        metavar="VERDICTS",
+        action="append",
+        help="with --charts: vqa_judge verdicts.jsonl whose verdicts the report pages show",
+    )
+    parser.add_argument(
+        "--images",
+        metavar="ROOT",
+        help="with --charts: dataset root that the rows' image paths are relative to",
     )
     parser.set_defaults(func=run)
 
@@ -156,6 +176,13 @@ def run(args: argparse.Namespace) -> int:
             write_jsonl_atomic(args.per_row, per_row)
         except OSError as e:
             return _error(f"cannot write {args.per_row}: {e}")
+    if args.charts:
+        from medtune.viz.eval_outputs import score_figures
+
+        paths = score_figures(results, args.charts, image_root=args.images, judge=args.judge)
+        print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)  # stdout stays the JSON
+    elif args.judge or args.images:
+        return _error("--judge and --images go with --charts")
     print(text)
     return 0
 
