@@ -40,8 +40,8 @@ def rerank_topk(
         sim: ``[n_images, n_texts]`` ITC cosine similarities (BLIP's ``sims_matrix``, no temp).
         k_test: candidates re-scored per row (BLIP: 256 on COCO; capped at the candidates).
         itm_score: ``(image_idx [k], text_idx [k]) -> [k]`` the ITM "match" logit of each pair.
-        rank, world: this process's share of the rows (``world > 1`` needs a process group; the
-            matrices are then summed over ranks).
+        rank, world: this process's share of the rows; with ``world > 1`` and a process group the
+            matrices are summed over ranks (without one, other ranks' rows stay 0).
 
     Returns:
         ``(score_i2t [n_images, n_texts], score_t2i [n_texts, n_images])`` float32 on
@@ -61,9 +61,9 @@ def rerank_topk(
         top, idx = sim_t[j].topk(k_i)
         t2i[j] = -100.0
         t2i[j, idx] = itm_score(idx, torch.full_like(idx, j)).float() + top
-    if world > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if world > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(i2t)
         dist.all_reduce(t2i)
     return i2t, t2i
