@@ -61,13 +61,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config
 
+from medtune.data.image_text import ImageTextDataset, collate_image_text
+from medtune.eval.retrieval_scores import retrieval_scores
 from medtune.training import checkpointing as ckpt
-from medtune.training.contrastive import (
-    ImageTextDataset,
-    MomentumQueue,
-    collate_image_text,
-    retrieval_scores,
-)
+from medtune.training.contrastive import MomentumQueue
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.config import (

@@ -54,8 +54,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config
 
+from medtune.data.image_text import ImageTextDataset
 from medtune.training import checkpointing as ckpt
-from medtune.training.contrastive import ImageTextDataset
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.training.stage1 import CaptionCollate, IndexedPairs, save_sizes

@@ -224,7 +224,7 @@ class ZeroShotClassifyRecipe:
 
     def _retrieval(self) -> dict:
         from medtune.eval.retrieval_metrics import itm_eval, save_retrieval
-        from medtune.training.contrastive import retrieval_scores
+        from medtune.eval.retrieval_scores import retrieval_scores
         from medtune.utils.jsonl import write_text_atomic
 
         samples = config.instantiate(self.cfg.dataset)

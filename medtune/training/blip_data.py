@@ -55,8 +55,8 @@ class BlipPairs(torch.utils.data.Dataset):
         augment: dict | None = None,
         seed: int = 0,
     ):
+        from medtune.data.image_text import caption_of
         from medtune.data.images import image_transform
-        from medtune.training.contrastive import caption_of
         from medtune.utils.errors import UserError
 
         self.samples = list(samples)
