@@ -34,7 +34,9 @@ Features (all set in the config):
   run bit for bit. ``save_every_n_steps`` adds ``step_{n}/``.
 - **Distributed**: ``--nproc_per_node N`` (gloo on CPU, NCCL on CUDA), DDP. The loss is normalised
   over the global batch and the text-to-image term gathers every rank's rows, so N ranks x B equal
-  one process x N*B (dropout masks and augmentation aside: dropout draws per rank).
+  one process x N*B when ``sync_batchnorm: true`` (batch-norm statistics over the global batch,
+  :mod:`medtune.training.sync_batchnorm`, any backend); MAVL itself keeps per-rank statistics
+  (``false``). Dropout masks are drawn per rank.
 - **Logging**: stdout, ``metric_logger`` (DiskLogger), curves in ``output_dir/plots/``.
 - **Bad input** stops with one ``mavl_pretrain: error:`` line naming the file, row or key.
 """
@@ -65,6 +67,7 @@ KNOWN_KEYS = {
     "loss", "dataset", "image", "augment", "optimizer", "lr_scheduler", "metric_logger", "device",
     "seed", "batch_size", "epochs", "max_steps_per_epoch", "max_steps", "clip_grad_norm",
     "autocast", "num_workers", "log_every_n_steps", "save_every_n_steps", "resume_from_checkpoint",
+    "sync_batchnorm",
 }  # fmt: skip
 
 
@@ -102,6 +105,10 @@ class MAVLPretrainRecipe:
         self.model = model.to(self.device)
         self.loss_fn = config.instantiate(cfg.loss)
         self.train_model = self.model
+        if self.world > 1 and cfg_get(cfg, "sync_batchnorm", bool, False):
+            from medtune.training.sync_batchnorm import convert_global_batchnorm
+
+            convert_global_batchnorm(self.model)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
