@@ -4,3 +4,9 @@ Importing ``medtune`` is cheap (no torch import); import submodules for the real
 """
 
 __version__ = "0.1.0"
+
+# torchao's "Skipping import of cpp extensions" line opened every command: drop that one record
+# (medtune.utils.quiet; logging only, no torch import)
+from medtune.utils import quiet as _quiet  # noqa: E402
+
+_quiet.install()
