@@ -50,6 +50,7 @@ DEMO_ASSETS: dict[str, Callable[[Path], Path]] = {
     "tiny_llms": _llms,
     "tiny_mavl": _mavl,
     "benchmarks": lambda o: import_module("medtune.testing.benchmarks").make_benchmark_fixtures(o),
+    "tiny_hf_vlms": lambda o: import_module("medtune.testing.hf_vlms").make_tiny_hf_vlms(o),
 }
 
 # Where ``make demo`` (tools/run_demo.py) trains: <DEMO_OUTPUT>/image (images) and /blank (baseline).
