@@ -295,8 +295,9 @@ class EvalRecipe:
             )
         if OmegaConf.is_dict(ckpts):
             entries = [
-                (str(k), OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+                (str(k), OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                 for k, v in ckpts.items()
+                if v is not None  # checkpoints.<name>=null drops one
             ]
         else:
             paths = [str(p) for p in (ckpts if OmegaConf.is_list(ckpts) else [ckpts])]
