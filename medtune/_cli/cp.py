@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _source(spec: str) -> tuple[Path, tuple[str, ...], str]:
     """Return (file, accepted suffixes, run hint) for a recipe name or a config name."""
-    recipe = registry.get_recipe(spec.removesuffix(".py"))
+    recipe, alias = registry.recipe_or_alias(spec.removesuffix(".py"))
+    if alias is not None:
+        print(f"medtune: {alias.name} is an alias of recipe {alias.recipe}: copying that")
     if recipe is not None:
         first = recipe.configs[0].full_name if recipe.configs else "<config>"
         return recipe.path, (".py",), f"medtune run {{dest}} --config {first}"

@@ -15,6 +15,9 @@ example:
                    vision_finetune/slake
   generate         -
 
+Aliases are old recipe names that still work: each runs the recipe named after the arrow
+(`medtune run full_finetune_single_device --config slake` runs full_finetune/slake_single_device).
+
 A config is named <recipe>/<config> for `medtune cp`, `cat` and `validate`;
 `medtune run <recipe> --config <config>` also takes the short name:
   $ medtune run vision_finetune --config demo
@@ -48,8 +51,14 @@ def _ls(args: argparse.Namespace) -> int:
     for recipe in recipes:
         names = [c.full_name for c in recipe.configs] or [NULL_VALUE]
         rows.extend((recipe.name if i == 0 else "", name) for i, name in enumerate(names))
-    width = max([len("RECIPE"), *(len(r.name) for r in recipes)]) + 2
+    names = [r.name for r in recipes] + list(registry.ALIASES)
+    width = max([len("RECIPE"), *(len(n) for n in names)]) + 2
     lines = [f"{'RECIPE':<{width}}CONFIG"] + [f"{a:<{width}}{b}".rstrip() for a, b in rows]
+    aliases = [a for a in registry.ALIASES.values() if registry.get_alias(a.name)]
+    if aliases:
+        lines.append("")
+        lines.append(f"{'ALIAS':<{width}}RUNS")
+        lines.extend(f"{a.name:<{width}}{a.recipe}" for a in aliases)
     print("\n".join(lines))
     if not recipes:
         where = registry.recipes_root()

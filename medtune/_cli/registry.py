@@ -16,6 +16,13 @@ A config is named ``<recipe>/<config>`` everywhere in the CLI (``medtune cp visi
 ``medtune run <recipe> --config <config>`` also takes the short name. Whether a recipe may be
 launched with torchrun flags is the module-level constant ``SUPPORTS_DISTRIBUTED = True|False`` in
 the recipe file itself, read with :mod:`ast` (the recipe is never imported here).
+
+Aliases (:data:`ALIASES`) keep working the names of recipes that were merged into another: the four
+``{full,lora}_finetune_{single_device,distributed}`` recipes became ``full_finetune`` and
+``lora_finetune`` (one file for 1..N processes). ``medtune run <alias> --config <old config>``
+runs the new recipe with the config the old name meant (``full_finetune_single_device --config
+slake`` -> ``full_finetune/slake_single_device``) and says so on stderr; ``<alias>/<config>``
+names a config everywhere (``medtune cp lora_finetune_single_device/demo my.yaml``).
 """
 
 from __future__ import annotations
@@ -80,6 +87,59 @@ class Recipe:
         return None
 
 
+@dataclass(frozen=True)
+class Alias:
+    """An old recipe name that runs another recipe.
+
+    Attributes:
+        name: the old name (``full_finetune_single_device``).
+        recipe: the recipe it runs (``full_finetune``).
+        renamed: ``(old config name, new config name)`` pairs for the configs whose name
+            changed in the move; every other config keeps its name.
+    """
+
+    name: str
+    recipe: str
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def config_name(self, name: str) -> str:
+        """The recipe's config name for the old config ``name``."""
+        return dict(self.renamed).get(name, name)
+
+
+_SINGLE = (("slake", "slake_single_device"), ("vqa_rad", "vqa_rad_single_device"))
+
+#: Old recipe names -> the recipe they run now (issue 25: five training recipes became three).
+ALIASES: dict[str, Alias] = {
+    a.name: a
+    for a in (
+        Alias("full_finetune_single_device", "full_finetune", _SINGLE),
+        Alias("full_finetune_distributed", "full_finetune"),
+        Alias("lora_finetune_single_device", "lora_finetune", _SINGLE),
+        Alias("lora_finetune_distributed", "lora_finetune"),
+    )
+}
+
+
+def get_alias(name: str) -> Alias | None:
+    """The alias called ``name`` whose recipe exists under :func:`recipes_root`, or None."""
+    alias = ALIASES.get(name)
+    if alias is None or get_recipe(alias.recipe) is None:
+        return None
+    return alias
+
+
+def recipe_or_alias(name: str) -> tuple[Recipe | None, Alias | None]:
+    """The recipe registered as ``name``, or the one the alias ``name`` runs (with the alias)."""
+    recipe = get_recipe(name)
+    if recipe is not None:
+        return recipe, None
+    alias = get_alias(name)
+    if alias is not None:
+        return get_recipe(alias.recipe), alias
+    return None, None
+
+
 def recipes_root() -> Path | None:
     """Return the directory recipes are read from (see module docstring), or None if none exists.
 
@@ -128,22 +188,70 @@ def read_supports_distributed(path: Path) -> bool | None:
 
 
 def read_known_keys(path: Path) -> set[str] | None:
-    """The module-level ``KNOWN_KEYS = {...}`` (a literal set of strings) of a recipe file, read
-    with ``ast`` (no import); None when the recipe declares none."""
+    """The module-level ``KNOWN_KEYS`` of a recipe file, read with ``ast`` (no import).
+
+    ``KNOWN_KEYS`` is a literal set of strings, or a union (``|``) of such sets and of names
+    imported from a ``medtune`` module that defines them as literal sets
+    (``KNOWN_KEYS = FINETUNE_KEYS | {"save_merged"}`` with ``from medtune.training.run import
+    FINETUNE_KEYS``: the keys every fine-tuning recipe shares). None when the recipe declares none
+    or it cannot be read that way.
+    """
+    tree = _parse(path)
+    if tree is None:
+        return None
+    node = _assigned(tree, "KNOWN_KEYS")
+    if node is None:
+        return None
+    return _key_set(node, _imported_names(tree))
+
+
+def _parse(path: Path) -> ast.Module | None:
     try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+        return ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
         return None
+
+
+def _assigned(tree: ast.Module, name: str) -> ast.expr | None:
+    """The value last assigned to ``name`` at module level."""
+    value = None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "KNOWN_KEYS" for t in node.targets
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
-            try:
-                value = ast.literal_eval(node.value)
-            except ValueError:
-                return None
-            return {str(k) for k in value}
-    return None
+            value = node.value
+    return value
+
+
+def _imported_names(tree: ast.Module) -> dict[str, tuple[str, str]]:
+    """``{local name: (module, name)}`` of the file's ``from medtune... import name`` lines."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medtune."):
+            for alias in node.names:
+                out[alias.asname or alias.name] = (node.module, alias.name)
+    return out
+
+
+def _key_set(node: ast.expr, imported: dict[str, tuple[str, str]]) -> set[str] | None:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        left, right = _key_set(node.left, imported), _key_set(node.right, imported)
+        return None if left is None or right is None else left | right
+    if isinstance(node, ast.Name) and node.id in imported:
+        module, name = imported[node.id]
+        package_dir = Path(medtune.__file__).resolve().parent
+        rel = Path(*module.split(".")[1:])
+        for candidate in (package_dir / rel.with_suffix(".py"), package_dir / rel / "__init__.py"):
+            tree = _parse(candidate) if candidate.is_file() else None
+            value = _assigned(tree, name) if tree is not None else None
+            if value is not None:
+                return _key_set(value, {})
+        return None
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        return None
+    return {str(k) for k in value} if isinstance(value, (set, frozenset, list, tuple)) else None
 
 
 def read_docstring(path: Path) -> str | None:
@@ -189,7 +297,7 @@ def get_recipe(name: str) -> Recipe | None:
 
 def unknown_recipe_error(name: str) -> CLIError:
     """Build the error for a recipe name that is not registered, with close matches."""
-    names = [r.name for r in list_recipes()]
+    names = [r.name for r in list_recipes()] + [a for a in ALIASES if get_alias(a)]
     hint = did_you_mean(name, names)
     return CLIError(f"unknown recipe '{name}'{hint}; run `medtune ls` to see the recipes")
 
@@ -198,7 +306,8 @@ def find_config(spec: str, recipe: Recipe | None = None) -> Config | None:
     """Find a registered config by name.
 
     Tried in order: ``spec`` among ``recipe``'s configs (when given); ``spec`` as
-    ``<recipe>/<config>``; ``spec`` as a bare config name that exactly one recipe has.
+    ``<recipe>/<config>`` (``<alias>/<old config>`` too); ``spec`` as a bare config name that
+    exactly one recipe has.
 
     Args:
         spec: ``<config>`` or ``<recipe>/<config>``.
@@ -214,6 +323,11 @@ def find_config(spec: str, recipe: Recipe | None = None) -> Config | None:
         head, _, rest = spec.partition("/")
         for r in recipes:
             if r.name == head and (cfg := r.config(rest)) is not None:
+                return cfg
+        alias = get_alias(head)
+        if alias is not None:
+            target = get_recipe(alias.recipe)
+            if target is not None and (cfg := target.config(alias.config_name(rest))) is not None:
                 return cfg
     matches = [cfg for r in recipes if (cfg := r.config(spec)) is not None]
     return matches[0] if len(matches) == 1 else None

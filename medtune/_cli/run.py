@@ -21,6 +21,8 @@
   recipe must declare ``SUPPORTS_DISTRIBUTED = True``; a recipe file of the user's without the
   constant is launched with a note.
 * The current directory is importable by the recipe (in-process and in every rank).
+* An old recipe name (:data:`medtune._cli.registry.ALIASES`, e.g. ``full_finetune_single_device``)
+  runs the recipe it became with the config the old name meant, and says which on stderr.
 """
 
 from __future__ import annotations
@@ -92,12 +94,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_recipe(spec: str) -> tuple[Path, registry.Recipe | None]:
-    """Return the script for a registered recipe name or a ``.py`` path, and the registry entry.
+    """Return the script for a registered recipe name (or alias) or a ``.py`` path, and the
+    registry entry.
 
     Raises:
         CLIError: unknown name (with close matches) or missing file.
     """
-    recipe = registry.get_recipe(spec)
+    recipe, _ = registry.recipe_or_alias(spec)
     if recipe is not None:
         return recipe.path, recipe
     path = Path(spec).expanduser()
@@ -115,8 +118,12 @@ def resolve_recipe(spec: str) -> tuple[Path, registry.Recipe | None]:
     raise registry.unknown_recipe_error(spec)
 
 
-def resolve_config(spec: str, script: Path, recipe: registry.Recipe | None) -> Path:
-    """Return the YAML file for ``--config`` (see the module docstring for the order).
+def resolve_config(
+    spec: str, script: Path, recipe: registry.Recipe | None, alias: registry.Alias | None = None
+) -> Path:
+    """Return the YAML file for ``--config`` (see the module docstring for the order); under an
+    alias, an old config name is first mapped to the recipe's (``slake`` ->
+    ``slake_single_device``).
 
     Raises:
         CLIError: not found, with close matches among the recipe's configs.
@@ -124,7 +131,13 @@ def resolve_config(spec: str, script: Path, recipe: registry.Recipe | None) -> P
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix in registry.CONFIG_SUFFIXES:
         return path.resolve()
-    owner = recipe or registry.get_recipe(script.stem)
+    owner = recipe
+    if owner is None:  # a copied script keeps its recipe's (or alias's) name
+        owner, alias = registry.recipe_or_alias(script.stem)
+    if alias is not None and owner is not None:
+        cfg = owner.config(alias.config_name(spec))
+        if cfg is not None:
+            return cfg.path
     cfg = registry.find_config(spec, owner)
     if cfg is not None:
         return cfg.path
@@ -265,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         recipe_spec, rest = tokens[0], tokens[1:]
 
     script, recipe = resolve_recipe(recipe_spec)
+    alias = registry.get_alias(recipe_spec) if recipe is not None else None
     config_spec, overrides, want_help = split_recipe_args(recipe_spec, rest)
     if want_help:
         doc = registry.read_docstring(script) or "(this recipe has no docstring)"
@@ -290,7 +304,14 @@ def _run(args: argparse.Namespace) -> int:
                 "launching it with torchrun anyway",
                 file=sys.stderr,
             )
-    cfg_path = resolve_config(config_spec, script, recipe)
+    cfg_path = resolve_config(config_spec, script, recipe, alias)
+    if alias is not None:
+        print(
+            f"medtune: {alias.name} is an alias: running recipe {alias.recipe} with config "
+            f"{cfg_path.parent.name}/{cfg_path.stem}",
+            file=sys.stderr,
+            flush=True,
+        )
     argv = ["--config", str(cfg_path), *check_overrides(overrides, cfg_path)]
     check_needed_paths(cfg_path, argv[2:])  # a missing demo asset / checkpoint: name its maker
     if torchrun_ns is None:

@@ -52,9 +52,14 @@ def test_editable_checkout_uses_repo_recipes(tmp_path):
     assert Path(root) == REPO / "recipes"
     proc = _python(CLI, "ls", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    listed = {line.split()[0] for line in proc.stdout.splitlines()[1:] if not line.startswith(" ")}
+    recipes_table, _, aliases_table = proc.stdout.partition("\n\n")  # recipes, then aliases
+    listed = {
+        line.split()[0] for line in recipes_table.splitlines()[1:] if not line.startswith(" ")
+    }
     on_disk = {p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_")}
     assert listed == on_disk
+    aliases = {line.split()[0]: line.split()[1] for line in aliases_table.splitlines()[1:]}
+    assert set(aliases.values()) <= on_disk and not set(aliases) & on_disk
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""``full_finetune_single_device`` and ``full_finetune_distributed`` end to end on the tiny assets.
+"""``full_finetune`` (one file for 1..N processes) end to end on the tiny assets.
 
-- the ``demo`` and ``demo_text`` configs run through the CLI (the distributed one under
-  ``medtune run --nproc_per_node 2``);
+- the ``demo`` and ``demo_text`` configs run through the CLI (``demo`` also under
+  ``medtune run --nproc_per_node 2``), and through the old names (aliases);
 - resume after an interruption reproduces the uninterrupted run;
 - 2 CPU processes (gloo, FSDP2, LLM built on meta and loaded shard by shard) with gradient
   accumulation give the same losses and weights as 1 process with the same global batch;
@@ -26,7 +26,7 @@ from medtune._cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
-SINGLE, DIST = "full_finetune_single_device", "full_finetune_distributed"
+RECIPE = "full_finetune"
 SMALL = [
     "val_dataset=null",
     "max_steps_per_epoch=2",
@@ -78,7 +78,7 @@ def test_single_device_exports_rebuild_the_model(tiny_assets, tmp_path, capsys):
     (resume after a kill: tests/recipes/test_resume.py)."""
     ref = tmp_path / "ref"
     common = [f"assets_dir={tiny_assets}", "batch_size=8", *SMALL]
-    _run(SINGLE, "demo", *common, f"output_dir={ref}", "epochs=2")
+    _run(RECIPE, "demo", *common, f"output_dir={ref}", "epochs=2")
     out = capsys.readouterr().out
     assert "memory estimate per rank" in out and "llm        full" in out
     # the LLM folder is an HF checkpoint; the epoch folder rebuilds the trained MedVLM
@@ -102,9 +102,9 @@ def test_single_device_exports_rebuild_the_model(tiny_assets, tmp_path, capsys):
 def test_two_processes_equal_one(tiny_assets, tmp_path):
     """2 ranks x batch 2 x 2 accumulation steps (FSDP2, gloo) == 1 process x batch 8."""
     common = [f"assets_dir={tiny_assets}", "epochs=1", *SMALL]
-    _run(SINGLE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
+    _run(RECIPE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
     log = _run(
-        DIST,
+        RECIPE,
         "demo",
         *common,
         f"output_dir={tmp_path / 'two'}",
@@ -123,7 +123,7 @@ def test_two_processes_equal_one(tiny_assets, tmp_path):
 
 def test_text_only_full_sft(tiny_assets, tmp_path, capsys):
     _run(
-        SINGLE,
+        RECIPE,
         "demo_text",
         f"assets_dir={tiny_assets}",
         f"output_dir={tmp_path}",
@@ -138,7 +138,7 @@ def test_text_only_full_sft(tiny_assets, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- configs
-_CONFIGS = sorted((r, p.stem) for r in (SINGLE, DIST) for p in (CONFIGS / r).glob("*.yaml"))
+_CONFIGS = sorted((RECIPE, p.stem) for p in (CONFIGS / RECIPE).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(("recipe", "name"), _CONFIGS)
@@ -157,12 +157,12 @@ def test_config_keys_known_and_components_bind(recipe, name):
 
 
 @pytest.mark.parametrize(
-    ("recipe", "name"), [(r, n) for r in (SINGLE, DIST) for n in ("slake", "vqa_rad")]
+    "name", ["slake", "vqa_rad", "slake_single_device", "vqa_rad_single_device"]
 )
-def test_full_size_model_on_meta_device(recipe, name):
+def test_full_size_model_on_meta_device(name):
     from torchtune import config
 
-    cfg = OmegaConf.load(CONFIGS / recipe / f"{name}.yaml")
+    cfg = OmegaConf.load(CONFIGS / RECIPE / f"{name}.yaml")
     cfg.model.encoder_path = None
     with torch.device("meta"):
         model = config.instantiate(cfg.model)

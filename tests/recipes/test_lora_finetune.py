@@ -1,7 +1,7 @@
-"""``lora_finetune_single_device`` and ``lora_finetune_distributed`` end to end on the tiny assets.
+"""``lora_finetune`` (one file for 1..N processes) end to end on the tiny assets.
 
-- every tiny config runs through the CLI (``demo``, ``demo_text``, ``demo_qlora``; the distributed
-  ``demo`` under ``medtune run --nproc_per_node 2``);
+- every tiny config runs through the CLI (``demo``, ``demo_text``, ``demo_qlora``; ``demo`` also
+  under ``medtune run --nproc_per_node 2``); the old names run it as aliases;
 - resume after an interruption reproduces the uninterrupted run (single device and 2 processes);
 - 2 CPU processes (gloo, FSDP2, meta-device build) give the same losses and adapters as 1 process
   with the same global batch, for LoRA and DoRA (with activation checkpointing);
@@ -28,7 +28,7 @@ from medtune._cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
-SINGLE, DIST = "lora_finetune_single_device", "lora_finetune_distributed"
+RECIPE = "lora_finetune"
 SMALL = [
     "val_dataset=null",
     "max_steps_per_epoch=2",
@@ -86,7 +86,7 @@ def uninterrupted(tiny_assets, tmp_path_factory) -> Path:
     """Single-device LoRA demo, 2 epochs x 2 steps, global batch 8 (the reference run)."""
     out = tmp_path_factory.mktemp("lora_ref")
     run_recipe(
-        SINGLE,
+        RECIPE,
         "demo",
         f"assets_dir={tiny_assets}",
         f"output_dir={out}",
@@ -112,7 +112,7 @@ def test_single_device_exports(uninterrupted, capsys):
 def test_two_processes_equal_one(tiny_assets, tmp_path, uninterrupted):
     """2 ranks x batch 4 (FSDP2, gloo) == 1 process x batch 8: every loss and every weight."""
     common = [f"assets_dir={tiny_assets}", f"output_dir={tmp_path}", "batch_size=4", *SMALL]
-    log = run_recipe(DIST, "demo", *common, "epochs=2", nproc=2)
+    log = run_recipe(RECIPE, "demo", *common, "epochs=2", nproc=2)
     assert "2 process(es)" in log and "memory estimate per rank (2 rank(s)" in log
     assert losses(tmp_path) == pytest.approx(losses(uninterrupted), abs=1e-5)
     assert_same_weights(tmp_path / "epoch_1", uninterrupted / "epoch_1")
@@ -126,8 +126,8 @@ def test_dora_two_processes_equal_one(tiny_assets, tmp_path):
         "enable_activation_checkpointing=True",
         *SMALL,
     ]
-    run_recipe(SINGLE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
-    run_recipe(DIST, "demo", *common, f"output_dir={tmp_path / 'two'}", "batch_size=4", nproc=2)
+    run_recipe(RECIPE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
+    run_recipe(RECIPE, "demo", *common, f"output_dir={tmp_path / 'two'}", "batch_size=4", nproc=2)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert_same_weights(tmp_path / "two" / "epoch_0", tmp_path / "one" / "epoch_0")
     assert any(
@@ -189,7 +189,7 @@ def test_peft_and_merged_exports_give_medtune_logits(tiny_assets, uninterrupted,
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert README_PEFT.strip() in readme.replace(
         "/models/Meta-Llama-3-8B-Instruct", "BASE"
-    ).replace("outputs/lora_finetune_single_device_slake/epoch_0/adapter", "ADAPTER"), (
+    ).replace("outputs/lora_finetune_slake_single_device/epoch_0/adapter", "ADAPTER"), (
         "README's PEFT snippet changed: update README_PEFT"
     )
     ckpt = uninterrupted / "epoch_1"
@@ -239,7 +239,7 @@ def test_lora_checkpoint_loads_for_generate_and_eval(tiny_assets, uninterrupted)
 def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys):
     """QLoRA (NF4 base through torchao) at width 256 on one device and on 2 FSDP2 ranks (gloo)."""
     common = [f"assets_dir={tiny_assets}", "epochs=1", *SMALL]
-    run_recipe(SINGLE, "demo_qlora", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
+    run_recipe(RECIPE, "demo_qlora", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
     assert (
         "nf4" in capsys.readouterr().out
     )  # NF4 weights counted at their storage size in the estimate
@@ -250,8 +250,8 @@ def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys)
     )  # NF4 dequantized
     assert merged["model.layers.0.self_attn.q_proj.weight"].shape == (256, 256)
     log = run_recipe(
-        DIST,
-        f"{SINGLE}/demo_qlora",
+        RECIPE,
+        "demo_qlora",
         *common,
         f"output_dir={tmp_path / 'two'}",
         "batch_size=4",
@@ -265,7 +265,7 @@ def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys)
 def test_text_only_lora_sft(tiny_assets, tmp_path, capsys):
     """Text-only samples train a bare LoRA Llama-3 (``demo_text``) and a MedVLM alike."""
     run_recipe(
-        SINGLE,
+        RECIPE,
         "demo_text",
         f"assets_dir={tiny_assets}",
         f"output_dir={tmp_path / 'llm'}",
@@ -276,11 +276,11 @@ def test_text_only_lora_sft(tiny_assets, tmp_path, capsys):
     assert "llm    lora" in capsys.readouterr().out
     assert (tmp_path / "llm" / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(losses(tmp_path / "llm")) == 2
-    cfg = OmegaConf.load(CONFIGS / SINGLE / "demo.yaml")  # the MedVLM, fed the image-less samples
-    cfg.dataset = OmegaConf.load(CONFIGS / SINGLE / "demo_text.yaml").dataset
+    cfg = OmegaConf.load(CONFIGS / RECIPE / "demo.yaml")  # the MedVLM, fed the image-less samples
+    cfg.dataset = OmegaConf.load(CONFIGS / RECIPE / "demo_text.yaml").dataset
     OmegaConf.save(cfg, tmp_path / "vlm_text.yaml")
     run_recipe(
-        SINGLE,
+        RECIPE,
         str(tmp_path / "vlm_text.yaml"),
         f"assets_dir={tiny_assets}",
         f"output_dir={tmp_path / 'vlm'}",
@@ -296,11 +296,11 @@ def test_text_only_lora_sft(tiny_assets, tmp_path, capsys):
     [
         ("demo", "trainable.llm=full", "trainable.llm=full is not supported by this recipe"),
         (
-            "full_finetune_single_device/demo",
+            "full_finetune/demo",
             "trainable.llm=lora",
             "the LoRA recipes need a LoRA decoder",
         ),
-        ("demo", "+bogus=1", "config key(s) not known to lora_finetune_single_device: bogus"),
+        ("demo", "+bogus=1", "config key(s) not known to lora_finetune: bogus"),
     ],
 )
 def test_bad_input_is_one_line_error(tiny_assets, tmp_path, capsys, config, override, fragment):
@@ -308,7 +308,7 @@ def test_bad_input_is_one_line_error(tiny_assets, tmp_path, capsys, config, over
         main(
             [
                 "run",
-                SINGLE,
+                RECIPE,
                 "--config",
                 config,
                 f"assets_dir={tiny_assets}",
@@ -318,11 +318,11 @@ def test_bad_input_is_one_line_error(tiny_assets, tmp_path, capsys, config, over
         )
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert f"{SINGLE}: error:" in err and fragment in err and "Traceback" not in err
+    assert f"{RECIPE}: error:" in err and fragment in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- configs
-_CONFIGS = sorted((r, p.stem) for r in (SINGLE, DIST) for p in (CONFIGS / r).glob("*.yaml"))
+_CONFIGS = sorted((RECIPE, p.stem) for p in (CONFIGS / RECIPE).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(("recipe", "name"), _CONFIGS)
@@ -341,14 +341,14 @@ def test_config_keys_known_and_components_bind(recipe, name):
 
 
 @pytest.mark.parametrize(
-    ("recipe", "name"), [(r, n) for r in (SINGLE, DIST) for n in ("slake", "vqa_rad")]
+    "name", ["slake", "vqa_rad", "slake_single_device", "vqa_rad_single_device"]
 )
-def test_full_size_lora_model_on_meta_device(recipe, name):
+def test_full_size_lora_model_on_meta_device(name):
     from torchtune import config
 
     from medtune.models.lora import lora_modules
 
-    cfg = OmegaConf.load(CONFIGS / recipe / f"{name}.yaml")
+    cfg = OmegaConf.load(CONFIGS / RECIPE / f"{name}.yaml")
     cfg.model.encoder_path = None
     with torch.device("meta"):
         model = config.instantiate(cfg.model)

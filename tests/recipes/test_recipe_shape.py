@@ -13,7 +13,7 @@ from medtune._cli.main import main
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SMALL = ["epochs=1", "max_steps_per_epoch=2", "batch_size=4", "val_dataset=null", "shuffle=false"]
-LOSS_LINE = "return self.loss_fn(logits, targets[keep]), keep.sum()"
+LOSS_LINE = "return self.run.loss_fn(logits, targets[keep]), keep.sum()"
 
 
 def _run(*args: str) -> None:
@@ -28,15 +28,15 @@ def _losses(out: Path) -> list[float]:
 
 def test_copied_recipe_with_a_changed_loss_line_runs(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["cp", "lora_finetune_single_device", "my_lora.py"]) == 0
+    assert main(["cp", "lora_finetune", "my_lora.py"]) == 0
     script = tmp_path / "my_lora.py"
     text = script.read_text()
     assert text.count(LOSS_LINE) == 1 and "def train(self)" in text  # the loop is in the file
     script.write_text(
-        text.replace(LOSS_LINE, "return 2.0 * self.loss_fn(logits, targets[keep]), keep.sum()")
+        text.replace(LOSS_LINE, "return 2.0 * self.run.loss_fn(logits, targets[keep]), keep.sum()")
     )
-    common = ["--config", "lora_finetune_single_device/demo", f"assets_dir={tiny_assets}", *SMALL]
-    _run("lora_finetune_single_device", *common, f"output_dir={tmp_path / 'orig'}")
+    common = ["--config", "lora_finetune/demo", f"assets_dir={tiny_assets}", *SMALL]
+    _run("lora_finetune", *common, f"output_dir={tmp_path / 'orig'}")
     _run(str(script), *common, f"output_dir={tmp_path / 'mine'}")
     orig, mine = _losses(tmp_path / "orig"), _losses(tmp_path / "mine")
     assert len(orig) == len(mine) == 2

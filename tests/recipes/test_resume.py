@@ -60,16 +60,16 @@ CASES = {
         ["+augment.hflip=0.5", "+augment.rotation=10", TEMPLATES, "num_workers=2"],
     ),
     "lora_1proc_dropout_augment": (
-        "lora_finetune_single_device",
+        "lora_finetune",
         1,
         ["model.lora_dropout=0.1", "+augment.hflip=0.5"],
     ),
     "lora_2proc_dropout": (
-        "lora_finetune_distributed",
+        "lora_finetune",
         2,
         ["model.lora_dropout=0.1", "+augment.hflip=0.5", "num_workers=1"],
     ),
-    "full_1proc": ("full_finetune_single_device", 1, [TEMPLATES]),
+    "full_1proc": ("full_finetune", 1, [TEMPLATES]),
     "vision_1proc_packed": (
         "vision_finetune",
         1,

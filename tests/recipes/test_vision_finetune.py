@@ -176,7 +176,7 @@ def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
 def test_training_changes_trained_parts_and_keeps_llm_frozen(tiny_assets, tmp_path):
     cfg = _cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=2)
     recipe = _recipe_in_process(cfg)
-    model = recipe.model
+    model = recipe.run.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(not p.requires_grad for p in model.decoder.parameters())
     recipe.train()
@@ -214,8 +214,8 @@ def _losses_and_weights(cfg: dict) -> tuple[list[float], dict[str, torch.Tensor]
     recipe.save_checkpoint = lambda tag: None
     recipe.train()
     recipe.cleanup()
-    return recipe.loss_history, {
-        n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad
+    return recipe.run.loss_history, {
+        n: p.detach().clone() for n, p in recipe.run.model.named_parameters() if p.requires_grad
     }
 
 
@@ -252,18 +252,18 @@ def test_bf16_frozen_llm_keeps_fp32_trained_parts(tiny_assets, tmp_path):
         tiny_assets, tmp_path / "bf16", llm_dtype="bf16", max_steps_per_epoch=2, val_dataset=None
     )
     recipe = _recipe_in_process(cfg)
-    assert {p.dtype for p in recipe.model.decoder.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in recipe.model.encoders.parameters()} == {torch.float32}
-    assert {p.dtype for p in recipe.model.connectors.parameters()} == {torch.float32}
+    assert {p.dtype for p in recipe.run.model.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in recipe.run.model.encoders.parameters()} == {torch.float32}
+    assert {p.dtype for p in recipe.run.model.connectors.parameters()} == {torch.float32}
     # the pretrained encoder weights are the file's fp32 values, not bf16-rounded copies
     from medtune.models.encoders import open_clip_vision
 
     ref = open_clip_vision(str(tiny_assets / "tiny_clip")).tower.state_dict()
-    for k, v in recipe.model.encoders["image"].tower.state_dict().items():
+    for k, v in recipe.run.model.encoders["image"].tower.state_dict().items():
         assert torch.equal(v, ref[k]), k
     recipe.train()
     recipe.cleanup()
-    assert len(recipe.loss_history) == 2 and all(0 < x < 20 for x in recipe.loss_history)
+    assert len(recipe.run.loss_history) == 2 and all(0 < x < 20 for x in recipe.run.loss_history)
     sd = load_file(str(tmp_path / "bf16" / "epoch_0" / "model.safetensors"))
     assert {v.dtype for v in sd.values()} == {torch.float32}
 
@@ -298,11 +298,11 @@ recipe = mod["VisionFinetuneRecipe"](cfg)
 recipe.setup()
 recipe.train()
 # every rank writes its own view of the trained weights (gathered from the FSDP shards)
-sd = {{n: full_tensor(p.detach()).cpu().contiguous() for n, p in recipe.model.named_parameters() if p.requires_grad}}
-local = {{n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in recipe.model.named_parameters() if p.requires_grad}}
-out = os.path.join(cfg.output_dir, f"rank{{recipe.rank}}")
+sd = {{n: full_tensor(p.detach()).cpu().contiguous() for n, p in recipe.run.model.named_parameters() if p.requires_grad}}
+local = {{n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in recipe.run.model.named_parameters() if p.requires_grad}}
+out = os.path.join(cfg.output_dir, f"rank{{recipe.run.rank}}")
 save_file(sd, out + ".safetensors")
-json.dump({{"world_size": recipe.world_size, "losses": recipe.loss_history, "local_numel": sum(local.values())}},
+json.dump({{"world_size": recipe.run.world_size, "losses": recipe.run.loss_history, "local_numel": sum(local.values())}},
           open(out + ".json", "w"))
 recipe.cleanup()
 """
@@ -447,12 +447,12 @@ def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
         },
     )
     recipe = _recipe_in_process(cfg)
-    assert recipe.model.image_transforms["sam"]["image_size"] == 64
-    assert recipe.model.image_transforms["clip"]["image_size"] == 32
-    before = {n: p.detach().clone() for n, p in recipe.model.connectors.named_parameters()}
+    assert recipe.run.model.image_transforms["sam"]["image_size"] == 64
+    assert recipe.run.model.image_transforms["clip"]["image_size"] == 32
+    before = {n: p.detach().clone() for n, p in recipe.run.model.connectors.named_parameters()}
     recipe.train()
     recipe.cleanup()
-    after = dict(recipe.model.connectors.named_parameters())
+    after = dict(recipe.run.model.connectors.named_parameters())
     for name in ("sam", "clip"):
         assert any(
             not torch.equal(before[n], after[n]) for n in before if n.startswith(f"{name}.")
@@ -612,22 +612,22 @@ def _teacher_forced_accuracy(recipe, split: str) -> float:
     cfg = recipe.cfg
     samples = slake(root=cfg.dataset.root, split=split)
     tf = MedVLMTransform(
-        recipe.tokenizer,
-        image_token_id=recipe.model.image_token_id,
-        tokens_per_image=recipe.model.tokens_per_image,
-        image_transforms=recipe.model.image_transforms,
+        recipe.run.tokenizer,
+        image_token_id=recipe.run.model.image_token_id,
+        tokens_per_image=recipe.run.model.tokens_per_image,
+        image_transforms=recipe.run.model.image_transforms,
         prompt_template=cfg.prompt_template,
         blank_images=bool(cfg.blank_images),
     )
     ds = VisionChatDataset(samples, tf, train=False)
     right = total = 0
-    recipe.model.eval()
+    recipe.run.model.eval()
     with torch.no_grad():
         for i in range(0, len(ds), 32):
             batch = collate_vision_chat(
-                [ds[j] for j in range(i, min(i + 32, len(ds)))], pad_id=recipe.tokenizer.pad_id
+                [ds[j] for j in range(i, min(i + 32, len(ds)))], pad_id=recipe.run.tokenizer.pad_id
             )
-            logits = recipe.model(
+            logits = recipe.run.model(
                 batch["tokens"], images=batch["images"], image_counts=batch["image_counts"]
             )
             pred = logits[:, :-1].argmax(-1)
