@@ -1,4 +1,4 @@
-"""Where a model looks, as a PNG overlay of the image's size: two modes.
+"""Where a model looks, as a PNG overlay of the image's size: three modes.
 
 Dual encoder (contrastive checkpoint or open_clip hub folder) and a caption: Grad-CAM of the
 image-text score over the image tower's last block::
@@ -27,6 +27,20 @@ token) on the image-token positions, averaged over heads, queries and all layers
 the last K only), reshaped to the encoder's patch grid, upsampled and min-max scaled. It needs a
 connector that keeps one LLM token per patch (``linear`` / ``mlp``); the map covers the encoder's
 input view of the image, which is the whole image for its squashing resize.
+
+BLIP (a ``blip_pretrain`` / ``blip_retrieval`` folder) and a caption: Grad-CAM on the ITM
+cross-attention of one text-encoder layer, as BLIP / ALBEF's visualization (and the brain-VLP
+seed's ``vis.py``) computes it::
+
+    python tools/attention_map.py --checkpoint outputs/blip_retrieval_demo/epoch_1 \\
+        --image scan.png --text "lesion in the upper left" --out cam.png --layer 8 --per-word
+
+The ITM "match" logit is back-propagated to the attention probabilities of layer ``--layer``'s
+cross-attention ``[heads, T, 1 + patches]``; ``cam = attention * clamp(gradient, 0)`` over the
+patch columns ([CLS] dropped), padding tokens zeroed, mean over heads. ``--out`` shows the mean over
+the caption's words; ``--per-word`` also writes ``<out>_<k>_<word>.png`` for each word piece.
+Only ``[ENC]`` feeds the ITM head, so the words' rows of the *last* layer get no gradient: read an
+earlier layer (BLIP's demos use 8 of 12; a larger ``--layer`` is clamped to the second-to-last).
 """
 
 from __future__ import annotations
@@ -92,6 +106,86 @@ def grad_cam(model, tokenizer, image: Image.Image, text: str) -> np.ndarray:
     cam = torch.relu((a_ * g.mean(0)).sum(-1))  # [n_patch]
     side = int(round(cam.numel() ** 0.5))
     return _to_image_size(cam[: side * side].reshape(side, side), image)
+
+
+# ----------------------------------------------------------------------------- BLIP mode
+def blip_grad_cam(
+    model, tokenizer, image: Image.Image, text: str, layer: int = 8, max_length: int = 35
+) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """Grad-CAM of BLIP's ITM match logit on one cross-attention layer.
+
+    Args:
+        model: a :class:`medtune.models.blip.Blip` (eval mode).
+        tokenizer: its BERT tokenizer (``medtune.models.blip.blip_tokenizer``).
+        image: the RGB image; text: the caption.
+        layer: the text-encoder layer whose cross-attention is read (clamped to the
+            second-to-last: the last layer's word rows do not reach the ITM head).
+        max_length: caption tokens kept.
+
+    Returns:
+        ``(cam [H, W] over all words, [(word piece, cam [H, W]), ...])``, float32 in [0, 1] at the
+        image's size.
+    """
+    from medtune.data.images import image_transform
+
+    layers = model.text_encoder.encoder.layer
+    attn = layers[min(layer, max(len(layers) - 2, 0))].crossattention.self
+    x = image_transform(**model.transform)(image)[None]
+    tok = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+    saved = {}
+
+    def hook(_m, _inputs, output):
+        output[1].retain_grad()  # [1, heads, T, 1 + patches]: the probabilities BLIP saves
+        saved["a"] = output[1]
+
+    h = attn.register_forward_hook(hook)
+    try:
+        model.zero_grad()
+        with torch.enable_grad():
+            logit = model.itm_logits(model.image_tokens(x), tok.input_ids, tok.attention_mask)
+            logit[:, 1].sum().backward()
+    finally:
+        h.remove()
+    a, g = saved["a"].detach()[0], saved["a"].grad[0]  # [heads, T, 1 + n]
+    grid = model.visual_encoder.patch_embed.grid_size
+    mask = tok.attention_mask[0].float()[None, :, None]
+    cam = (a[..., 1:] * g[..., 1:].clamp(min=0) * mask).mean(0)  # [T, n]
+    cam = cam.reshape(-1, *grid)
+    n = int(tok.attention_mask[0].sum())
+    words = tokenizer.convert_ids_to_tokens(tok.input_ids[0, 1 : n - 1].tolist())
+    whole = _to_image_size(cam[1 : n - 1].mean(0) if n > 2 else cam.mean(0), image)
+    per_word = [(w, _to_image_size(cam[k + 1], image)) for k, w in enumerate(words)]
+    return whole, per_word
+
+
+def load_blip_checkpoint_folder(ckpt: Path, overrides: dict[str, str]):
+    """(model, tokenizer, max_length) of a ``blip_*`` checkpoint folder (config.yaml +
+    model.safetensors), the decoder built when the checkpoint holds one."""
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+    from torchtune import config
+
+    from medtune.models.blip.state import load_blip_state
+
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    for k, v in overrides.items():
+        OmegaConf.update(cfg, k, v)
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    decoder = any(k.startswith("text_decoder.") for k in names)
+    encoder = config.instantiate(cfg.encoder)
+    model = config.instantiate(cfg.model, vision=encoder, decoder=decoder)
+    load_blip_state(model, ckpt)
+    return model.eval(), config.instantiate(cfg.tokenizer), int(cfg.get("max_length", 35))
+
+
+def _is_blip(ckpt: Path | None) -> bool:
+    if ckpt is None or not (ckpt / "config.yaml").is_file():
+        return False
+    from omegaconf import OmegaConf
+
+    comp = OmegaConf.load(ckpt / "config.yaml").get("model", {}).get("_component_", "")
+    return str(comp).startswith("medtune.models.blip")
 
 
 # ----------------------------------------------------------------------------- MedVLM mode
@@ -279,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="cpu")
     g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="patch the checkpoint's config.yaml (e.g. a moved assets_dir)")  # fmt: skip
+    b = p.add_argument_group("BLIP")
+    b.add_argument("--layer", type=int, default=8, help="text-encoder layer of the cross-attention")
+    b.add_argument("--per-word", action="store_true", help="also one PNG per word piece")
     args = p.parse_args(argv)
     from medtune.data.images import load_image
 
@@ -286,7 +383,21 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--max-new-tokens must be >= 1 and --layers >= 0")
     image = load_image(args.image)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
-    if ckpt is not None and not (ckpt / "open_clip").is_dir() and (ckpt / "config.yaml").is_file():
+    if _is_blip(ckpt):
+        if args.layer < 0:
+            raise UserError("--layer must be >= 0")
+        model, tokenizer, max_length = load_blip_checkpoint_folder(ckpt, _overrides(args.override))
+        cam, words = blip_grad_cam(model, tokenizer, image, args.text, args.layer, max_length)
+        if args.per_word:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for k, (w, m) in enumerate(words):
+                safe = "".join(c for c in w if c.isalnum()) or "tok"
+                overlay(image, m).save(out.with_name(f"{out.stem}_{k}_{safe}{out.suffix}"))
+            print(f"wrote {len(words)} per-word maps beside {out}")
+    elif (
+        ckpt is not None and not (ckpt / "open_clip").is_dir() and (ckpt / "config.yaml").is_file()
+    ):
         from medtune.training.loading import load_from_checkpoint
 
         model, tokenizer, _ = load_from_checkpoint(
