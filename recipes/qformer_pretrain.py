@@ -14,7 +14,9 @@ Features (all set in the config):
   Q-Former initialised from a local HF BERT folder (``bert_dir``; bert-base-uncased for BLIP-2),
   cross-attention every ``cross_attention_freq`` layers, ``num_query_tokens`` queries, 256-d
   ITC projections, ITM head, temperature 0.07. ``tokenizer`` is that folder's BERT tokenizer with
-  ``[DEC]`` added; captions are cut/padded to ``max_txt_len`` (32) tokens.
+  ``[DEC]`` added; captions are cut/padded to ``max_txt_len`` (32) tokens. ``init_from: {kind:
+  lavis_blip2, path: blip2_pretrained.pth}`` starts it from LAVIS's released stage-1 weights
+  (MSMedCap does; ``vision_side: skip`` for an encoder of another width than EVA ViT-g's 1,408).
 - **Losses**: ITC (max over queries, label smoothing 0.1), ITM (hard negatives from the softmaxed
   similarities, positives excluded), ITG (captioning conditioned on the queries), summed; each is
   logged (``loss_itc``, ``loss_itm``, ``loss_itg``).
@@ -57,9 +59,10 @@ from torchtune import config
 from medtune.data.image_text import ImageTextDataset
 from medtune.training import checkpointing as ckpt
 from medtune.training.data import build_dataloader
-from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.training.stage1 import CaptionCollate, IndexedPairs, save_sizes
+from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import cfg_get, check_keys, non_negative, optional_component, positive
+from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, run_entry
 from medtune.viz.curves import plot_run
 
@@ -71,7 +74,7 @@ KNOWN_KEYS = {
     "model", "tokenizer", "dataset", "val_dataset", "max_txt_len", "optimizer", "lr_scheduler",
     "metric_logger", "device", "autocast", "seed", "shuffle", "batch_size", "epochs",
     "max_steps_per_epoch", "gradient_accumulation_steps", "clip_grad_norm", "num_workers",
-    "log_every_n_steps", "save_every_n_steps", "resume_from_checkpoint",
+    "log_every_n_steps", "save_every_n_steps", "resume_from_checkpoint", "init_from",
 }  # fmt: skip
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg")
 
@@ -132,6 +135,11 @@ class QFormerPretrainRecipe:
             )
         if state is not None:
             ckpt.load_trained(core, self.output_dir / state["checkpoint"])
+        elif cfg.get("init_from"):  # e.g. {kind: lavis_blip2, path: blip2_pretrained.pth}
+            from medtune.models.convert.init import foreign_state_dict
+
+            spec = OmegaConf.to_container(cfg.init_from, resolve=True)
+            core.load_state_dict(foreign_state_dict(core, spec), strict=False)
         self.core = core.float()
         self.model = core
         if self.distributed:
@@ -146,11 +154,8 @@ class QFormerPretrainRecipe:
         self.scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=total
         )
-        self.metric_logger = (
-            config.instantiate(cfg.metric_logger)
-            if self.is_rank_zero and cfg.get("metric_logger")
-            else None
-        )
+        # rank 0 only; logs the resolved config once
+        self.metric_logger = build_metric_logger(cfg, self.is_rank_zero)
         if state is not None:
             self._load_state(state)
         if self.is_rank_zero:
@@ -375,7 +380,7 @@ class QFormerPretrainRecipe:
         return metrics
 
     def cleanup(self) -> None:
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         if self.metric_logger is not None:
             self.metric_logger.close()

@@ -124,10 +124,19 @@ def medvlm_biomedclip_llama3_1_8b(
     return _biomedclip_llama(_llama3.llama3_1_8b, encoder_path, "patch", connector, None)
 
 
-def medvlm_medcap_llama3_8b(encoder_path: str | None = None, num_tokens: int = 32) -> MedVLM:
-    """medcap: BiomedCLIP's pooled 512-d embedding -> ``pooled_unfold`` to 32 tokens -> Llama-3-8B."""
+def medvlm_medcap_llama3_8b(
+    encoder_path: str | None = None, num_tokens: int = 50, hidden_dim: int | None = 4096
+) -> MedVLM:
+    """medcap: BiomedCLIP's pooled 512-d embedding -> medcap's projector (Linear 512 -> 4096, GELU,
+    Linear 4096 -> 50 x 4096) -> 50 tokens into Llama-3-8B, as medcap's released
+    ``last.pt`` (``init_from: {kind: medcap, path: .../last.pt}``, :mod:`medtune.models.convert.medcap`).
+    ``hidden_dim=None`` gives a single linear map instead."""
     return _biomedclip_llama(
-        _llama3.llama3_8b, encoder_path, "pooled", "pooled_unfold", {"num_tokens": num_tokens}
+        _llama3.llama3_8b,
+        encoder_path,
+        "pooled",
+        "pooled_unfold",
+        {"num_tokens": num_tokens, "hidden_dim": hidden_dim},
     )
 
 
@@ -179,6 +188,7 @@ def medvlm_open_clip_llama3(
     output: str = "patch",
     connector_kwargs: dict | None = None,
     max_seq_len: int | None = None,
+    feature_layer: int | None = None,
 ) -> MedVLM:
     """Any open_clip tower (hub-layout folder) + a Llama-3 shaped by an HF ``config.json``.
 
@@ -187,7 +197,7 @@ def medvlm_open_clip_llama3(
     being the third (128002 for a 128,256-token vocabulary).
     """
     dec = _llama3.llama3_from_hf_config(llm_config, max_seq_len=max_seq_len)
-    return open_clip_medvlm(dec, encoder_path, connector, output, connector_kwargs)
+    return open_clip_medvlm(dec, encoder_path, connector, output, connector_kwargs, feature_layer)
 
 
 def open_clip_medvlm(
@@ -196,12 +206,15 @@ def open_clip_medvlm(
     connector: ConnectorKind = "mlp",
     output: str = "patch",
     connector_kwargs: dict | None = None,
+    feature_layer: int | None = None,
 ) -> MedVLM:
     """``decoder`` (full or LoRA) + any open_clip tower (hub-layout folder) + a connector, with the
-    placeholder id of ``decoder``'s vocabulary (:func:`image_token_id_for_vocab`)."""
+    placeholder id of ``decoder``'s vocabulary (:func:`image_token_id_for_vocab`).
+    ``feature_layer``: patch tokens of an inner ViT block (LLaVA-style; needed for an exact
+    transformers LLaVA export), see :mod:`medtune.models.encoders`."""
     return medvlm(
         decoder,
-        open_clip_vision(encoder_path, output=output),
+        open_clip_vision(encoder_path, output=output, feature_layer=feature_layer),
         connector=connector,
         connector_kwargs=connector_kwargs,
         image_token_id=image_token_id_for_vocab(decoder.tok_embeddings.num_embeddings),
@@ -213,6 +226,7 @@ def tiny_medvlm(
     connector: ConnectorKind = "mlp",
     output: str = "patch",
     connector_kwargs: dict | None = None,
+    feature_layer: int | None = None,
 ) -> MedVLM:
     """The tiny MedVLM of the generated test/demo assets (``medtune.testing.assets``)."""
     return medvlm_open_clip_llama3(
@@ -221,6 +235,7 @@ def tiny_medvlm(
         connector=connector,
         output=output,
         connector_kwargs=connector_kwargs,
+        feature_layer=feature_layer,
     )
 
 

@@ -66,10 +66,23 @@ class MLPConnector(Connector):
 
 
 class PooledUnfold(Connector):
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 32):
+    """A pooled embedding unfolded into ``num_tokens`` LLM tokens: one linear map, or with
+    ``hidden_dim`` medcap's ``Sequential(Linear(in, hidden), GELU(), Linear(hidden, N * out))``
+    (parameter names ``proj.0`` / ``proj.2``, as medcap's ``projector``)."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, num_tokens: int = 32, hidden_dim: int | None = None
+    ):
         super().__init__()
         self.in_dim, self.out_dim, self.n = in_dim, out_dim, num_tokens
-        self.proj = nn.Linear(in_dim, num_tokens * out_dim)
+        if hidden_dim is None:
+            self.proj = nn.Linear(in_dim, num_tokens * out_dim)
+        else:
+            self.proj = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim),
+                nn.GELU(),
+                nn.Linear(hidden_dim, num_tokens * out_dim),
+            )
 
     def num_tokens(self, n_in: int) -> int:
         return self.n

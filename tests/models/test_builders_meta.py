@@ -47,7 +47,8 @@ BIOMEDCLIP_VISUAL = VIT_B16_TRUNK + 768 * 512
 assert BIOMEDCLIP_VISUAL == 86_191_872
 
 MLP_CONNECTOR = 768 * 4096 + 4096 + 4096 * 4096 + 4096
-POOLED_UNFOLD_32 = 512 * 32 * 4096 + 32 * 4096
+# medcap's projector: Linear(512, 4096), GELU, Linear(4096, 4096 * 50)
+MEDCAP_PROJECTOR = (512 * 4096 + 4096) + (4096 * 4096 * 50 + 4096 * 50)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ POOLED_UNFOLD_32 = 512 * 32 * 4096 + 32 * 4096
     [
         ("medvlm_biomedclip_llama3_8b", MLP_CONNECTOR, 196, 768),
         ("medvlm_biomedclip_llama3_1_8b", MLP_CONNECTOR, 196, 768),
-        ("medvlm_medcap_llama3_8b", POOLED_UNFOLD_32, 32, 512),
+        ("medvlm_medcap_llama3_8b", MEDCAP_PROJECTOR, 50, 512),
     ],
 )
 def test_full_size_builders_on_meta(name, connector_params, tokens, enc_out):

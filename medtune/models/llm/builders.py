@@ -78,3 +78,38 @@ def medvlm_biomedclip_qwen2_5_7b(
 ) -> MedVLM:
     """BiomedCLIP patch tokens -> connector -> Qwen2.5-7B-Instruct."""
     return _biomedclip("qwen2_5", encoder_path, connector)
+
+
+def medvlm_xraygpt_vicuna_7b(
+    encoder_checkpoint: str | None = None,
+    num_query_tokens: int = 32,
+    image_size: int = 224,
+) -> MedVLM:
+    """XrayGPT / MiniGPT-4: EVA ViT-g (LAVIS ``create_eva_vit_g``: 39 blocks, 1,408 wide, patch 14;
+    timm ``eva_giant_patch14_224`` names) -> BLIP-2 Q-Former (bert-base, 32 queries) + linear ->
+    Vicuna-7B v0. Start it from a released checkpoint with ``init_from: {kind: minigpt4, path:
+    ..., qformer_path: blip2_pretrained_flant5xxl.pth}`` (:mod:`medtune.models.convert.minigpt4`).
+
+    Args:
+        encoder_checkpoint: timm-format EVA ViT-g weights; None: as built (the vision side then
+            comes from the MiniGPT-4 checkpoint, or stays random on ``meta``).
+        num_query_tokens: Q-Former queries (image tokens per image).
+        image_size: input size (224).
+    """
+    from medtune.models.encoders import timm_vision
+
+    enc = timm_vision(
+        "eva_giant_patch14_224",
+        checkpoint_path=encoder_checkpoint,
+        image_size=image_size,
+        depth=39,
+        mean=[0.48145466, 0.4578275, 0.40821073],
+        std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return family_medvlm(
+        vicuna_7b_v0(),
+        "llama2",
+        enc,
+        connector="blip2_qformer",
+        connector_kwargs={"num_query_tokens": num_query_tokens},
+    )
