@@ -1,10 +1,14 @@
-"""Evaluate trained MedVLM checkpoints on medical VQA, caption and report benchmarks: one table.
+"""Evaluate MedVLM checkpoints and baseline VLMs on medical VQA, multiple-choice, caption and report
+benchmarks: one table.
 
     medtune run eval --config slake_vqa_rad \\
         checkpoints='[outputs/run1/epoch_2,outputs/run2/epoch_4]' data_dir=/data
     medtune run eval --config mimic_cxr_report checkpoints='[...]' data_dir=/data/mimic-cxr-jpg \\
         chexbert_dir=/models/chexbert chexbert_tokenizer_dir=/models/bert-base-uncased
     medtune run eval --config demo                       # the tiny demo checkpoint, synthetic SLAKE
+    medtune run eval --config med_vqa_suite data_dir=/data \\
+        checkpoints='{tuned: outputs/run/epoch_2, qwen2_vl: {model: hf, path: /models/Qwen2-VL-7B-Instruct}}'
+    medtune run eval --config demo_backends              # medtune x hf x openai on tiny models
     python recipes/eval.py --config recipes/configs/eval/slake.yaml checkpoints='[...]'
 
 Features (all set in the config):
@@ -15,6 +19,16 @@ Features (all set in the config):
   (``checkpoint_overrides`` patches the saved config, e.g. a moved ``assets_dir``; ``llm_dtype``
   and ``device`` as in training). Names are derived from the paths, readable and unique
   (``runs/a/epoch_2`` -> ``a_epoch_2``). Pick checkpoints on validation, never on test.
+- **Baselines** (:mod:`medtune.eval.backends`): in the mapping form an entry may be
+  ``{model: hf, path: DIR}``: any transformers image-text-to-text folder (``AutoProcessor`` +
+  ``AutoModelForImageTextToText``, its chat template, batched ``generate``, bf16 on CUDA;
+  ``dtype``, ``batch_size``, ``trust_remote_code``), data-parallel under torchrun as medtune
+  checkpoints are; or ``{model: openai, base_url: http://host:port/v1, name: MODEL}``: any
+  OpenAI-compatible server (vLLM, SGLang, ``medtune serve``): images as PNG data URLs,
+  ``concurrency`` requests in flight, retries with backoff on dropped connections and 5xx
+  (``max_retries``, ``backoff_s``, ``timeout_s``, ``api_key_env``); rows are appended as they
+  come, so a failed run resumes where it stopped. ``checkpoints.<name>=null`` drops an entry.
+  Rows record the backend's identity as ``checkpoint`` (the path, or ``openai:<name>@<url>``).
 - **Datasets**: ``datasets`` maps a name to any medtune reader ``_component_`` (default SLAKE
   English test and VQA-RAD test); split, language, answer types, modalities, ... are the reader's
   own arguments (``datasets.slake.answer_types='[CLOSED]'``); ``datasets.<name>=null`` drops one.
@@ -22,7 +36,14 @@ Features (all set in the config):
   of each (smoke runs). A dataset whose samples are captions (``caption_json``: a ``caption`` and
   no ``answer_type`` in ``meta``, or ``meta.task == "caption"``, as the report readers
   ``medtune.data.report_readers.openi | mimic_cxr | xraygpt`` and ``roco`` set it) is scored as
-  captions; force it with ``tasks.<name>: caption`` (or ``vqa``).
+  captions; force it with ``tasks.<name>: caption`` (or ``vqa``). Multiple-choice readers
+  (:mod:`medtune.data.benchmarks`: PMC-VQA, OmniMedVQA, MedXpertQA MM, MMMU health; ``meta.task ==
+  "mcq"``) are asked with MedEvalKit's prompt (the question, the options lettered ``A. text``, "Answer
+  with the option's letter from the given choices directly."; ``mcq_prompt_template`` with
+  ``{question}`` and ``{options}`` replaces it) and scored by MedEvalKit's ``judge_multi_choice``
+  (:mod:`medtune.eval.mcq`: ``mcq_accuracy``, ``n_mcq``, ``n_mcq_no_option``, per-group
+  accuracies). VQA metrics.json adds MedEvalKit's accuracies (``accuracy_medevalkit``,
+  ``closed_accuracy_medevalkit``, ``open_accuracy_medevalkit``; :mod:`medtune.eval.medevalkit_vqa`).
 - **Generation**: batched (``batch_size``), KV-cached, through the one inference path
   (:func:`medtune.inference.answer`). ``generation`` is a block of
   :class:`medtune.generation.GenerationConfig` fields (``max_new_tokens`` (default 32),
@@ -56,8 +77,11 @@ Features (all set in the config):
   :func:`medtune.eval.caption_metrics.score_caption_rows`, BLEU-1..4, METEOR, ROUGE-L, CIDEr, the
   same JSON as ``medtune score``), for captions ``<ckpt>/<dataset>/per_row.jsonl`` (the
   per-report scores, the file ``medtune score --per-row`` writes), and one table across all
-  pairs, ``results.md`` and ``results.csv`` (rows: checkpoint x dataset; columns: n = scored
-  questions, ``n_closed``, ``n_open`` and every named metric, as fractions), printed at the end,
+  pairs, ``results.md``, ``results.csv`` and ``results.json`` (rows: checkpoint x dataset;
+  columns: checkpoint, model (backend), dataset, task, n = scored questions, ``n_closed``,
+  ``n_open`` and every named metric, as fractions), the per-group table (answer type, modality,
+  question type, subset, ...) under it and in ``results_groups.csv`` (:mod:`medtune.eval.results`),
+  printed at the end,
   with ``checkpoints.json`` (name -> path).
 - **Clinical efficacy** (chest X-ray reports): ``chexbert_dir`` names a local CheXbert labeler
   (``chexbert.pth``, optionally its BERT ``config.json``) and ``chexbert_tokenizer_dir`` its
