@@ -23,6 +23,10 @@ Features (all set in the config):
   ``medtune.models.convert.mavl``); per class, the present-probability of the MAVL entity it maps to
   (``mavl.class_map`` overrides MAVL's per-dataset maps in ``medtune.eval.mavl_zero_shot``), as
   MAVL's ``Zero-shot_classification/test.py`` (``mode: feature``). No tokenizer is needed.
+  ``mavl.grounding`` (``thresholds``, ``concepts``, ``overlays``): zero-shot grounding as MAVL's
+  ``Zero-shot_grounding/test.py`` on the positive images of items with boxes (RSNA) or run-length
+  masks (SIIM-ACR) (``medtune.data.mavl_splits``): pointing game, IoU and Dice per threshold
+  (``medtune.eval.grounding``) in ``grounding.json``; ``overlays: n`` writes n PNGs per class.
 - **mode: linear_probe**: a linear head on frozen image features, trained on ``train_dataset``
   (``probe.epochs``, ``probe.lr``, ``probe.weight_decay``); saved in ``output_dir/linear_probe/``.
 - **mode: retrieval**: ``dataset`` is an image-caption reader; writes ``retrieval.safetensors``
@@ -48,7 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 from medtune.eval import zero_shot as zs
-from medtune.training.distributed import resolve_device
+from medtune.utils.distributed import resolve_device
 from medtune.utils.config import (
     cfg_get,
     check_keys,
@@ -65,7 +69,7 @@ MODES = ("prompts", "concepts", "linear_probe", "retrieval", "mavl")
 KNOWN_KEYS = {
     "output_dir", "assets_dir", "data_dir", "model", "tokenizer", "checkpoint", "mode", "dataset",
     "val_dataset", "train_dataset", "classes", "prompts", "concepts", "probe", "retrieval",
-    "batch_size", "num_workers", "device", "seed", "mavl",
+    "batch_size", "num_workers", "device", "seed", "mavl", "books_dir", "text_model_dir",
 }  # fmt: skip
 
 
@@ -220,7 +224,35 @@ class ZeroShotClassifyRecipe:
         write_text_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(f"{rule}: auroc_macro {metrics['auroc_macro']} | f1_max_mavl {metrics['f1_max_mavl']} "
               f"| {len(rows)} images, {len(classes)} classes -> {self.output_dir / 'predictions.jsonl'}")  # fmt: skip
+        if self.mode == "mavl" and self.cfg.get("mavl", {}).get("grounding"):
+            self._grounding(items, classes)
         return metrics
+
+    def _grounding(self, items, classes: list[str]) -> None:
+        """MAVL zero-shot grounding of each class on its positive images -> ``grounding.json``."""
+        from medtune.eval.grounding import MAVL_THRESHOLDS
+        from medtune.eval.mavl_zero_shot import mavl_grounding
+        from medtune.utils.jsonl import write_text_atomic
+
+        g = self.cfg.mavl.grounding
+        thresholds = cfg_get(self.cfg, "mavl.grounding.thresholds", list, None) or list(
+            MAVL_THRESHOLDS
+        )
+        results = {}
+        for c in classes:
+            results[c] = mavl_grounding(
+                self.model, items, c, cfg_get(self.cfg, "mavl.class_map", dict, None),
+                thresholds=thresholds, concepts=g.get("concepts"),
+                overlay_dir=self.output_dir / "overlays" / c,
+                max_overlays=cfg_get(self.cfg, "mavl.grounding.overlays", int, 0, check=non_negative()),
+                batch_size=self.batch_size, device=self.device,
+            )  # fmt: skip
+            r = results[c]
+            print(f"grounding {c} ({r['entity']}): {r['n']} positive images | pointing_game "
+                  f"{r['pointing_game']} | dice {r.get('dice_best_test_threshold_mavl')} iou "
+                  f"{r.get('iou_best_test_threshold_mavl')} at th {r.get('best_test_threshold_mavl')} "
+                  "(MAVL's rule: threshold chosen on this set)")  # fmt: skip
+        write_text_atomic(self.output_dir / "grounding.json", json.dumps(results, indent=2) + "\n")
 
     def _retrieval(self) -> dict:
         from medtune.eval.retrieval_metrics import itm_eval, save_retrieval

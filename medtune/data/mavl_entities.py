@@ -170,7 +170,12 @@ class MAVLPretrainDataset(torch.utils.data.Dataset):
 
         it = self.items[i]
         key = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
-        labels, index = triplet_extraction(self.labels[it.labels_id], random.Random(key))
+        try:
+            labels, index = triplet_extraction(self.labels[it.labels_id], random.Random(key))
+        except ValueError as e:
+            raise BadValueError(
+                f"labels_id {it.labels_id}: {e}", row_id=it.id, id_name="image"
+            ) from None
         image = load_image(it.image)
         if self.augmenting:
             with torch.random.fork_rng(devices=[]):

@@ -75,3 +75,70 @@ def mavl_scores(model, items, classes: list[str], class_map: dict[str, str] | No
     )
     out = [model.presence(x.to(device))[:, idx].float().cpu() for x in loader]
     return torch.cat(out) if out else torch.zeros(0, len(classes))
+
+
+def target_mask(item, height: int, width: int):
+    """The item's target mask at ``(height, width)`` from ``meta["boxes"]`` (RSNA) or
+    ``meta["rles"]`` (SIIM-ACR), drawn at the original image size and resized (nearest) as MAVL."""
+    import numpy as np
+    from PIL import Image
+
+    from medtune.data.images import load_image
+    from medtune.eval.grounding import boxes_to_mask, masks_from_rles
+
+    w0, h0 = load_image(item.image).size
+    if "boxes" in item.meta:
+        m = boxes_to_mask(item.meta["boxes"], h0, w0)
+    elif "rles" in item.meta:
+        m = masks_from_rles(item.meta["rles"], h0, w0)
+    else:
+        raise ConfigError(f"mavl.grounding: item {item.id} has no boxes or run-length masks "
+                          "(use medtune.data.mavl_splits.mavl_rsna / mavl_siim)")  # fmt: skip
+    return (
+        np.asarray(Image.fromarray(m * 255).resize((width, height), Image.Resampling.NEAREST)) > 0
+    )
+
+
+@torch.no_grad()
+def mavl_grounding(model, items, cls: str, class_map: dict[str, str] | None, *, thresholds,
+                   concepts=None, overlay_dir=None, max_overlays: int = 0, batch_size: int = 16,
+                   device="cpu") -> dict:  # fmt: skip
+    """Zero-shot grounding of class ``cls`` on the items labelled 1 (MAVL's rule, see
+    :mod:`medtune.eval.grounding`). Returns :func:`~medtune.eval.grounding.score_grounding`'s dict
+    plus ``entity``; writes up to ``max_overlays`` PNGs into ``overlay_dir``."""
+    from pathlib import Path
+
+    from medtune.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
+    from medtune.data.images import load_image
+    from medtune.eval import grounding as g
+    from medtune.eval.zero_shot import _Images
+
+    pos = [it for it in items if it.labels.get(cls) == 1]
+    ent = entity_indices(model, items, [cls], class_map)[0]
+    size = model.image.grid * 16
+    tf = {
+        "image_size": size,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bilinear",
+    }
+    loader = torch.utils.data.DataLoader(
+        _Images([str(it.image) for it in pos], tf), batch_size=batch_size
+    )
+    concepts = tuple(concepts) if concepts is not None else g.MAVL_CONCEPTS
+    maps = []
+    for x in loader:
+        out = model(x.to(device))
+        maps += list(
+            g.attention_map(
+                out["attn"], ent, model.n_concepts, (size, size), concepts=concepts
+            ).cpu()
+        )
+    masks = [torch.from_numpy(target_mask(it, size, size)) for it in pos]
+    res = g.score_grounding(maps, masks, thresholds)
+    res["entity"] = model.entities[ent]
+    if overlay_dir and max_overlays:
+        Path(overlay_dir).mkdir(parents=True, exist_ok=True)
+        for it, h, m in list(zip(pos, maps, masks))[:max_overlays]:
+            g.save_overlay(load_image(it.image), h, m.numpy(), Path(overlay_dir) / f"{it.id}.png")
+    return res

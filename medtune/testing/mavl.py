@@ -80,6 +80,77 @@ def write_tiny_mimic(out: Path, n: dict[str, int] | None = None, seed: int = 0) 
     return out
 
 
+def _lesion_scans(n: int, seed: int):
+    """(image uint8 [64, 64], lesion mask uint8 or None) x n; the drawn X-ray lesion is the only
+    region darker than 40."""
+    from medtune.testing.synthetic import render_scan
+
+    rng, pyrng = np.random.default_rng(seed), random.Random(seed)
+    for _ in range(n):
+        lesion = (
+            None
+            if pyrng.random() < 0.4
+            else (pyrng.choice(["left", "right"]), pyrng.choice(["upper", "lower"]))
+        )
+        img = render_scan("X-Ray", lesion, rng, SIZE)
+        yield img, ((img < 40).astype(np.uint8) if lesion else None)
+
+
+SPLITS = {"train": 16, "val": 8, "test": 12}
+
+
+def write_tiny_rsna(out: Path, seed: int = 2) -> Path:
+    """MAVL's RSNA split files (``ID, img_path, boxes, classes``) over PNG scans (box = the lesion's)."""
+    import csv
+
+    from PIL import Image
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    scans = _lesion_scans(sum(SPLITS.values()), seed)
+    k = 0
+    for split, n in SPLITS.items():
+        with open(out / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ID", "img_path", "boxes", "classes"])
+            for _ in range(n):
+                img, mask = next(scans)
+                rel = f"images/rsna{k:04d}.png"
+                Image.fromarray(img).save(out / rel)
+                box = ""
+                if mask is not None:
+                    ys, xs = np.nonzero(mask)
+                    box = (
+                        f"{xs.min()};{ys.min()};{xs.max() - xs.min() + 1};{ys.max() - ys.min() + 1}"
+                    )
+                w.writerow([f"id-{k:04d}", rel, box, int(mask is not None)])
+                k += 1
+    return out
+
+
+def write_tiny_siim(out: Path, seed: int = 3) -> Path:
+    """MAVL's SIIM-ACR split files (``ImageId, EncodedPixels``) + ``processed_images/<id>.png``."""
+    import csv
+
+    from PIL import Image
+
+    from medtune.eval.grounding import rle_encode
+
+    (out / "processed_images").mkdir(parents=True, exist_ok=True)
+    scans = _lesion_scans(sum(SPLITS.values()), seed)
+    k = 0
+    for split, n in SPLITS.items():
+        with open(out / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ImageId", "EncodedPixels"])
+            for _ in range(n):
+                img, mask = next(scans)
+                iid = f"1.2.276.0.{k}"
+                Image.fromarray(img).save(out / "processed_images" / f"{iid}.png")
+                w.writerow([iid, " " + (rle_encode(mask) if mask is not None else "-1")])
+                k += 1
+    return out
+
+
 def make_tiny_mavl(out: str | Path, seed: int = 0) -> Path:
     """Write every MAVL asset under ``out`` (a folder marked complete is reused). Returns ``out``."""
     from medtune.testing.towers import write_tiny_bert, write_tiny_cxr14
@@ -93,6 +164,8 @@ def make_tiny_mavl(out: str | Path, seed: int = 0) -> Path:
     (out / "mimic").mkdir(exist_ok=True)
     write_tiny_mimic(out / "mimic", seed=seed)
     write_tiny_cxr14(out / "tiny_cxr14", n_train=8, n_test=16, seed=seed + 1)
+    write_tiny_rsna(out / "rsna", seed=seed + 2)
+    write_tiny_siim(out / "siim", seed=seed + 3)
     (out / ".complete").write_text("ok\n")
     return out
 

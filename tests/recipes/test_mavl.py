@@ -96,6 +96,15 @@ def test_demo_pretrain_then_zero_shot_through_cli(assets, tmp_path):
     assert all(0 < v < 1 for r in rows for v in r["scores"].values())
     p = _run("score", str(zs / "predictions.jsonl"))
     assert p.returncode == 0 and "f1_max_mavl" in p.stdout
+    # zero-shot grounding on MAVL's RSNA split layout (boxes), overlays on request
+    gr = tmp_path / "gr"
+    text = _ok(_run("run", "zero_shot_classify", "--config", "demo_mavl_rsna_grounding", f"assets_dir={assets}",
+                    f"output_dir={gr}", f"checkpoint={out / 'epoch_1'}"))  # fmt: skip
+    res = json.loads((gr / "grounding.json").read_text())["Pneumonia"]
+    assert res["entity"] == "pneumonia" and res["n"] == 10 and 0 <= res["pointing_game"] <= 1
+    assert set(res["dice"]) == {"0.05", "0.1", "0.2"} and "best_test_threshold_mavl" in res
+    assert "grounding Pneumonia (pneumonia): 10 positive images" in text
+    assert len(list((gr / "overlays" / "Pneumonia").glob("*.png"))) == 2
 
 
 def test_two_ranks_equal_one_process(assets, tmp_path):
