@@ -7,8 +7,9 @@ autocast over fp32 weights on CUDA, as the recipe does). Three set-ups, built at
 
 - ``medtune``: ``medtune.models.builders.medvlm(llama3_tiny(...), timm_vision("vit_tiny_patch16_224", ...),
   connector="mlp")``, parts frozen/trained with ``medtune.training.params.set_trainable``, and the step of
-  ``recipes/vision_finetune.py`` (``model(tokens, images=..., image_counts=...)``, summed CE over the
-  shifted labels, ``torchtune.training.scale_grads`` by 1/answer-tokens, AdamW step).
+  ``recipes/vision_finetune.py``: its forward is :func:`medtune.training.loop.answer_logits` (called here,
+  ``model(tokens, images=..., image_counts=...)`` with logits at the answer positions), summed CE over the
+  shifted labels, ``torchtune.training.scale_grads`` by 1/answer-tokens, AdamW step.
 - ``hf_llava``: transformers' ``LlavaForConditionalGeneration`` with a ``LlamaConfig`` text model and a
   ``CLIPVisionConfig`` tower of the same shapes, ``projector_hidden_act="gelu"``,
   ``vision_feature_select_strategy="default"`` (CLS dropped: same 196 tokens as medtune's patch tokens),
@@ -393,26 +394,32 @@ def medtune_setup(model, batch: dict, autocast: bool, select: bool = True) -> Se
 
     ``select=False`` projects every position onto the vocabulary (the step before ``output_at``).
     """
-    import contextlib
+    from types import SimpleNamespace
 
     from torchtune import training
 
-    from medtune.models.medvlm import output_at
+    from medtune.training.loop import answer_logits
     from medtune.training.loss import AnswerCrossEntropy, answer_targets
 
     state = {}
     ce = AnswerCrossEntropy()
 
-    def loss_fn() -> torch.Tensor:  # the loss lines of recipes/vision_finetune.py `_loss_step`
-        images = {"image": batch["images"]}
-        targets, keep = answer_targets(batch["labels"])
-        with (
-            torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=autocast),
-            output_at(model.decoder, keep) if select else contextlib.nullcontext(),
-        ):
-            logits = model(batch["tokens"], images=images, image_counts=batch["image_counts"])
+    # what answer_logits reads of the recipe's run (one process)
+    run = SimpleNamespace(model=model, device=batch["labels"].device, world_size=1, rank=0)
+    loop_batch = {**batch, "images": {"image": batch["images"]}}
+
+    def loss_fn() -> torch.Tensor:  # recipes/vision_finetune.py `_loss_step`
+        if select:  # the recipe's own forward
+            logits, targets, keep = answer_logits(run, loop_batch, autocast)
+            state["n_tok"] = keep.sum()
+            return ce(logits, targets[keep])
+        targets, keep = answer_targets(batch["labels"])  # every position projected
+        with torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(
+                batch["tokens"], images=loop_batch["images"], image_counts=batch["image_counts"]
+            )
         state["n_tok"] = keep.sum()
-        return ce(logits, targets[keep] if select else targets)
+        return ce(logits, targets)
 
     def after_backward() -> None:
         training.scale_grads(model, 1 / state["n_tok"].clamp(min=1))

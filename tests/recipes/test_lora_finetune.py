@@ -262,6 +262,26 @@ def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys)
     assert_same_weights(tmp_path / "two" / "epoch_0", tmp_path / "one" / "epoch_0")
 
 
+def test_one_process_wraps_nothing_and_qlora_stays_nf4(tiny_assets, tmp_path):
+    """One process: no process group, no FSDP (no DTensor anywhere), the QLoRA base stays NF4 on
+    the device: the single-device path and memory, in the same file that shards under torchrun."""
+    import runpy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    mod = runpy.run_path(str(REPO / "recipes" / f"{RECIPE}.py"), run_name="recipe")
+    cfg = OmegaConf.load(CONFIGS / RECIPE / "demo_qlora.yaml")
+    cfg.assets_dir, cfg.output_dir = str(tiny_assets), str(tmp_path)
+    recipe = mod["LoRAFinetuneRecipe"](cfg)
+    recipe.setup()
+    params = list(recipe.run.model.parameters())
+    assert not dist.is_initialized() and not recipe.run.distributed
+    assert not any(isinstance(p, DTensor) for p in params)
+    assert sum(type(p).__name__ == "NF4Tensor" for p in params) == 2 * 7  # 2 layers x 7 linears
+    recipe.cleanup()
+
+
 def test_text_only_lora_sft(tiny_assets, tmp_path, capsys):
     """Text-only samples train a bare LoRA Llama-3 (``demo_text``) and a MedVLM alike."""
     run_recipe(
