@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from medtune.utils.errors import run_entry
 
-from . import cat, cp, ls, run, validate
+from . import cat, cp, ls, run, score, validate
 
 EPILOG = """\
 examples:
@@ -27,6 +27,7 @@ examples:
   $ medtune run vision_finetune --config demo optimizer.lr=1e-4
   $ medtune run --nproc_per_node 2 vision_finetune --config demo
   $ medtune plot outputs/demo/image outputs/demo/blank      # training curves on shared axes
+  $ medtune export hf outputs/demo_llava/epoch_1 exported/  # a transformers LLaVA folder
 
 Run `medtune <command> --help` for each command's options.
 """
@@ -56,18 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(func=None)
     subparsers = parser.add_subparsers(title="commands", metavar="<command>")
-    for module in (ls, cp, cat, validate, run):
+    for module in (ls, cp, cat, validate, run, score):
         module.register(subparsers)
-    try:  # written separately; the CLI works without it
-        from . import score
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.score":
-            raise
-    else:
-        score.register(subparsers)
-    from . import plot  # imports matplotlib only when run
+    from . import export, plot  # each imports its heavy libraries only when run
 
     plot.register(subparsers)
+    export.register(subparsers)
     return parser
 
 

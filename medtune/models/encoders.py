@@ -10,6 +10,13 @@
 
 ``output="patch"`` yields the patch tokens (CLS and other prefix tokens dropped); ``"pooled"``
 yields one token, the model's pooled (for open_clip: projected) embedding.
+
+``feature_layer`` (patch output of a ViT only) takes the patch tokens of an inner block instead of
+the tower's final normalized tokens, indexed as LLaVA / transformers index ``hidden_states``:
+``-1`` is the last block's output *before* the final LayerNorm, ``-2`` the block before it
+(LLaVA-1.5's choice). None (default) keeps the tokens after the final norm. A MedVLM exports to
+transformers' LLaVA exactly only with a ``feature_layer`` (LLaVA selects a hidden state, which
+never carries the final norm).
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ class VisionEncoder(nn.Module):
         out_dim: width of each token.
         transform: image transform settings for :func:`medtune.data.images.image_transform`
             (``image_size``, ``mean``, ``std``, optional ``interpolation``, ``resize_mode``).
+        feature_layer: patch tokens of this block (``hidden_states`` indexing, see the module
+            docstring); None: the tower's final tokens.
     """
 
     def __init__(
@@ -69,10 +78,19 @@ class VisionEncoder(nn.Module):
         num_tokens: int,
         out_dim: int,
         transform: dict,
+        feature_layer: int | None = None,
     ):
         super().__init__()
         if output not in ("patch", "pooled"):
             raise ValueError(f"encoder output must be 'patch' or 'pooled', got {output!r}")
+        if feature_layer is not None:
+            n = _num_blocks(tower, kind)
+            if output != "patch" or n is None or not -n <= feature_layer < 0:
+                raise ValueError(
+                    f"feature_layer={feature_layer}: needs output='patch' on a ViT tower and a "
+                    f"negative index in [-{n}, -1] (transformers' hidden_states indexing)"
+                )
+        self.feature_layer = feature_layer
         self.tower = tower
         self.kind = kind
         self.output = output
@@ -83,6 +101,8 @@ class VisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Args: images [b, 3, H, W] (normalized). Returns: tokens [b, num_tokens, out_dim]."""
         t = self.tower
+        if self.feature_layer is not None:
+            return self._block_tokens(images)
         if self.kind == "open_clip_vit":
             pooled, tokens = t(images)
             out = pooled[:, None, :] if self.output == "pooled" else tokens
@@ -98,6 +118,24 @@ class VisionEncoder(nn.Module):
                 out = _timm_patch_tokens(t, images)
         return out
 
+    def _block_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens after block ``n + feature_layer`` (no final norm, prefix tokens dropped)."""
+        index = [_num_blocks(self.tower, self.kind) + self.feature_layer]
+        if self.kind == "open_clip_vit":
+            out = self.tower.forward_intermediates(
+                images, indices=index, stop_early=True, intermediates_only=True, output_fmt="NLC"
+            )
+            return out["image_intermediates"][0]
+        trunk = self.tower.trunk if self.kind == "open_clip_timm" else self.tower
+        return trunk.forward_intermediates(
+            images,
+            indices=index,
+            norm=False,
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )[0]
+
     def unused_parameters(self) -> set[str]:
         """Names (relative to this module) of tower parameters the chosen output never uses:
         the pooled head / projection when patch tokens are taken. They stay frozen, so a trained
@@ -106,6 +144,14 @@ class VisionEncoder(nn.Module):
             return set()
         heads = {"open_clip_vit": ("tower.proj",), "open_clip_timm": ("tower.head.",)}
         heads = heads.get(self.kind, ("tower.head.", "tower.fc_norm."))
+        if self.feature_layer is not None:  # the final norm and the blocks after the chosen one
+            n = _num_blocks(self.tower, self.kind)
+            prefix = {"open_clip_vit": "tower.", "open_clip_timm": "tower.trunk."}
+            prefix = prefix.get(self.kind, "tower.")
+            blocks = "transformer.resblocks" if self.kind == "open_clip_vit" else "blocks"
+            late = tuple(f"{prefix}{blocks}.{i}." for i in range(n + self.feature_layer + 1, n))
+            final = (prefix + "ln_post.",) if self.kind == "open_clip_vit" else (prefix + "norm.",)
+            heads = (*heads, *late, *final)
         return {n for n, _ in self.named_parameters() if n.startswith(heads) or n in heads}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -113,6 +159,15 @@ class VisionEncoder(nn.Module):
         target = self.tower.trunk if self.kind == "open_clip_timm" else self.tower
         if hasattr(target, "set_grad_checkpointing"):
             target.set_grad_checkpointing(enable)
+
+
+def _num_blocks(tower: nn.Module, kind: str) -> int | None:
+    """Transformer blocks of a ViT tower (None for towers without a block list, e.g. ResNets)."""
+    if kind == "open_clip_vit":
+        blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    else:
+        blocks = getattr(tower.trunk if kind == "open_clip_timm" else tower, "blocks", None)
+    return None if blocks is None else len(blocks)
 
 
 @contextlib.contextmanager
@@ -205,7 +260,10 @@ def load_visual_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _build_open_clip_visual(
-    config: dict, output: str, device: torch.device | str | None = None
+    config: dict,
+    output: str,
+    device: torch.device | str | None = None,
+    feature_layer: int | None = None,
 ) -> VisionEncoder:
     from open_clip.model import _build_vision_tower
 
@@ -237,6 +295,7 @@ def _build_open_clip_visual(
             num_tokens=tokens,
             out_dim=dim,
             transform=transform,
+            feature_layer=feature_layer,
         )
     visual.output_tokens = True
     grid = visual.grid_size
@@ -248,10 +307,13 @@ def _build_open_clip_visual(
         num_tokens=tokens,
         out_dim=dim,
         transform=transform,
+        feature_layer=feature_layer,
     )
 
 
-def open_clip_vision(path: str, output: str = "patch", load_weights: bool = True) -> VisionEncoder:
+def open_clip_vision(
+    path: str, output: str = "patch", load_weights: bool = True, feature_layer: int | None = None
+) -> VisionEncoder:
     """The vision tower of an open_clip model in hub layout, offline.
 
     Args:
@@ -259,12 +321,13 @@ def open_clip_vision(path: str, output: str = "patch", load_weights: bool = True
             ``hf-hub:org/repo`` resolved in the local HF cache only.
         output: ``"patch"`` tokens or the ``"pooled"`` (projected) embedding.
         load_weights: read ``visual.*`` weights from the folder (False: random init).
+        feature_layer: patch tokens of an inner block (see the module docstring).
 
     Returns:
         A :class:`VisionEncoder`.
     """
     config, folder = read_open_clip_config(path)
-    enc = _build_open_clip_visual(config, output)
+    enc = _build_open_clip_visual(config, output, feature_layer=feature_layer)
     if load_weights:
         sd = load_visual_state_dict(folder)
         missing, unexpected = enc.tower.load_state_dict(sd, strict=False)
@@ -277,7 +340,10 @@ def open_clip_vision(path: str, output: str = "patch", load_weights: bool = True
 
 
 def biomedclip_vision(
-    path: str | None = None, output: str = "patch", device: str | None = None
+    path: str | None = None,
+    output: str = "patch",
+    device: str | None = None,
+    feature_layer: int | None = None,
 ) -> VisionEncoder:
     """BiomedCLIP's vision tower (timm ViT-B/16, 224 px; 512-d pooled, 768-d patch tokens).
 
@@ -286,10 +352,13 @@ def biomedclip_vision(
             None builds from the published config with random weights (e.g. on ``device="meta"``).
         output: ``"patch"`` (196 tokens x 768) or ``"pooled"`` (1 token x 512).
         device: where to build when ``path`` is None.
+        feature_layer: patch tokens of an inner block (see the module docstring).
     """
     if path is not None:
-        return open_clip_vision(path, output=output)
-    return _build_open_clip_visual(BIOMEDCLIP_CONFIG, output, device=device)
+        return open_clip_vision(path, output=output, feature_layer=feature_layer)
+    return _build_open_clip_visual(
+        BIOMEDCLIP_CONFIG, output, device=device, feature_layer=feature_layer
+    )
 
 
 def timm_vision(
@@ -299,6 +368,7 @@ def timm_vision(
     image_size: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    feature_layer: int | None = None,
     **model_kwargs: Any,
 ) -> VisionEncoder:
     """Any timm model as an encoder (ViT, SAM's ``samvit_base_patch16``, ...), offline.
@@ -309,6 +379,7 @@ def timm_vision(
         output: ``"patch"`` tokens or ``"pooled"``.
         image_size: input size (defaults to the model's); passed to timm as ``img_size``.
         mean, std: normalization (defaults to the model's pretrained config).
+        feature_layer: patch tokens of an inner block (see the module docstring).
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim`` for tiny tests).
     """
     import timm
@@ -347,6 +418,7 @@ def timm_vision(
         num_tokens=tokens,
         out_dim=model.num_features,
         transform=transform,
+        feature_layer=feature_layer,
     )
 
 
