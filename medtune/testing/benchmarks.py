@@ -21,7 +21,7 @@ import io
 import json
 from pathlib import Path
 
-from medtune.data.benchmarks.mmmu import MMMU_HEALTH_SUBJECTS
+from medtune.data.benchmarks.mmmu_parquet import MMMU_HEALTH_SUBJECTS
 from medtune.testing.datasets import make_medical_image
 
 __all__ = ["COUNTS", "make_benchmark_fixtures", "png_bytes", "write_parquet"]

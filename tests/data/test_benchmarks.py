@@ -185,3 +185,12 @@ def test_missing_images_named(bench, copy):
     shutil.rmtree(root / "Images" / "Knee MRI")
     with pytest.raises(MissingImageError, match=r"Knee MRI.json row 0 .*image not found"):
         omnimedvqa(root)
+
+
+def test_slake_hub_copy_is_the_slake1_layout(slake_dir, tmp_path):
+    """BoKelvin/SLAKE unpacks to {train,validation,test}.json + imgs/ at its top: the slake reader
+    reads it as it reads Slake1.0."""
+    from medtune.data import slake
+
+    hub = Path(shutil.copytree(slake_dir, tmp_path / "SLAKE"))
+    assert [s.id for s in slake(hub, "test")] == [s.id for s in slake(slake_dir, "test")]

@@ -12,11 +12,11 @@ Multiple-choice samples carry ``meta["task"] = "mcq"``, ``choices`` (option text
 ``answer`` (the letter). Each reader's docstring names the loader / dataset card it follows.
 """
 
-from medtune.data.benchmarks.medxpertqa import medxpertqa
-from medtune.data.benchmarks.mmmu import MMMU_HEALTH_SUBJECTS, mmmu
-from medtune.data.benchmarks.omnimedvqa import omnimedvqa
+from medtune.data.benchmarks.medxpert_jsonl import medxpertqa
+from medtune.data.benchmarks.mmmu_parquet import MMMU_HEALTH_SUBJECTS, mmmu
+from medtune.data.benchmarks.omnimed_json import omnimedvqa
 from medtune.data.benchmarks.parquet_vqa import hf_vqa_parquet, pathvqa, vqa_rad_hf
-from medtune.data.benchmarks.pmc_vqa import pmc_vqa
+from medtune.data.benchmarks.pmc_csv import pmc_vqa
 
 __all__ = [
     "MMMU_HEALTH_SUBJECTS",
