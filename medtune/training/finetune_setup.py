@@ -28,6 +28,7 @@ from medtune.training.memory import estimate_memory, format_memory
 from medtune.training.optim import build_lr_scheduler, build_optimizer, param_groups
 from medtune.training.params import parameter_table, set_trainable
 from medtune.training.run import Run, restore, resume_state
+from medtune.training.trackers import log_resolved_config
 from medtune.training.setup import (
     build_model,
     check_llm_mode,
@@ -62,6 +63,7 @@ def setup_run(run: Run, setup_model: Callable[[dict[str, Any] | None], nn.Module
     run.loss_fn = config.instantiate(cfg.loss)
     if run.is_rank_zero and cfg.get("metric_logger"):
         run.metric_logger = config.instantiate(cfg.metric_logger)
+        log_resolved_config(run.metric_logger, cfg)  # once, on rank 0 (medtune.training.trackers)
     run.data = setup_data(run, run.model, run.tokenizer)
     run.optimizer, run.lr_scheduler = setup_optimizer(run, run.model, run.data)
     if state is not None:
