@@ -67,6 +67,7 @@ from medtune.training import checkpointing as ckpt
 from medtune.training.contrastive import MomentumQueue
 from medtune.training.data import build_dataloader
 from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
+from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import (
     cfg_get,
     check_keys,
@@ -180,7 +181,8 @@ class ContrastivePretrainRecipe:
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=total
         )
-        self.logger = config.instantiate(cfg.metric_logger) if self.rank == 0 else None
+        # rank 0 only; logs the resolved config once
+        self.logger = build_metric_logger(cfg, self.rank == 0)
         self._resume_rng = None
         if self.resume:
             self._load_state()
@@ -342,7 +344,8 @@ class ContrastivePretrainRecipe:
                         temperature=1 / float(self.model.logit_scale().detach()),
                     )
                     m["images_per_s"] = n_img / (time.perf_counter() - t0)
-                    self.logger.log_dict(m, step=self.global_step)
+                    if self.logger is not None:
+                        self.logger.log_dict(m, step=self.global_step)
                     print(
                         f"step {self.global_step} | "
                         + " | ".join(f"{k}:{v:.4f}" for k, v in m.items()),
@@ -383,7 +386,10 @@ class ContrastivePretrainRecipe:
         if self.rank == 0:
             save_retrieval(folder / "retrieval.safetensors", sims["sim_i2t"], sims["txt2img"], sims.get("sim_t2i"),
                            metadata={"checkpoint": str(folder), "rule": sims["rule"]})  # fmt: skip
-            self.logger.log_dict({f"val_{k}": v for k, v in metrics.items()}, step=self.global_step)
+            if self.logger is not None:
+                self.logger.log_dict(
+                    {f"val_{k}": v for k, v in metrics.items()}, step=self.global_step
+                )
             print(
                 "retrieval | " + " | ".join(f"{k}:{v:.2f}" for k, v in metrics.items()), flush=True
             )
