@@ -153,6 +153,13 @@ def main() -> None:
     print(
         f"demo finished in {time.perf_counter() - t0:.0f}s (checkpoints in {args.out})", flush=True
     )
+    # where to look: both runs' curves on shared axes, and the image run's error-analysis page
+    from medtune.viz.curves import plot_runs
+
+    plot_runs([args.out / "image", args.out / "blank"], args.out / "plots")
+    print(f"training curves (image run vs blank-image baseline): {args.out / 'plots'}/", flush=True)
+    for page in sorted(evals["image"].glob("*/*/report.html")):
+        print(f"report page (every test question, right / wrong): {page}", flush=True)
     print(f"image accuracy: {acc_img:.2f} | question-only baseline: {acc_blank:.2f}", flush=True)
 
 
