@@ -113,3 +113,19 @@ def medvlm_xraygpt_vicuna_7b(
         connector="blip2_qformer",
         connector_kwargs={"num_query_tokens": num_query_tokens},
     )
+
+
+def tiny_xraygpt_vicuna(
+    llm_config: str, encoder_path: str, num_query_tokens: int = 4, sizes: dict | None = None
+) -> MedVLM:
+    """A tiny :func:`medvlm_xraygpt_vicuna_7b` for tests: an open_clip tower (hub folder) through
+    a BLIP-2 Q-Former connector (``sizes``: ``hidden_size``, ``num_hidden_layers``, ...) into the
+    LLM of an HF ``config.json`` (the tiny Vicuna of :mod:`medtune.testing.llm_families`)."""
+    dec, family = decoder_from_hf_config(llm_config)
+    return family_medvlm(
+        dec,
+        family,
+        open_clip_vision(encoder_path, output="patch"),
+        connector="blip2_qformer",
+        connector_kwargs={"num_query_tokens": num_query_tokens, **(sizes or {})},
+    )
