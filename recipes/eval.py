@@ -50,11 +50,7 @@ Features (all set in the config):
   ``min_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_beams``,
   ``length_penalty``, ``repetition_penalty``, ...; an unknown key is named) for VQA;
   ``caption_generation`` is merged over it for caption datasets (``max_new_tokens`` default 128;
-  LAVIS scores captions with 3-5 beams: ``caption_generation.num_beams=3``). The flat keys of
-  earlier configs still work (the shipped VQA configs hold them as null) and, set, win over the
-  blocks: ``max_new_tokens`` (=
-  ``generation.max_new_tokens``), ``caption_max_new_tokens`` (=
-  ``caption_generation.max_new_tokens``), ``seed`` (= ``generation.seed``). Prompts are token ids
+  LAVIS scores captions with 3-5 beams: ``caption_generation.num_beams=3``). Prompts are token ids
   in the Llama-3 chat format with the image placeholders; ``system_prompt`` adds a system turn.
 - **Prompt modes** (``prompt_mode``):
   ``direct``: the question through ``prompt_template`` (a format string with ``{question}`` and
@@ -69,7 +65,7 @@ Features (all set in the config):
   ``describe_layout: text`` asks without the image, the description inlined by
   ``describe_context_template`` (``{description}``, ``{question}``). Caption datasets always use
   the reader's instruction, as is.
-- **Outputs** in ``output_dir``: ``<ckpt>/<dataset>/predictions.jsonl`` (DESIGN §3 schema, one row
+- **Outputs** in ``output_dir``: ``<ckpt>/<dataset>/predictions.jsonl`` (the :mod:`medtune.eval.predictions` schema, one row
   per question: id, dataset, split, image, question, answer, answer_type, prediction, checkpoint
   (the path), generation (every setting that shapes the output), language, modality,
   content_type, prompt, and description in describe_then_answer), ``<ckpt>/<dataset>/metrics.json``
@@ -82,7 +78,10 @@ Features (all set in the config):
   ``n_open`` and every named metric, as fractions), the per-group table (answer type, modality,
   question type, subset, ...) under it and in ``results_groups.csv`` (:mod:`medtune.eval.results`),
   printed at the end,
-  with ``checkpoints.json`` (name -> path).
+  with ``checkpoints.json`` (name -> path); ``charts/<metric>.png`` (a grouped bar chart per
+  metric, checkpoints x datasets, values on the bars) and ``<ckpt>/<dataset>/report.html`` (every
+  question with its thumbnail, reference, prediction and per-metric marks; filters, search, side
+  by side with another checkpoint; static, offline), by :mod:`medtune.viz.eval_outputs`.
 - **Clinical efficacy** (chest X-ray reports): ``chexbert_dir`` names a local CheXbert labeler
   (``chexbert.pth``, optionally its BERT ``config.json``) and ``chexbert_tokenizer_dir`` its
   bert-base-uncased tokenizer folder (``vocab.txt``; default: ``chexbert_dir``). Every caption
@@ -133,7 +132,9 @@ from medtune.eval.questions import (
 from medtune.eval.report import checkpoint_names
 from medtune.eval.results import write_results
 from medtune.eval.vqa_metrics import score_predictions
-from medtune.utils.errors import UserError, run_entry
+from medtune.utils.config import check_keys
+from medtune.utils.distributed import on_rank0
+from medtune.utils.errors import run_entry
 from medtune.utils.jsonl import append_jsonl, write_jsonl_atomic, write_text_atomic
 
 SUPPORTS_DISTRIBUTED = True
@@ -142,6 +143,7 @@ KNOWN_KEYS = {
     "output_dir",
     "assets_dir",
     "data_dir",
+    "model_dir",  # a model folder the checkpoints interpolate (eval/slake_llava_med)
     "checkpoints",
     "checkpoint_overrides",
     "datasets",
@@ -152,9 +154,6 @@ KNOWN_KEYS = {
     "batch_size",
     "generation",
     "caption_generation",
-    "max_new_tokens",  # shorthand of generation.max_new_tokens (earlier configs)
-    "caption_max_new_tokens",  # shorthand of caption_generation.max_new_tokens
-    "seed",  # shorthand of generation.seed
     "prompt_mode",
     "prompt_template",
     "short_answer",
@@ -176,13 +175,6 @@ DESCRIBE_LAYOUTS = ("conversation", "text")
 DEFAULT_DESCRIBE_PROMPT = "Describe the medical image."
 DEFAULT_CONTEXT_TEMPLATE = "Image description: {description}\n\n{question}"
 DEFAULT_MAX_NEW_TOKENS = {"generation": 32, "caption_generation": 128}
-#: Flat keys of earlier configs -> (block, field); given, they win over the block's value.
-SHORTHANDS = {
-    "max_new_tokens": ("generation", "max_new_tokens"),
-    "caption_max_new_tokens": ("caption_generation", "max_new_tokens"),
-    "seed": ("generation", "seed"),
-}
-
 __all__ = ["EvalConfigError", "EvalRecipe", "checkpoint_names", "generation_configs", "recipe_main"]
 
 
@@ -201,7 +193,7 @@ def generation_configs(cfg: DictConfig):
     """The VQA and caption :class:`~medtune.generation.GenerationConfig` of an eval config.
 
     ``caption_generation`` is merged over ``generation``; each block's ``max_new_tokens`` defaults
-    to :data:`DEFAULT_MAX_NEW_TOKENS`; the :data:`SHORTHANDS` win over the blocks.
+    to :data:`DEFAULT_MAX_NEW_TOKENS`.
 
     Returns:
         ``{"vqa": GenerationConfig, "caption": GenerationConfig}``.
@@ -214,9 +206,6 @@ def generation_configs(cfg: DictConfig):
     from medtune.utils.errors import ConfigError
 
     blocks = {k: _block(cfg, k) for k in DEFAULT_MAX_NEW_TOKENS}
-    for short, (block, field) in SHORTHANDS.items():
-        if cfg.get(short) is not None:
-            blocks[block][field] = cfg.get(short)
     vqa = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS["generation"], **blocks["generation"]}
     caption = {
         **vqa,
@@ -245,12 +234,7 @@ class EvalRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self.backend = None
         self.rank, self.world_size = 0, 1
-        unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
-        if unknown:
-            raise EvalConfigError(
-                f"config key(s) not known to eval: {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(KNOWN_KEYS))})"
-            )
+        check_keys(cfg, KNOWN_KEYS, "eval")
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.batch_size = int(cfg.get("batch_size", 8))
@@ -290,26 +274,13 @@ class EvalRecipe:
 
     def _on_rank0(self, fn):
         """``fn()`` on rank 0, its result (or its user error) on every rank."""
-        if self.world_size == 1:
-            return fn()
-        import torch.distributed as dist
-
-        box: list[Any] = [None, None]
-        if self.rank == 0:
-            try:
-                box[0] = fn()
-            except UserError as e:
-                box[1] = str(e)
-        dist.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise EvalConfigError(box[1])
-        return box[0]
+        return on_rank0(fn, EvalConfigError)
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         """Join the process group (torchrun), resolve checkpoints and read every dataset once."""
-        from medtune.training.distributed import init_distributed, resolve_device
+        from medtune.utils.distributed import init_process_group, resolve_device
 
         cfg = self.cfg
         ckpts = cfg.get("checkpoints")
@@ -349,7 +320,7 @@ class EvalRecipe:
                     f"folder such as output_dir/epoch_0{hint}"
                 )
         self.device = resolve_device(cfg.get("device", "auto"))
-        self.rank, self.world_size = init_distributed(self.device)
+        self.rank, self.world_size = init_process_group(self.device, in_one_process=False)
         tasks = dict(cfg.get("tasks") or {})
         self.datasets: dict[str, tuple[str, list[Sample]]] = {}
         for name, node in (cfg.get("datasets") or {}).items():
@@ -466,6 +437,12 @@ class EvalRecipe:
             f"{self.output_dir / 'results.md'} and results.csv"
         )
         print(md, flush=True)
+        # charts/<metric>.png and <ckpt>/<dataset>/report.html (thumbnails from the samples' files)
+        from medtune.viz.eval_outputs import write_eval_figures
+
+        images = {d: {str(s.id): s.image_paths for s in ss} for d, (_, ss) in self.datasets.items()}
+        figures = write_eval_figures(self.output_dir, images=images)
+        self._log(f"wrote {len(figures)} charts and report pages ({self.output_dir / 'charts'})")
         return results
 
     def _release(self) -> None:
@@ -521,10 +498,12 @@ class EvalRecipe:
 
             self._log(f"describing {len(todo)} image(s) ({len(cached)} cached)")
             # greedy, as the cache (keyed on prompt and length only) assumes
-            settings = GenerationConfig(
-                max_new_tokens=self.describe_max_new_tokens,
-                temperature=0.0,
-                seed=self.gen_configs["vqa"].seed,
+            settings = GenerationConfig.from_config(
+                {
+                    "max_new_tokens": self.describe_max_new_tokens,
+                    "temperature": 0.0,
+                    "seed": self.gen_configs["vqa"].seed,
+                }
             )
             for chunk, texts in self._answers(list(todo.values()), settings):
                 for s, text in zip(chunk, texts):
@@ -684,7 +663,7 @@ class EvalRecipe:
 
     def cleanup(self) -> None:
         """Release the model and leave the process group."""
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         self._release()
         gc.collect()

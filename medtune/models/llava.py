@@ -77,8 +77,10 @@ def text_config(tc: dict) -> dict:
 def _transform(path: Path, image_size: int) -> dict:
     f = path / "preprocessor_config.json"
     pre = json.loads(f.read_text()) if f.is_file() else {}
-    size = pre.get("size", {})
-    mode = "crop" if "shortest_edge" in size or pre.get("do_center_crop") else "squash"
+    size = pre.get("size", {"shortest_edge": image_size})
+    # transformers' CLIP processor default (and LLaVA's): shorter side, then a center crop
+    squash = "height" in size and not pre.get("do_center_crop", True)
+    mode = "squash" if squash else "crop"
     return {
         "image_size": image_size,
         "mean": list(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),

@@ -165,3 +165,49 @@ def test_import_random_llava_logits_equal(tower, tmp_path):
         theirs = hf(input_ids=hf_ids, pixel_values=pixels).logits
         ours = model(ours_ids, images=pixels)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+# LLaVA-Med v1.5's transformers conversion: CLIP ViT-L/14-336 (penultimate block), Mistral-7B-v0.2.
+LLAVA_MED = {
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+        "hidden_act": "quick_gelu", "projection_dim": 768,
+    },
+    "text_config": {
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 32000, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-05,
+    },
+}  # fmt: skip
+
+
+def test_llava_med_full_size_on_meta(tmp_path):
+    """The full-size import builds on meta with transformers' own parameter counts: tower
+    303,507,456 (CLIPVisionModel ViT-L/14-336 without its pooled projection), projector
+    21,000,192, Mistral-7B 7,241,732,096."""
+    from transformers import AutoConfig, AutoModel, MistralForCausalLM
+
+    from medtune.models.llava import llava_medvlm
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAVA_MED))
+    with torch.device("meta"):
+        model = llava_medvlm(str(tmp_path), load_weights=False, max_seq_len=2048)
+        hf_vision = AutoModel.from_config(AutoConfig.for_model(**LLAVA_MED["vision_config"]))
+        hf_llm = MistralForCausalLM(AutoConfig.for_model(**LLAVA_MED["text_config"]))
+
+    def count(m, skip=()):
+        return sum(p.numel() for n, p in m.named_parameters() if n not in skip)
+
+    tower = count(model.encoders["image"].tower, skip={"proj"})
+    assert tower == count(hf_vision) == 303_507_456
+    assert count(model.connectors["image"]) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert count(model.decoder) == count(hf_llm) == 7_241_732_096
+    assert model.tokens_per_image == 576 and model.encoders["image"].feature_layer == -2
+    assert model.encoders["image"].transform["resize_mode"] == "crop"

@@ -139,3 +139,10 @@ def test_imported_llava_trains_with_vision_finetune(exported, tiny_assets, tmp_p
     )  # fmt: skip
     assert status == 0, out[-3000:]
     assert (tmp_path / "again" / "epoch_0" / "model.safetensors").is_file()
+    # the tuned checkpoint answers through generate (which rebuilds it from its config.yaml)
+    image = sorted((tiny_assets / "tiny_slake" / "Slake1.0" / "imgs").glob("*/source.png"))[0]
+    status, out = _cli(
+        "run", "generate", "--config", "default", f"checkpoint={tmp_path / 'again' / 'epoch_0'}",
+        "device=cpu", "max_new_tokens=4", f"image={image}", "question=Which side is the lesion on?",
+    )  # fmt: skip
+    assert status == 0, out[-2000:]
