@@ -8,6 +8,12 @@
    ``single_2B``: 1 process, batch 2B (the same global batch as ``gather``).
 2. ``medtune.eval.retrieval_metrics.itm_eval`` at n_images x n_texts (default 5,000 x 25,000, 5
    captions per image, as COCO's test split) against BLIP's naive per-row ``np.argsort`` loop.
+3. ``blip``: images/s of one BLIP pretraining step (ITC with momentum distillation and queue, ITM
+   with hard negatives, LM; forward, backward, AdamW; ``medtune.models.blip``) with towers of the
+   CLIP-style model's size, 1 process, batch B, next to ``local``.
+4. BLIP's re-ranked evaluation (``medtune.eval.blip_retrieval``: ITC matrix, each row's top
+   ``k_test`` re-scored by ITM, both ways) at ``--rerank-images`` x ``--rerank-texts`` (default
+   1,000 x 5,000, k_test 128) with that small BLIP, and the ITC-only part of it.
 
     python benchmarks/bench_contrastive.py [--batch-size 32] [--steps 5] [--n-images 5000] [--tiny]
 
@@ -67,6 +73,71 @@ def _step_rate(cfg: dict, batch: int, steps: int, warmup: int, gather: bool) -> 
     return batch * world * steps / dt
 
 
+def _blip(cfg: dict, queue_size: int, decoder: bool = True):
+    """A BLIP with the CLIP-style model's tower sizes (timm ViT, BERT with cross-attention)."""
+    from medtune.models.blip import blip_model
+    from medtune.models.encoders import timm_vision
+
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    torch.manual_seed(0)
+    enc = timm_vision(
+        "vit_base_patch16_224",
+        image_size=v["image_size"],
+        patch_size=v["patch_size"],
+        embed_dim=v["width"],
+        depth=v["layers"],
+        num_heads=v["width"] // v["head_width"],
+    )
+    sizes = dict(
+        hidden_size=t["width"],
+        num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"],
+        intermediate_size=4 * t["width"],
+        vocab_size=t["vocab_size"] + 2,
+        max_position_embeddings=t["context_length"],
+    )
+    return blip_model(enc, None, embed_dim=cfg["embed_dim"], queue_size=queue_size,
+                      decoder=decoder, dropout=0.0, text_sizes_override=sizes)  # fmt: skip
+
+
+def _blip_step_rate(cfg: dict, batch: int, steps: int, warmup: int) -> float:
+    model = _blip(cfg, queue_size=4 * batch).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    images = torch.randn(batch, 3, size, size, generator=g)
+    ids = torch.randint(5, cfg["text_cfg"]["vocab_size"], (batch, ctx), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        out = model(images, ids, mask, alpha=0.4, sample_keys=torch.arange(batch),
+                    generator=torch.Generator().manual_seed(i))  # fmt: skip
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def _rerank_time(cfg: dict, n_images: int, n_texts: int, k_test: int) -> tuple[float, float]:
+    """(seconds of the whole re-ranked evaluation, seconds of its ITC part) on random inputs."""
+    from medtune.eval.blip_retrieval import blip_retrieval_scores
+
+    model = _blip(cfg, queue_size=8, decoder=False).eval()
+    g = torch.Generator().manual_seed(0)
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    ids = torch.randint(5, cfg["text_cfg"]["vocab_size"], (n_texts, ctx), generator=g)
+    mask = torch.ones_like(ids)
+    batches = [torch.randn(min(64, n_images - s), 3, size, size, generator=g)
+               for s in range(0, n_images, 64)]  # fmt: skip
+    t0 = time.perf_counter()
+    blip_retrieval_scores(model, batches, ids, mask, k_test=0 + 1)  # ITC + 1 ITM pair per row
+    t_itc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blip_retrieval_scores(model, batches, ids, mask, k_test=k_test)
+    return time.perf_counter() - t0, t_itc
+
+
 def _worker(rank: int, port: int, cfg: dict, batch: int, steps: int, warmup: int, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -116,6 +187,9 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=5000)
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="a tiny dual encoder (smoke runs)")
+    p.add_argument("--rerank-images", type=int, help="default 1000 (--tiny: 20)")
+    p.add_argument("--rerank-texts", type=int, help="default 5000 (--tiny: 100)")
+    p.add_argument("--k-test", type=int, help="default 128 (--tiny: 8)")
     args = p.parse_args()
     torch.set_num_threads(1)
     b = args.batch_size
@@ -163,6 +237,18 @@ def main() -> None:
     print(f"retrieval {n_i} x {n_t}: itm_eval {t_fast:.2f} s, naive argsort {t_slow:.2f} s "
           f"(R@1 {'equal' if same else 'DIFFER'}: {fast['txt_r1']:.2f}/{fast['img_r1']:.2f})")  # fmt: skip
     print(f"naive/itm_eval = {t_slow / t_fast:.2f}x")
+
+    blip = _blip_step_rate(cfg, b, args.steps, args.warmup)
+    print(f"blip       1 proc x B, ITC+ITM+LM     {blip:8.1f} images/s (momentum + queue)")
+    print(f"blip/local = {blip / local:.2f}x")
+    n_i, n_t, k = (20, 100, 8) if args.tiny else (1000, 5000, 128)
+    n_i, n_t = args.rerank_images or n_i, args.rerank_texts or n_t
+    k = args.k_test or k
+    t_all, t_itc = _rerank_time(cfg, n_i, n_t, k)
+    pairs = (n_i + n_t) * min(k, n_t, n_i)
+    print(f"rerank {n_i} x {n_t} k_test {k}: {t_all:.2f} s ({pairs} ITM pairs, "
+          f"{pairs / max(t_all - t_itc, 1e-9):.0f} pairs/s; ITC part {t_itc:.2f} s)")  # fmt: skip
+    print(f"rerank/itc_only = {t_all / t_itc:.2f}x")
 
 
 if __name__ == "__main__":

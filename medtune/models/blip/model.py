@@ -25,8 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.models.blip.losses import draw_negatives, itc_distilled, itc_targets
-from medtune.models.blip.text import build_text, load_bert, text_config, text_sizes
-from medtune.models.blip.text import tie_encoder_decoder
+from medtune.models.blip.text import (
+    build_text,
+    load_bert,
+    text_config,
+    text_sizes,
+    tie_encoder_decoder,
+)
 from medtune.utils.distributed import gather, summed
 from medtune.utils.distributed import world as dist_world
 from medtune.utils.errors import ConfigError
@@ -155,7 +160,9 @@ class Blip(nn.Module):
     ) -> torch.Tensor:
         """Text mode ([CLS] first, no cross-attention) -> normalized ``[b, embed_dim]``."""
         enc, proj = (
-            (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
+            (self.text_encoder_m, self.text_proj_m)
+            if momentum
+            else (self.text_encoder, self.text_proj)
         )
         out = enc(input_ids=input_ids, attention_mask=attention_mask)
         return F.normalize(proj(out.last_hidden_state[:, 0, :]), dim=-1)
@@ -301,6 +308,7 @@ def blip_model(
     momentum: float = 0.995,
     decoder: bool = True,
     dropout: float | None = None,
+    text_sizes_override: dict | None = None,
 ) -> Blip:
     """BLIP from a medtune vision encoder and a local HF BERT folder.
 
@@ -313,9 +321,13 @@ def blip_model(
         embed_dim, queue_size, momentum: BLIP's 256, 57600, 0.995.
         decoder: the LM decoder (``blip_pretrain``); False for ``blip_retrieval``.
         dropout: override BERT's dropout (0 for exact equivalence tests).
+        text_sizes_override: BERT sizes to use instead of the folder's / bert-base's
+            (``hidden_size``, ``num_hidden_layers``, ``vocab_size`` incl. [DEC] and [ENC], ...;
+            benchmarks and tests without a folder).
     """
     trunk = vit_trunk(vision)
     sizes, pad = text_sizes(bert_dir, dropout)
+    sizes.update(text_sizes_override or {})
     config = text_config(trunk.num_features, sizes, pad)
     vocab = sizes["vocab_size"]
     model = Blip(
