@@ -7,8 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medtune-installed
 ASSETS := assets
-# Tests use both cores of the CI machine; override with `make test PYTEST_ARGS=...`.
-PYTEST_ARGS ?= -n 2
+# Tests use both cores of the CI machine; override with `make test PYTEST_ARGS=...`. A test
+# module stays on one worker (--dist loadscope): its module-scoped fixtures (tiny training runs,
+# servers) then run once, not once per worker.
+PYTEST_ARGS ?= -n 2 --dist loadscope
 
 .PHONY: demo test lint install clean browser
 
