@@ -14,11 +14,10 @@ Four comparisons, from one run:
    per prompt, the KV cache repeated per beam and reordered every step), one batch against one
    prompt at a time.
 4. **medtune vs HF transformers**: ``LlavaForConditionalGeneration.generate`` (greedy, left
-   padding, its own KV cache) against medtune's ``generate`` at batch 1 and batch 8 with the same
-   weights mapped over (the mapping of ``benchmarks/bench_vision_finetune.py``: a timm ViT in
-   CLIP's layout = HF ``CLIPVisionModel``, the MLP connector = ``LlavaMultiModalProjector``, the
-   torchtune Llama-3 = HF ``LlamaForCausalLM``); same LLM shape as above, the vision tower a
-   64 px / patch 16 ViT of width 128 and depth 2. Each side's outputs are checked token for token.
+   padding, its own KV cache) against medtune's ``generate`` at batch 1 and batch 8, on the model
+   ``medtune export hf`` writes from the same MedVLM (:func:`medtune.training.export_llava.llava_model`;
+   the tower reads its last block, ``feature_layer=-1``, so the export is exact). Each side's
+   outputs are checked token for token.
 
 The model is random (Llama-3 architecture: width 256, 4 layers, 8 heads, 2 KV heads, SwiGLU 768,
 vocabulary 4,352 with Llama-3's 256 special tokens at the end; open_clip ViT 64 px / patch 16,
@@ -45,9 +44,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -60,8 +57,9 @@ BASE_VOCAB = 4096
 VOCAB = BASE_VOCAB + 256
 
 
-def build_model(tiny: bool) -> torch.nn.Module:
-    """A random MedVLM (see the module docstring); ``tiny`` shrinks it for smoke runs."""
+def build_model(tiny: bool, feature_layer: int | None = None) -> torch.nn.Module:
+    """A random MedVLM (see the module docstring); ``tiny`` shrinks it for smoke runs;
+    ``feature_layer`` -1 reads the tower's last block before its final norm (LLaVA-exportable)."""
     torch.manual_seed(0)
     width, layers = (64, 2) if tiny else (256, 4)
     decoder = llama3_tiny(
@@ -85,7 +83,7 @@ def build_model(tiny: bool) -> torch.nn.Module:
             },
         }
     }
-    enc = _build_open_clip_visual(clip, output="patch")
+    enc = _build_open_clip_visual(clip, output="patch", feature_layer=feature_layer)
     model = medvlm(decoder, enc, connector="mlp", image_token_id=BASE_VOCAB + 2)
     return model.eval()
 
@@ -276,36 +274,28 @@ def main() -> None:
 
 def compare_hf(args: argparse.Namespace) -> None:
     """medtune ``generate`` vs ``LlavaForConditionalGeneration.generate``, greedy, batch 1 and 8."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_vision_finetune as bvf  # the medtune -> HF Llava weight mapping, used for training
+    from medtune.training.export_llava import llava_model
 
-    width, layers, heads = (64, 2, 4) if args.tiny else (256, 4, 8)
-    s = bvf.Shape(
-        batch=8,
-        seq_len=512,
-        answer_tokens=1,
-        width=width,
-        layers=layers,
-        heads=heads,
-        kv_heads=2,
-        intermediate=3 * width,
-        vocab=VOCAB,
-        rope_base=500_000.0,
-        enc_width=64 if args.tiny else 128,
-        enc_depth=2,
-        enc_heads=2 if args.tiny else 4,
-        image_size=64,
-        patch=16,
+    # the model medtune export hf writes (medtune.training.export_llava), from the same weights
+    med = build_model(args.tiny, feature_layer=-1)
+    d = med.decoder
+    heads = d.layers[0].attn.num_heads
+    hf = llava_model(
+        med,
+        {
+            "model_type": "llama",
+            "vocab_size": VOCAB,
+            "hidden_size": d.tok_embeddings.embedding_dim,
+            "intermediate_size": d.layers[0].mlp.w1.out_features,
+            "num_hidden_layers": len(d.layers),
+            "num_attention_heads": heads,
+            "num_key_value_heads": d.layers[0].attn.num_kv_heads,
+            "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500_000.0,
+            "tie_word_embeddings": False,
+        },
     )
-    torch.manual_seed(0)
-    med = bvf.build_medtune(s, "clip").eval()
-    hf = bvf.build_hf_llava(s)
-    missing, unexpected = hf.load_state_dict(bvf.medtune_to_hf_state(med, s), strict=False)
-    left = sorted(k for k in missing if "post_layernorm" not in k)  # unused by LLaVA's features
-    if left or list(unexpected):
-        raise SystemExit(
-            f"weight copy medtune -> HF failed: missing {left[:5]}, {list(unexpected)[:5]}"
-        )
     hf.eval()
     hf.config.use_cache = True
     hf.config.text_config.use_cache = True
@@ -345,7 +335,7 @@ def compare_hf(args: argparse.Namespace) -> None:
 
     print(
         f"\nmedtune vs HF LlavaForConditionalGeneration.generate: greedy, {n_new} new tokens, "
-        f"same weights (timm ViT in CLIP layout, {s.image_tokens} image tokens)"
+        f"the exported model (medtune export hf, {med.tokens_per_image} image tokens)"
     )
     for bsz in (1, 8):
         # batch 1: each prompt alone, one after another; batch 8: all prompts in one left-padded batch
