@@ -229,7 +229,9 @@ def _hf_tokenizer(files: Path):
     tok = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=LLAMA3_PATTERN).converted()
     # Llama-3's specials follow the base ranks in id order; adding them in that order gives each
     # its id, checked below so a gap in the list cannot shift them silently
-    tok.add_special_tokens([AddedToken(a["content"], special=True, normalized=False) for a in added])
+    tok.add_special_tokens(
+        [AddedToken(a["content"], special=True, normalized=False) for a in added]
+    )
     for a in added:
         if tok.token_to_id(a["content"]) != a["id"]:
             raise ExportError(
@@ -284,11 +286,19 @@ def export_hf(
     """
     from transformers import GenerationConfig
 
+    from medtune.models.llm import family_of_hf_config
     from medtune.training.loading import load_from_checkpoint
 
     model, tokenizer, cfg = load_from_checkpoint(ckpt_dir, llm_dtype="fp32")
     llm_dir = Path(str(cfg.checkpointer.checkpoint_dir))
     llm_config = json.loads((llm_dir / "config.json").read_text())
+    family = family_of_hf_config(llm_config, llm_dir / "config.json")
+    if family != "llama3":
+        raise ExportError(
+            f"LLM family {family}: its vocabulary has no reserved token for the image placeholder "
+            "and the exported chat template is Llama-3's; exporting it needs an added <image> token "
+            "(resized embeddings) and its own template, which medtune does not write yet"
+        )
     hf = llava_model(model, llm_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
