@@ -59,12 +59,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config
 
-from medtune.models.blip.state import blip_state, load_blip_state
+from medtune.models.blip.state import blip_state
 from medtune.training import checkpointing as ckpt
 from medtune.training.blip_data import BlipCollate, BlipPairs
+from medtune.training.blip_state import load_blip_state
 from medtune.training.data import build_dataloader
-from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.config import cfg_get, check_keys, in_range, non_negative, positive
+from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, run_entry
 from medtune.viz.curves import plot_run
 
@@ -337,7 +338,7 @@ class BlipPretrainRecipe:
         """Pretraining has no evaluation (as BLIP's ``pretrain.py``)."""
 
     def cleanup(self) -> None:
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         if self.metric_logger is not None:
             self.metric_logger.close()

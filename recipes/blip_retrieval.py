@@ -50,11 +50,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config
 
-from medtune.models.blip.state import blip_state, load_blip_state
+from medtune.models.blip.state import blip_state
 from medtune.training import checkpointing as ckpt
 from medtune.training.blip_data import BlipCollate, BlipPairs
+from medtune.training.blip_state import load_blip_state
 from medtune.training.data import build_dataloader
-from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.config import (
     cfg_get,
     check_keys,
@@ -63,6 +63,7 @@ from medtune.utils.config import (
     optional_component,
     positive,
 )
+from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, run_entry
 from medtune.viz.curves import plot_run
 
@@ -402,7 +403,7 @@ class BlipRetrievalRecipe:
         return metrics
 
     def cleanup(self) -> None:
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         if self.metric_logger is not None:
             self.metric_logger.close()

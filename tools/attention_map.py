@@ -165,7 +165,7 @@ def load_blip_checkpoint_folder(ckpt: Path, overrides: dict[str, str]):
     from safetensors import safe_open
     from torchtune import config
 
-    from medtune.models.blip.state import load_blip_state
+    from medtune.training.blip_state import load_blip_state
 
     cfg = OmegaConf.load(ckpt / "config.yaml")
     for k, v in overrides.items():

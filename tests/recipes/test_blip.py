@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
 MEDTUNE = Path(sys.executable).parent / "medtune"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +67,25 @@ def _run(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     )
 
 
+def _inproc(*argv: str) -> None:
+    """``medtune run ...`` in this process (no second interpreter start-up)."""
+    from medtune._cli.main import main
+
+    try:
+        status = main(["run", *argv])
+    except SystemExit as e:
+        status = e.code
+    assert status in (0, None)
+
+
 def _state(out: Path) -> dict:
     return torch.load(out / "recipe_state.pt", weights_only=True)
 
 
-def test_pretrain_demo_then_retrieval_from_its_checkpoint(assets, tmp_path):
+def test_pretrain_demo_then_retrieval_from_its_checkpoint(assets, tmp_path, capsys):
     pre = _cfg("blip_pretrain", assets, tmp_path / "pre", tmp_path / "pre.yaml")
-    text = _ok(_run([str(MEDTUNE), "run", "blip_pretrain", "--config", str(pre)], tmp_path))
+    _inproc("blip_pretrain", "--config", str(pre))
+    text = capsys.readouterr().out
     for key in ("loss_itc", "loss_itm", "loss_lm"):
         assert key in text, key
     sd = load_file(str(tmp_path / "pre" / "epoch_0" / "model.safetensors"))
@@ -85,7 +97,8 @@ def test_pretrain_demo_then_retrieval_from_its_checkpoint(assets, tmp_path):
 
     ret = _cfg("blip_retrieval", assets, tmp_path / "ret", tmp_path / "ret.yaml")
     init = f"init_from={tmp_path / 'pre' / 'epoch_0'}"
-    text = _ok(_run([str(MEDTUNE), "run", "blip_retrieval", "--config", str(ret), init], tmp_path))
+    _inproc("blip_retrieval", "--config", str(ret), init)
+    text = capsys.readouterr().out
     assert "tensors from" in text and "epoch_0 val: txt_r1" in text and "best val_r_mean" in text
     from medtune.eval.retrieval_metrics import load_retrieval
 
@@ -108,7 +121,7 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(assets, tmp_path):
     args = [str(MEDTUNE), "run", "--nproc_per_node", "2", "blip_pretrain", "--config", str(two)]
     text = _ok(_run(args, tmp_path))
     assert "2 process(es)" in text and "global batch 8" in text
-    _ok(_run([str(MEDTUNE), "run", "blip_pretrain", "--config", str(one)], tmp_path))
+    _inproc("blip_pretrain", "--config", str(one))
     h2, h1 = _state(tmp_path / "two")["loss_history"], _state(tmp_path / "one")["loss_history"]
     assert len(h2) == len(h1) == 2
     for x, y in zip(h1, h2):
@@ -151,19 +164,19 @@ runpy.run_path({recipe!r}, run_name="__main__")
 """
 
 
-def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(assets, tmp_path):
+def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(assets, tmp_path, capsys):
     over = {"epochs": 2, "save_every_n_steps": 1, "model.dropout": 0.1}
     a = _cfg("blip_pretrain", assets, tmp_path / "a", tmp_path / "a.yaml", **over)
     b = _cfg("blip_pretrain", assets, tmp_path / "b", tmp_path / "b.yaml", **over)
-    _ok(_run([str(MEDTUNE), "run", "blip_pretrain", "--config", str(a)], tmp_path))
+    _inproc("blip_pretrain", "--config", str(a))
     wrapper = tmp_path / "crash.py"
     wrapper.write_text(_CRASH.format(recipe=str(REPO / "recipes" / "blip_pretrain.py")))
     proc = _run([sys.executable, str(wrapper), "--config", str(b)], tmp_path, CRASH_AT="4")
     assert proc.returncode == 17, proc.stderr[-3000:]
     st = _state(tmp_path / "b")
     assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1
-    args = [str(MEDTUNE), "run", "blip_pretrain", "--config", str(b), "resume_from_checkpoint=True"]
-    assert "resumed from" in _ok(_run(args, tmp_path))
+    _inproc("blip_pretrain", "--config", str(b), "resume_from_checkpoint=True")
+    assert "resumed from" in capsys.readouterr().out
     ha, hb = _state(tmp_path / "a")["loss_history"], _state(tmp_path / "b")["loss_history"]
     assert len(ha) == len(hb) == 4
     for x, y in zip(ha, hb):

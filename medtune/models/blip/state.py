@@ -2,12 +2,11 @@
 buffers (queues, pointer) included, so a resumed run continues bit for bit.
 
 ``model.safetensors`` of ``blip_pretrain`` / ``blip_retrieval`` holds :func:`blip_state` (BLIP's
-attribute names; the decoder's tied weights appear only under ``text_encoder.*``).
+attribute names; the decoder's tied weights appear only under ``text_encoder.*``); the recipes load
+it with :func:`medtune.training.blip_state.load_blip_state`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,24 +44,3 @@ def copy_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = model.state_dict(keep_vars=True)
     for k, v in state.items():
         own[k].copy_(v)
-
-
-def load_blip_state(model: nn.Module, ckpt_dir: str | Path) -> list[str]:
-    """Load a ``blip_*`` checkpoint folder (``model.safetensors``) into ``model``, every key and
-    shape checked (:func:`medtune.training.checkpointing.check_trained` errors)."""
-    from medtune.training.checkpointing import MODEL_FILE, check_trained, read_trained
-
-    from medtune.training.checkpointing import CheckpointMismatchError
-
-    sd = read_trained(ckpt_dir)
-    shapes, source = blip_shapes(model), str(Path(ckpt_dir) / MODEL_FILE)
-    check_trained(sd, shapes, source, True)
-    missing = sorted(set(shapes) - set(sd))
-    if missing:
-        raise CheckpointMismatchError(
-            f"{source}: {len(missing)} tensor(s) of the model are missing, e.g. {missing[:3]} "
-            "(a blip_retrieval checkpoint has no text_decoder; start blip_pretrain from it with "
-            "init_from, not resume)"
-        )
-    copy_into(model, sd)
-    return list(sd)
