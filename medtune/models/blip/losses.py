@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from medtune.utils.errors import UserError
 
 
-def itc_targets(
-    sim_m: torch.Tensor, positives: torch.Tensor, alpha: float
-) -> torch.Tensor:
+def itc_targets(sim_m: torch.Tensor, positives: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha * softmax(sim_m) + (1 - alpha) * positives / positives.sum(1)``.
 
     Args:
@@ -40,9 +38,7 @@ def itc_targets(
     return alpha * F.softmax(sim_m, dim=1) + (1 - alpha) * hard
 
 
-def itc_distilled(
-    sim: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
+def itc_distilled(sim: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-sum(log_softmax(sim) * targets, 1).mean()`` (BLIP's ``loss_i2t`` / ``loss_t2i``).
 
     Args:

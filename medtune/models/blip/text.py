@@ -53,7 +53,9 @@ def blip_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer.path: {path} is not a folder (expected a HF BERT folder)")
+        raise FileNotFoundError(
+            f"tokenizer.path: {path} is not a folder (expected a HF BERT folder)"
+        )
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tok.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
     tok.enc_token_id = tok.convert_tokens_to_ids(ENC_TOKEN)
