@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from medtune._cli.main import main
 from medtune.testing.llm_families import cached_tiny_llms
-from medtune.testing.reports import make_openi_fixture, make_xraygpt_fixture
+from medtune.testing.reports import make_openi_fixture, make_xraygpt_fixture, save_xray
 from tests.models.convert.lavis_names import lavis_qformer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -63,10 +63,19 @@ def test_two_stages_then_eval(tiny_assets, tmp_path):
     )
     assert torch.equal(one["connectors.image.query_tokens"], minigpt4["query_tokens"])
     assert not torch.equal(one["connectors.image.proj.weight"], minigpt4["llama_proj.weight"])
-    _run("vision_finetune", "--config", "xraygpt_vicuna", *tiny, f"output_dir={s2}",
+    openi_x = tmp_path / "openi_xraygpt"  # XrayGPT's OpenI release: CXR<uid>_IM-... images
+    anns = []
+    for u in range(1, 6):
+        save_xray(openi_x / "image" / f"CXR{u}_IM-{u:04d}-1001.png", seed=u)
+        anns.append({"image_id": f"CXR{u}_IM-{u:04d}-1001", "caption": f"Report {u}: lungs clear."})
+    (openi_x / "filter_cap.json").write_text(json.dumps({"annotations": anns}))
+    _run("vision_finetune", "--config", "xraygpt_vicuna", *tiny[:-1], f"data_dir={openi_x}",
+         f"output_dir={s2}", "dataset.fraction=0.4", "val_dataset.fraction=0.4",
          "~init_from", f"+init_from={s1 / 'epoch_0'}")  # fmt: skip
     two = load_file(str(s2 / "epoch_0" / "model.safetensors"))
     assert torch.equal(two[q], one[q])  # the frozen Q-Former came through stage 1
+    split = json.loads((openi_x / "medtune_uid_split.json").read_text())
+    assert len(split["validation"]) == 2 and not set(split["validation"]) & set(split["train"])
     openi = make_openi_fixture(tmp_path)
     _run("eval", "--config", "openi_report", f"data_dir={openi}", f"checkpoints=[{s2 / 'epoch_0'}]",
          f"output_dir={tmp_path / 'eval'}", "device=cpu", "limit=2",
