@@ -43,6 +43,7 @@ from medtune.utils.distributed import all_reduce_sum
 from medtune.training.loss import answer_targets
 from medtune.training.run import Run
 from medtune.training.setup import decoder_of, is_vlm
+from medtune.training.trackers import group_lrs
 from medtune.utils.errors import ConfigError
 
 
@@ -215,6 +216,7 @@ def backward_and_step(run: Run, loss: torch.Tensor, n_tok: torch.Tensor) -> bool
             "lr": lr,
             "tokens_per_second_per_gpu": float(meter.tokens) / (time.perf_counter() - meter.t0),
         }
+        metrics.update(group_lrs(run.optimizer))  # lr_encoder, lr_connector, ... (2+ groups)
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if run.metric_logger is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["build_metric_logger", "log_resolved_config"]
+__all__ = ["build_metric_logger", "group_lrs", "log_resolved_config"]
 
 
 def log_resolved_config(logger: Any, cfg: DictConfig) -> None:
@@ -55,3 +55,18 @@ def build_metric_logger(cfg: DictConfig, is_rank_zero: bool) -> Any | None:
     logger = config.instantiate(cfg.metric_logger)
     log_resolved_config(logger, cfg)
     return logger
+
+
+def group_lrs(optimizer: Any) -> dict[str, float]:
+    """The learning rate of each named parameter group, as ``{"lr_<name>": lr}``.
+
+    medtune's groups carry a ``name`` (``encoder``, ``connector``, ``llm``:
+    :func:`medtune.training.optim.param_groups`); unnamed groups are ``lr_group<i>``. With one
+    group nothing is returned (the ``lr`` metric already is it). Not ``lr/<name>``: MLflow's
+    file store keeps ``lr`` as a file and cannot add ``lr/encoder`` under it.
+    :mod:`medtune.viz.curves` draws every ``lr_...`` key on the learning-rate figure.
+    """
+    groups = optimizer.param_groups
+    if len(groups) < 2:
+        return {}
+    return {f"lr_{g.get('name') or f'group{i}'}": float(g["lr"]) for i, g in enumerate(groups)}

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from medtune._cli.main import main
-from medtune.training.trackers import build_metric_logger
+from medtune.training.trackers import build_metric_logger, group_lrs
 from medtune.viz.curves import read_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -44,11 +44,13 @@ def reference(tiny_assets, tmp_path_factory):
     _run(tiny_assets, out)
     series = read_run(out).series
     assert sorted(series["loss"]) == [1, 2] and "lr" in series
+    # the demo's two parameter groups (lr.encoder 1e-3, lr.connector 2e-3 under one schedule)
+    assert series["lr_connector"][2] == pytest.approx(2 * series["lr_encoder"][2])
     return out, series
 
 
 def _assert_same(got: dict[str, dict[int, float]], ref: dict[str, dict[int, float]], rel=0.0):
-    for key in ("loss", "lr"):
+    for key in ("loss", "lr", "lr_encoder", "lr_connector"):  # lr per parameter group too
         assert sorted(got[key]) == sorted(ref[key]), key
         for step, v in ref[key].items():
             assert got[key][step] == pytest.approx(v, rel=rel, abs=0), (key, step)
@@ -196,3 +198,14 @@ def test_only_rank_zero_builds_a_logger(tmp_path):
     assert len(list((tmp_path / "logs").glob("*.txt"))) == 1
     assert _resolved_config_file(tmp_path)["metric_logger"]["log_dir"] == f"{tmp_path}/logs"
     assert build_metric_logger(OmegaConf.create({"metric_logger": None}), True) is None
+
+
+def test_group_lrs_names_each_group():
+    import torch
+
+    w = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = torch.optim.SGD(
+        [{"params": [w[0]], "lr": 0.1, "name": "encoder"}, {"params": [w[1]], "lr": 0.2}], lr=1
+    )
+    assert group_lrs(opt) == {"lr_encoder": 0.1, "lr_group1": 0.2}
+    assert group_lrs(torch.optim.SGD([w[2]], lr=0.3)) == {}
