@@ -1,10 +1,12 @@
 """Run the app with uvicorn until SIGINT / SIGTERM, drain what is in flight, and exit cleanly.
 
-uvicorn (0.29 and later) stops accepting connections on SIGTERM, lets every open request finish
-(streams included; the batcher keeps running until the last connection closes, then the app's
-lifespan stops it), and then raises the signal again so that the process dies of it: exit status
-143, which service managers and ``docker stop`` report as a failure. :func:`serve` keeps the
-drain and drops the re-raise: a drained shutdown returns 0. A second Ctrl-C still forces the exit.
+uvicorn (0.29 and later) stops accepting connections on SIGINT / SIGTERM, lets every open request
+finish (streams included; the batcher keeps running until the last connection closes, then the
+app's lifespan stops it), and then raises the signal again so that the process dies of it. For
+SIGTERM that is exit status 143, which service managers and ``docker stop`` report as a failure:
+:func:`serve` keeps the drain and drops that re-raise, so a drained SIGTERM shutdown returns 0.
+Ctrl-C (SIGINT) is raised again as before (the entry wrapper prints ``serve: interrupted``, exit
+130); a second Ctrl-C forces the exit.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ import uvicorn
 
 
 class _Server(uvicorn.Server):
+    received: list[int]
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.received.append(sig)
+        super().handle_exit(sig, frame)
+
     @contextlib.contextmanager
     def capture_signals(self):
+        self.received = []
         if threading.current_thread() is not threading.main_thread():
             yield  # signals reach only the main thread (tests run the server in a thread)
             return
@@ -29,6 +38,8 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+        if signal.SIGINT in self.received:  # Ctrl-C: KeyboardInterrupt, as without medtune
+            signal.raise_signal(signal.SIGINT)
 
 
 def serve(app, host: str, port: int, log_level: str = "info", sockets=None) -> int:
@@ -41,7 +52,8 @@ def serve(app, host: str, port: int, log_level: str = "info", sockets=None) -> i
         sockets: already bound sockets to serve on instead (tests: no port race).
 
     Returns:
-        0 after a drained shutdown; 1 when the server could not start (e.g. the port is taken).
+        0 after a drained SIGTERM shutdown; 1 when the server could not start (e.g. the port is
+        taken). Ctrl-C raises KeyboardInterrupt after the drain.
     """
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     server.run(sockets=sockets)

@@ -35,7 +35,9 @@ from .conftest import image_message, running
 REPO = Path(__file__).resolve().parents[2]
 N_CLIENTS = 32
 MAX_BODY = 256 * 1024
-RSS_MARGIN = 48 * 2**20  # bytes: three rounds of 32 clients may not grow the process by more
+RSS_MARGIN = (
+    16 * 2**20
+)  # bytes: three rounds of 32 clients may not grow the process by more (measured: +0.8 MiB)
 TIMEOUT = 60
 
 
@@ -203,6 +205,7 @@ def test_32_clients_with_faults_answer_as_alone_with_bounded_memory(load_server,
         assert h["waiting"] == 0 and h["running"] == 0, h
         rss.append(proc.memory_info().rss)
     assert max(app.state.batcher.batch_sizes) > 1  # the load was batched
+    print(f"RSS after each round (MiB): {[round(r / 2**20, 1) for r in rss]}")
     assert rss[-1] - rss[0] < RSS_MARGIN, [r / 2**20 for r in rss]
     assert _answer(*_post(url, goods[0])) == alone[0]  # and still serving
 
