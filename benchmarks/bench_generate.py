@@ -38,6 +38,11 @@ Ratios printed (``X.XXx``, > 1 means the first named is faster)::
     beam search (4 beams) batched/per-sample throughput = X.XXx
     medtune/hf_llava throughput at batch 1 = X.XXx
     medtune/hf_llava throughput at batch 8 = X.XXx
+    llama2-shaped batched/per-sample throughput = X.XXx
+    qwen2_5-shaped batched/per-sample throughput = X.XXx
+
+5. **other LLM families**: comparison 1 on the same MedVLM with a Llama-2-shaped and a
+   Qwen2.5-shaped decoder (placeholder -200), outputs checked token for token.
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ def build_model(tiny: bool, feature_layer: int | None = None) -> torch.nn.Module
         intermediate_dim=3 * width,
         max_seq_len=512,
     )
+    enc = _clip_encoder(tiny, feature_layer)
+    model = medvlm(decoder, enc, connector="mlp", image_token_id=BASE_VOCAB + 2)
+    return model.eval()
+
+
+def _clip_encoder(tiny: bool, feature_layer: int | None = None) -> torch.nn.Module:
+    """The random open_clip ViT of every benchmark model (64 px, patch 16 -> 16 tokens)."""
     clip = {
         "model_cfg": {
             "embed_dim": 128,
@@ -83,9 +95,60 @@ def build_model(tiny: bool, feature_layer: int | None = None) -> torch.nn.Module
             },
         }
     }
-    enc = _build_open_clip_visual(clip, output="patch", feature_layer=feature_layer)
-    model = medvlm(decoder, enc, connector="mlp", image_token_id=BASE_VOCAB + 2)
-    return model.eval()
+    return _build_open_clip_visual(clip, output="patch", feature_layer=feature_layer)
+
+
+def build_family_model(family: str, tiny: bool) -> torch.nn.Module:
+    """The same MedVLM with a Llama-2-shaped (``num_kv_heads == num_heads``, RoPE base 10k) or a
+    Qwen2.5-shaped (q/k/v biases, 2 KV heads, RoPE base 1e6) decoder of the same width, and the
+    family's placeholder id (-200: no reserved token; :mod:`medtune.models.llm.placeholder`)."""
+    from medtune.models.llm.builders import family_medvlm
+    from medtune.models.llm.llama2 import llama2
+    from medtune.models.llm.qwen2_5 import qwen2
+
+    torch.manual_seed(0)
+    width, layers, heads = (64, 2, 4) if tiny else (256, 4, 8)
+    shape = dict(vocab_size=VOCAB, num_layers=layers, num_heads=heads, embed_dim=width,
+                 intermediate_dim=3 * width, max_seq_len=512)  # fmt: skip
+    if family == "llama2":
+        decoder = llama2(num_kv_heads=heads, **shape)
+    else:
+        decoder = qwen2(num_kv_heads=2, rope_base=1_000_000.0, **shape)
+    return family_medvlm(decoder, family, _clip_encoder(tiny), connector="mlp").eval()
+
+
+def compare_families(args: argparse.Namespace) -> None:
+    """Batched vs per-sample greedy generation on the Llama-2- and Qwen2.5-shaped models."""
+    for family in ("llama2", "qwen2_5"):
+        model = build_family_model(family, args.tiny)
+        prompts, images = make_prompts(model)
+        kw = {"pad_id": 0, "stop_tokens": [VOCAB + 1], "max_new_tokens": args.new_tokens}
+
+        def batched(model=model, prompts=prompts, images=images, kw=kw):
+            ones = torch.ones(len(prompts), dtype=torch.long)
+            return generate(model, prompts, images=images, image_counts=ones, **kw)
+
+        def per_sample(model=model, prompts=prompts, images=images, kw=kw):
+            one = torch.ones(1, dtype=torch.long)
+            return [
+                generate(
+                    model,
+                    [pr],
+                    images={"image": images["image"][i : i + 1]},
+                    image_counts=one,
+                    **kw,
+                )[0]  # fmt: skip
+                for i, pr in enumerate(prompts)
+            ]
+
+        t_b, out_b = timed(batched, args.repeats)
+        t_s, out_s = timed(per_sample, args.repeats)
+        n_b, n_s = sum(map(len, out_b)), sum(map(len, out_s))
+        print(
+            f"{family}-shaped batched (8) {n_b / t_b:8.1f} tokens/s, per-sample {n_s / t_s:8.1f} tokens/s"
+        )
+        print(f"same tokens ({family}): {out_b == out_s}")
+        print(f"{family}-shaped batched/per-sample throughput = {(n_b / t_b) / (n_s / t_s):.2f}x")
 
 
 def make_prompts(
@@ -270,6 +333,9 @@ def main() -> None:
 
     # 4. medtune vs HF transformers' Llava generate
     compare_hf(args)
+
+    # 5. other LLM families: batched vs per-sample
+    compare_families(args)
 
 
 def compare_hf(args: argparse.Namespace) -> None:

@@ -18,6 +18,8 @@ RATIOS = [
     r"beam search \(4 beams\) batched/per-sample throughput",
     r"medtune/hf_llava throughput at batch 1",
     r"medtune/hf_llava throughput at batch 8",
+    r"llama2-shaped batched/per-sample throughput",
+    r"qwen2_5-shaped batched/per-sample throughput",
 ]
 
 
@@ -36,6 +38,8 @@ def test_bench_generate_tiny():
         assert re.search(rf"^{ratio} = \d+\.\d\dx$", out, re.M), (ratio, out)
     same = re.findall(r"^same tokens: (\w+)$", out, re.M)
     assert same == ["True"] * 5, out  # the four batched/cache/beam/HF-greedy checks (HF twice)
+    families = re.findall(r"^same tokens \((llama2|qwen2_5)\): (\w+)$", out, re.M)
+    assert families == [("llama2", "True"), ("qwen2_5", "True")], out
     hf_beams = re.findall(r"same tokens as HF: (\w+)", out)
     assert hf_beams == ["True", "True"], out
     # ~10 s of CPU on an idle 2-core machine (mostly imports); the bound leaves room for a loaded one
