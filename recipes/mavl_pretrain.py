@@ -55,8 +55,8 @@ from torchtune import config
 from medtune.data.mavl_entities import MAVLPretrainDataset, collate_mavl
 from medtune.training import checkpointing as ckpt
 from medtune.training.data import build_dataloader
-from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.config import cfg_get, check_keys, non_negative, positive
+from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, UserError, run_entry
 from medtune.viz.curves import plot_run
 
@@ -248,7 +248,7 @@ class MAVLPretrainRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         destroy()
 
