@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from medtune.generation import GenerationConfig, generate
+from medtune.utils.distributed import world as dist_world
 
 __all__ = ["Answer", "answer"]
 
@@ -46,14 +47,6 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _world(data_parallel: bool | None) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if data_parallel is False or not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -119,7 +112,7 @@ def answer(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     decoding = _decoding_kwargs(settings)
-    rank, world = _world(data_parallel)
+    rank, world = (0, 1) if data_parallel is False else dist_world()
     starts = list(range(0, len(samples), batch_size))
     bar = None
     if progress and rank == 0:

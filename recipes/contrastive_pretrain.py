@@ -66,7 +66,6 @@ from medtune.eval.retrieval_scores import retrieval_scores
 from medtune.training import checkpointing as ckpt
 from medtune.training.contrastive import MomentumQueue
 from medtune.training.data import build_dataloader
-from medtune.training.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import (
     cfg_get,
@@ -76,6 +75,7 @@ from medtune.utils.config import (
     optional_component,
     positive,
 )
+from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, UserError, run_entry
 from medtune.viz.curves import plot_run
 
@@ -398,7 +398,7 @@ class ContrastivePretrainRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         destroy()
 

@@ -51,8 +51,12 @@ from torchtune import config
 
 from medtune.data.prompts import VQA_DIRECT, VQA_SHORT_ANSWER, format_template
 from medtune.data.sample import Message, Sample
+from medtune.eval.questions import resume_rows
+from medtune.generation import GenerationConfig
+from medtune.utils.config import cfg_get, check_keys
+from medtune.utils.distributed import on_rank0
 from medtune.utils.errors import UserError, run_entry
-from medtune.utils.jsonl import JsonlError, append_jsonl, read_jsonl, read_jsonl_numbered
+from medtune.utils.jsonl import JsonlError, append_jsonl, read_jsonl_numbered
 
 SUPPORTS_DISTRIBUTED = True
 
@@ -136,12 +140,7 @@ class GenerateRecipe:
     """Load a checkpoint and answer questions about images. See the module docstring."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
-        if unknown:
-            raise GenerateConfigError(
-                f"config key(s) not known to generate: {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(KNOWN_KEYS))})"
-            )
+        check_keys(cfg, KNOWN_KEYS, "generate")
         self.cfg = cfg
         if not cfg.get("checkpoint"):
             raise GenerateConfigError(
@@ -158,20 +157,26 @@ class GenerateRecipe:
             template = VQA_SHORT_ANSWER.replace("{question}", template)
         self.prompt_template = template
         self.batch_size = int(cfg.get("batch_size", 8))
-        self.gen = {
-            "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
-            "temperature": float(cfg.get("temperature", 0.0)),
-            "top_k": cfg.get("top_k"),
-            "top_p": cfg.get("top_p"),
-            "seed": int(cfg.get("seed", 0)),
-            "use_cache": bool(cfg.get("use_cache", True)),
-            # beam search (medtune.generation.beam_search): 1 = greedy / sampling as above
-            "num_beams": int(cfg.get("num_beams", 1)),
-            "length_penalty": float(cfg.get("length_penalty", 1.0)),
-            "repetition_penalty": float(cfg.get("repetition_penalty", 1.0)),
-            "min_new_tokens": int(cfg.get("min_new_tokens", 0)),
+        settings = GenerationConfig.from_config(
+            {
+                "max_new_tokens": cfg_get(cfg, "max_new_tokens", int, 64),
+                "temperature": cfg_get(cfg, "temperature", float, 0.0),
+                "top_k": cfg_get(cfg, "top_k", int, None),
+                "top_p": cfg_get(cfg, "top_p", float, None),
+                "seed": cfg_get(cfg, "seed", int, 0),
+                "use_cache": cfg_get(cfg, "use_cache", bool, True),
+                # beam search (medtune.generation.beam_search): 1 = greedy / sampling as above
+                "num_beams": cfg_get(cfg, "num_beams", int, 1),
+                "length_penalty": cfg_get(cfg, "length_penalty", float, 1.0),
+                "repetition_penalty": cfg_get(cfg, "repetition_penalty", float, 1.0),
+                "min_new_tokens": cfg_get(cfg, "min_new_tokens", int, 0),
+            }
+        )
+        self.settings = settings
+        self.gen = {  # recorded with every answer (and compared on resume)
+            **settings.to_dict(),
             "prompt_template": template,
-            "system_prompt": cfg.get("system_prompt"),
+            "system_prompt": cfg_get(cfg, "system_prompt", str, None),
         }
         self.model = None
         self.rank, self.world_size = 0, 1
@@ -183,8 +188,8 @@ class GenerateRecipe:
     def setup(self) -> None:
         """Load the checkpoint and the prompts."""
         from medtune.data.model_transform import medvlm_transform
-        from medtune.training.distributed import init_distributed, resolve_device
         from medtune.training.loading import load_from_checkpoint
+        from medtune.utils.distributed import init_process_group, resolve_device
 
         cfg = self.cfg
         if cfg.get("prompts") is not None:
@@ -211,7 +216,7 @@ class GenerateRecipe:
                 if not Path(p).is_file():
                     raise FileNotFoundError(f"image not found: {p} (prompt id {row['id']!r})")
         self.device = resolve_device(cfg.get("device", "auto"))
-        self.rank, self.world_size = init_distributed(self.device)
+        self.rank, self.world_size = init_process_group(self.device, in_one_process=False)
         node = cfg.get("checkpoint_overrides")
         overrides = (
             OmegaConf.to_container(node, resolve=True)
@@ -239,7 +244,6 @@ class GenerateRecipe:
         Returns:
             One decoded answer per row, on every rank.
         """
-        from medtune.generation import GenerationConfig
         from medtune.inference import answer
 
         samples = []
@@ -249,19 +253,7 @@ class GenerateRecipe:
             samples.append(
                 Sample(str(row["id"]), list(row["_images"]), [Message("user", text)], meta)
             )
-        g = self.gen
-        settings = GenerationConfig(
-            max_new_tokens=g["max_new_tokens"],
-            temperature=g["temperature"],
-            top_k=g["top_k"],
-            top_p=g["top_p"],
-            seed=g["seed"],
-            use_cache=g["use_cache"],
-            num_beams=g["num_beams"],
-            length_penalty=g["length_penalty"],
-            repetition_penalty=g["repetition_penalty"],
-            min_new_tokens=g["min_new_tokens"],
-        )
+        settings = self.settings
         out = answer(
             self.model,
             self.transform,
@@ -323,56 +315,30 @@ class GenerateRecipe:
         return answers
 
     def _answered_on_rank0(self, out_path: Path) -> dict[str, dict[str, Any]]:
-        """:meth:`_answered` on rank 0, its result (or its user error) on every rank."""
+        """Rows of an earlier run's ``output`` for this run's prompts (resume), read on rank 0
+        and given to every rank (:func:`medtune.utils.distributed.on_rank0`); the check is
+        eval's (:func:`medtune.eval.questions.resume_rows`)."""
         if self.cfg.get("overwrite", False):
             return {}
-        if self.world_size == 1:
-            return self._answered(out_path)
-        import torch.distributed as dist
-
-        box: list[Any] = [None, None]
-        if self.rank == 0:
-            try:
-                box[0] = self._answered(out_path)
-            except UserError as e:
-                box[1] = str(e)
-        dist.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise GenerateConfigError(box[1])
-        return box[0]
-
-    def _answered(self, out_path: Path) -> dict[str, dict[str, Any]]:
-        """Rows of an earlier run's ``output`` for this run's prompts (resume).
-
-        Raises:
-            GenerateConfigError: the file holds answers from another checkpoint or other
-                generation settings (naming the row id), so appending would mix them, or a line
-                that is not JSON (naming the line).
-        """
-        if not out_path.is_file():
-            return {}
-        try:  # drops the half-written last line of a killed run (rewritten without it)
-            rows = read_jsonl(out_path, what="answers")
-        except JsonlError as e:
-            raise GenerateConfigError(f"{e}; fix it or run with overwrite=true") from None
         wanted = {_key(r["id"]) for r in self.rows}
-        done: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            if row.get("checkpoint") != str(self.cfg.checkpoint) or row.get("generation") != dict(
-                self.gen
-            ):
-                raise GenerateConfigError(
-                    f"{out_path}: id {row.get('id')!r} holds answers from another checkpoint or other "
-                    f"generation settings ({row.get('checkpoint')!r}); use another output= or "
-                    "overwrite=true"
-                )
-            if _key(row.get("id")) in wanted:
-                done[_key(row["id"])] = row
-        return done
+
+        def read() -> dict[str, dict[str, Any]]:
+            done = resume_rows(
+                out_path,
+                str(self.cfg.checkpoint),
+                dict(self.gen),
+                key=_key,
+                validate=False,
+                what="answers",
+                error=GenerateConfigError,
+            )
+            return {k: row for k, row in done.items() if k in wanted}
+
+        return on_rank0(read, GenerateConfigError)
 
     def cleanup(self) -> None:
         """Release the model and leave the process group."""
-        from medtune.training.distributed import destroy
+        from medtune.utils.distributed import destroy
 
         self.model = None
         if self.world_size > 1:

@@ -88,17 +88,23 @@ def _log(msg: str) -> None:
 
 
 def load_plain_llm(node: Any, device: torch.device, dtype: torch.dtype):
-    """A bare Llama-3 from ``tokenizer`` / ``model`` / ``checkpointer`` nodes -> (model, tokenizer)."""
-    from torchtune import training
+    """A bare Llama-3 from ``tokenizer`` / ``model`` / ``checkpointer`` nodes -> (model, tokenizer),
+    through the one loader (:func:`medtune.training.loader.load_model`)."""
+    from medtune.training.loader import load_model
+    from medtune.training.setup import read_llm_state
 
     for part in ("tokenizer", "model", "checkpointer"):
         if node.get(part) is None:
             raise ConfigError(f"llm.{part}: missing (expected a _component_ node)")
     tokenizer = config.instantiate(node.tokenizer)
-    with training.set_default_dtype(dtype), device:
-        model = config.instantiate(node.model)
-    state = config.instantiate(node.checkpointer).load_checkpoint()[training.MODEL_KEY]
-    model.load_state_dict(state)
+    model = load_model(
+        node.model,
+        read_llm_state(node.checkpointer),
+        device=device,
+        dtype=dtype,
+        source=f"llm.checkpointer ({node.checkpointer.get('checkpoint_dir')})",
+        everything_on_meta=True,
+    )
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -111,7 +117,7 @@ def build_app(cfg: DictConfig):
     """
     from medtune.models.llama3 import decoder_dtype
     from medtune.serve import Engine, Limits, create_app
-    from medtune.training.distributed import resolve_device
+    from medtune.utils.distributed import resolve_device
 
     check_keys(cfg, KNOWN_KEYS, "serve")
     checkpoint = cfg_get(cfg, "checkpoint", str, None)

@@ -66,8 +66,23 @@ from medtune.eval.judge import (
     summary_markdown,
 )
 from medtune.eval.predictions import read_predictions
+from medtune.utils.config import cfg_get, check_keys, non_negative, positive
 from medtune.utils.errors import run_entry
 from medtune.utils.jsonl import write_text_atomic
+
+KNOWN_KEYS = {
+    "output_dir",
+    "predictions",
+    "judge",
+    "prompt",
+    "batch_size",
+    "retry_unparsed",
+    "verdicts_file",
+    "summary_file",
+    "summary_markdown",
+    "model_dir",  # interpolated into the judge's paths by the shipped configs
+}
+"""The top-level keys this recipe reads; any other is refused with a close-match hint."""
 
 # The local judge runs sharded under torchrun (llama3_70b_sharded); the openai backend refuses it.
 SUPPORTS_DISTRIBUTED = True
@@ -81,6 +96,7 @@ class VQAJudgeRecipe:
     """
 
     def __init__(self, cfg: DictConfig):
+        check_keys(cfg, KNOWN_KEYS, "vqa_judge")
         self.cfg = cfg
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -132,7 +148,9 @@ class VQAJudgeRecipe:
             The summary dict (also written to ``summary.json``); ``{}`` on ranks other than 0.
         """
         cfg = self.cfg
-        verdicts_path = Path(cfg.get("verdicts_file") or self.output_dir / "verdicts.jsonl")
+        verdicts_path = Path(
+            cfg_get(cfg, "verdicts_file", str, None) or self.output_dir / "verdicts.jsonl"
+        )
         if self.rank != 0:
             # Sharded local judge: this rank only takes part in rank 0's generate calls; it never
             # opens verdicts.jsonl or writes a summary.
@@ -145,16 +163,20 @@ class VQAJudgeRecipe:
                 self.backend,
                 store,
                 template=self.template,
-                batch_size=int(cfg.get("batch_size", 32)),
-                retry_unparsed=int(cfg.get("retry_unparsed", 1)),
+                batch_size=cfg_get(cfg, "batch_size", int, 32, check=positive()),
+                retry_unparsed=cfg_get(cfg, "retry_unparsed", int, 1, check=non_negative()),
                 log=self._log,
             )
         summary = summarize(
             self.rows, verdicts, self.backend.name, self.template, predictions_files=self.files
         )
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
-        summary_path = Path(cfg.get("summary_file") or self.output_dir / "summary.json")
-        markdown_path = Path(cfg.get("summary_markdown") or self.output_dir / "summary.md")
+        summary_path = Path(
+            cfg_get(cfg, "summary_file", str, None) or self.output_dir / "summary.json"
+        )
+        markdown_path = Path(
+            cfg_get(cfg, "summary_markdown", str, None) or self.output_dir / "summary.md"
+        )
         write_text_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         markdown = summary_markdown(summary)
         write_text_atomic(markdown_path, markdown)

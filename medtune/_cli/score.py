@@ -12,7 +12,7 @@ file is read from its content:
 - rows with ``task: caption``: BLEU/METEOR/ROUGE-L/CIDEr (``--per-row FILE`` writes per-report
   scores as JSONL);
 - rows with ``task: mcq``: multiple-choice accuracy (:func:`medtune.eval.mcq.score_mcq_rows`);
-- other rows: VQA metrics (:func:`medtune.eval.vqa_metrics.score_predictions`; DESIGN §3) and
+- other rows: VQA metrics (:func:`medtune.eval.vqa_metrics.score_predictions`) and
   MedEvalKit's accuracies (:func:`medtune.eval.medevalkit_vqa.score_medevalkit_vqa`).
 """
 

@@ -1,6 +1,6 @@
 """Multi-label chest X-ray classification readers: ChestX-ray14, CheXpert, RSNA Pneumonia, SIIM-ACR.
 
-Each reader returns :class:`~medtune.data.errors.Samples` of :class:`LabeledImage` (one per image),
+Each reader returns :class:`~medtune.data.rows.Samples` of :class:`LabeledImage` (one per image),
 in the layouts users download. ``labels`` maps a class name to 0 or 1; a class whose label is not
 known for an image (CheXpert's uncertain label under the ``ignore`` policy) is left out of that
 image's ``labels``, and scoring leaves the image out of that class only
@@ -16,15 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medtune.data.errors import (
-    BadValueError,
-    DataError,
-    MissingFieldError,
-    MissingImageError,
-    SkipCounter,
-)
+from medtune.data.errors import BadValueError, DataError, MissingFieldError, MissingImageError
 from medtune.data.kaggle_chest import rsna_pneumonia, siim_acr
 from medtune.data.labeled import LabeledImage
+from medtune.data.rows import SkipCounter
 from medtune.data.tables import read_csv_rows
 
 __all__ = [

@@ -8,8 +8,8 @@ the file, the row (index and id) and what was expected, e.g.::
 
 Row indices are 0-based positions in the file's JSON list (JSONL: among the non-empty lines).
 Subclasses carry a short ``reason`` label ("missing field", "unknown answer_type", "missing image",
-...) by which ``skip_bad_rows`` counts them (:mod:`medtune.data.rows`, which holds the row-reading
-helpers that used to live here; they are still importable from this module).
+...) by which ``skip_bad_rows`` counts them. The row-reading helpers (``load_json``, ``load_rows``,
+``get_field``, ``resolve_image``, ``Samples``, ``SkipCounter``) live in :mod:`medtune.data.rows`.
 
 This module is import-light (no torch, no numpy).
 """
@@ -31,9 +31,6 @@ __all__ = [
     "ImageLoadError",
     "NoAnswerError",
 ]
-
-# Moved to medtune.data.rows; importable from here for older code (PEP 562 lazy attribute).
-_MOVED = ("Samples", "SkipCounter", "load_json", "load_rows", "get_field", "resolve_image")
 
 
 class DataError(UserError, ValueError):
@@ -122,11 +119,3 @@ def _format(message: str, file: Any, row: int | None, row_id: Any, id_name: str)
     if label is not None:
         prefix = f"{prefix} ({label})" if prefix else f"({label})"
     return f"{prefix}: {message}" if prefix else message
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from medtune.data import rows
-
-        return getattr(rows, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

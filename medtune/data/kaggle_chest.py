@@ -10,14 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medtune.data.errors import (
-    BadValueError,
-    DataError,
-    MissingFieldError,
-    MissingImageError,
-    SkipCounter,
-)
+from medtune.data.errors import BadValueError, DataError, MissingFieldError, MissingImageError
 from medtune.data.labeled import LabeledImage
+from medtune.data.rows import SkipCounter
 from medtune.data.tables import read_csv_rows
 
 __all__ = ["rsna_pneumonia", "siim_acr"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import string
 from collections.abc import Sequence
 
 from medtune.data.sample import IMAGE_MARKER, Message, Sample
@@ -111,8 +110,3 @@ def apply_template(
             m.content = text
             return out
     raise ValueError(f"apply_template: sample {sample.id!r} has no user message")
-
-
-def template_fields(template: str) -> set[str]:
-    """Field names used by a format string (e.g. ``{"question", "modality"}``)."""
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f}

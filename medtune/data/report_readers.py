@@ -18,15 +18,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from medtune.data.errors import (
-    DataError,
-    MissingFieldError,
-    MissingImageError,
-    SkipCounter,
-    get_field,
-    load_json,
-    resolve_image,
-)
+from medtune.data.errors import DataError, MissingFieldError, MissingImageError
 from medtune.data.report_sections import (
     SECTIONS,
     check_section,
@@ -34,6 +26,7 @@ from medtune.data.report_sections import (
     report_target,
 )
 from medtune.data.report_sections import normalize_text as _norm
+from medtune.data.rows import SkipCounter, get_field, load_json, resolve_image
 from medtune.data.sample import Sample, qa_sample
 from medtune.data.tables import find_table, read_csv_rows
 
@@ -108,7 +101,7 @@ def openi(
         instruction: the user turn's text.
 
     Returns:
-        :class:`~medtune.data.errors.Samples` in ``indiana_reports.csv`` order, one per report
+        :class:`~medtune.data.rows.Samples` in ``indiana_reports.csv`` order, one per report
         with a non-empty target and a frontal image; ``id`` is the ``uid``; ``meta`` holds
         ``dataset="openi"``, ``split=None``, ``uid``, ``image`` (filenames), ``findings``,
         ``impression``, ``indication``, ``comparison``, ``mesh``, ``problems``, ``section``,
@@ -217,7 +210,7 @@ def mimic_cxr(
         instruction: the user turn's text.
 
     Returns:
-        :class:`~medtune.data.errors.Samples` in split-file order of studies; ``id`` is the study
+        :class:`~medtune.data.rows.Samples` in split-file order of studies; ``id`` is the study
         id; ``meta`` holds ``dataset="mimic_cxr"``, ``split``, ``study_id``, ``subject_id``,
         ``dicom_ids``, ``view_positions``, ``image`` (paths relative to ``root``), ``findings``,
         ``impression``, ``section``, ``question``, ``answer``, ``task="caption"``.
@@ -327,7 +320,7 @@ def xraygpt(
         instruction: the user turn's text.
 
     Returns:
-        :class:`~medtune.data.errors.Samples` in file order; ``id`` is the ``image_id``; ``meta``
+        :class:`~medtune.data.rows.Samples` in file order; ``id`` is the ``image_id``; ``meta``
         holds ``dataset``, ``split=None``, ``image_id``, ``image``, ``caption``, ``question``,
         ``answer``, ``task="caption"``.
     """

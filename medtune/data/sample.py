@@ -1,4 +1,4 @@
-"""The one internal sample type that every reader maps into (DESIGN §3, "Sample schema").
+"""The one internal sample type that every reader maps into.
 
 A :class:`Sample` holds image references, chat messages and metadata. Readers (SLAKE, VQA-RAD,
 captions, ShareGPT/LLaVA conversations, DICOM folders) return lists of samples; the tokenizing

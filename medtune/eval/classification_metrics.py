@@ -1,4 +1,4 @@
-"""Multi-label classification metrics over predictions rows (DESIGN §3 "Classification predictions").
+"""Multi-label classification metrics over predictions rows.
 
 A row: ``{"id", "dataset", "split", "image", "labels": {class: 0|1}, "scores": {class: float}}``
 (``zero_shot_classify`` writes them). A class missing from a row's ``labels`` (CheXpert's

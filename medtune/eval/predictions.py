@@ -1,4 +1,4 @@
-"""The predictions JSONL (DESIGN §3 "Predictions JSONL"): write, read and validate rows.
+"""The predictions JSONL: write, read and validate rows.
 
 One JSON object per line, one line per question. medtune's own writers (``eval``) write every key
 of :data:`REQUIRED_KEYS`:

@@ -5,20 +5,21 @@ The recipe (``recipes/eval.py``) orchestrates; the logic is here, as plain funct
 - :func:`question_sample`: a benchmark sample -> the sample to answer (the question through the
   prompt template; in ``describe_then_answer`` with the image's description in context);
 - :func:`caption_sample`, :func:`describe_sample`: the caption and description prompts;
-- :func:`prediction_row`: one row of the predictions JSONL (DESIGN §3);
+- :func:`prediction_row`: one row of the predictions JSONL (:mod:`medtune.eval.predictions` schema);
 - :func:`resume_rows`: rows an earlier run already wrote, refused when made otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from medtune.data.prompts import apply_template, format_template
 from medtune.data.sample import Message, Sample
-from medtune.eval.predictions import read_predictions
+from medtune.eval.predictions import SCORED_KEYS, validate_row
 from medtune.utils.errors import UserError
-from medtune.utils.jsonl import read_jsonl
+from medtune.utils.jsonl import JsonlError, read_jsonl, read_jsonl_numbered
 
 __all__ = [
     "EvalConfigError",
@@ -118,7 +119,7 @@ def prediction_row(
     prompt: str,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """One predictions row (DESIGN §3) for a benchmark sample and its answer."""
+    """One predictions row (:mod:`medtune.eval.predictions` schema) for a benchmark sample and its answer."""
     m = s.meta
     image = m.get("image")
     if not isinstance(image, (str, list)):
@@ -146,27 +147,56 @@ def prediction_row(
     return row
 
 
-def resume_rows(path: Path, checkpoint: str, generation: dict[str, Any]) -> dict[str, dict]:
-    """Predictions an earlier run wrote to ``path``, by id (a torn last line is cut off).
+def resume_rows(
+    path: Path,
+    checkpoint: str,
+    generation: dict[str, Any],
+    *,
+    key: Callable[[Any], str] = str,
+    validate: bool = True,
+    what: str = "predictions",
+    error: type[UserError] = EvalConfigError,
+) -> dict[str, dict]:
+    """Rows an earlier run wrote to ``path``, by ``key(id)`` (a torn last line is cut off).
+
+    The one resume check of ``eval`` (predictions) and ``generate`` (answers): every row must
+    have been made by the same checkpoint (compared as resolved paths) with the same generation
+    settings, or appending would mix two runs in one file.
+
+    Args:
+        path: the earlier output (absent: nothing done yet).
+        checkpoint: this run's checkpoint, as the rows record it.
+        generation: this run's generation settings, as the rows record them.
+        key: row id -> dict key (``generate`` compares ids as JSON: ``1`` and ``"1"`` differ).
+        validate: check each row against the predictions schema (``eval``'s rows).
+        what: what the rows are, for messages.
+        error: the error class to raise.
 
     Raises:
-        EvalConfigError: a row made by another checkpoint or with other generation settings.
+        error: a row made by another checkpoint or with other generation settings (naming its
+            id), or a line that is not JSON (naming the line).
     """
     if not path.is_file():
         return {}
+    try:  # a torn last line (a killed run) is cut from the file
+        numbered = read_jsonl_numbered(path, what=what, repair=True)
+    except JsonlError as e:
+        raise error(f"{e}; fix it or run with overwrite=true") from None
     done: dict[str, dict] = {}
-    for r in read_predictions(path, skip_truncated_tail=True, repair=True):
+    for n, r in numbered:
+        if validate:
+            validate_row(r, path, n, required=SCORED_KEYS)
         ckpt = r.get("checkpoint")
         same_ckpt = isinstance(ckpt, str) and (
             ckpt == checkpoint or Path(ckpt).resolve() == Path(checkpoint).resolve()
         )
         if r.get("generation") != generation or not same_ckpt:
-            raise EvalConfigError(
-                f"{path}: rows were written by checkpoint {ckpt} with generation "
-                f"{r.get('generation')}, not {checkpoint} with {generation}: use another "
-                "output_dir or overwrite=true"
+            raise error(
+                f"{path}: id {r.get('id')!r} holds answers from another checkpoint or other "
+                f"generation settings ({ckpt} with {r.get('generation')}; this run: {checkpoint} "
+                f"with {generation}); use another output or overwrite=true"
             )
-        done.setdefault(str(r["id"]), r)
+        done.setdefault(key(r["id"]), r)
     return done
 
 

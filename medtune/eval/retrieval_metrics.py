@@ -1,4 +1,4 @@
-"""Image-text retrieval recall, with BLIP's ``itm_eval`` rules and keys (DESIGN §3 "Retrieval results").
+"""Image-text retrieval recall, with BLIP's ``itm_eval`` rules and keys.
 
 BLIP (``salesforce/BLIP`` ``train_retrieval.py::itm_eval``) ranks by a per-row ``argsort``:
 

@@ -1,4 +1,4 @@
-"""VQA metrics over a predictions JSONL (DESIGN §3 "Metrics"; issue 6 "Scoring").
+"""VQA metrics over a predictions JSONL.
 
 Every number has a name that says its rule, and :data:`RULES` states each rule in one line.
 Standard library only: ``medtune score`` runs without torch.
@@ -279,7 +279,7 @@ def score_predictions(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """All metrics over predictions rows, with breakdowns.
 
     Args:
-        rows: predictions rows (DESIGN §3 schema).
+        rows: predictions rows (the :mod:`medtune.eval.predictions` schema).
 
     Returns:
         A JSON-able dict: ``n_rows``, ``n_closed``, ``n_open``, ``n_skipped_empty_answer``,

@@ -13,7 +13,7 @@ from medtune.utils.errors import ConfigError
 
 @dataclass
 class GenerationConfig:
-    """Settings recorded with every prediction (see DESIGN §3 "Predictions JSONL").
+    """Settings recorded with every prediction (the ``generation`` field of every predictions row, :mod:`medtune.eval.predictions`).
 
     ``num_beams`` 1 is greedy/sampling; above 1, beam search with ``length_penalty`` (finished
     hypotheses score ``sum logprob / n_tokens ** length_penalty``, HF/LAVIS). ``repetition_penalty``

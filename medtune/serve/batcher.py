@@ -152,11 +152,13 @@ class Batcher:
 
     async def _run(self, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
         head = batch[0]
-        settings = GenerationConfig(
-            max_new_tokens=max(r.max_tokens for r in batch),
-            temperature=float(head.temperature),
-            top_p=head.top_p,
-            seed=int(head.seed) if head.seed is not None else random.getrandbits(31),
+        settings = GenerationConfig.from_config(
+            {
+                "max_new_tokens": max(r.max_tokens for r in batch),
+                "temperature": float(head.temperature),
+                "top_p": head.top_p,
+                "seed": int(head.seed) if head.seed is not None else random.getrandbits(31),
+            }
         )
 
         def deliver(indices: list[int], token_ids: list[int]) -> None:

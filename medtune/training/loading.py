@@ -2,8 +2,9 @@
 
 The folder's ``config.yaml`` (the resolved config of the run) names the tokenizer, the model
 builder and the LLM checkpointer; ``model.safetensors`` holds the trained parts. Used by the
-``generate``, ``eval`` and ``serve`` recipes and the demo. (It lived in ``medtune.models.loading``;
-it reads medtune's training checkpoints, so it belongs to the training layer.)
+``generate``, ``eval`` and ``serve`` recipes and the demo. Building and loading go through the one
+loader, :func:`medtune.training.loader.load_model`; this module adds the run's config, the
+tokenizer check and the trained parts (``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ def load_from_checkpoint(
 
     Raises:
         FileNotFoundError: no ``config.yaml`` in the folder.
-        CheckpointMismatchError: tokenizer and model disagree on the image token, the LLM
-            checkpoint does not match the builder, or adapters are missing.
+        UserError: the LLM checkpoint does not fit the builder (width, keys, shapes).
+        CheckpointMismatchError: tokenizer and model disagree on the image token, or adapters
+            are missing.
     """
-    from torchtune import config, training
+    from torchtune import config
 
     from medtune.models.llama3 import IMAGE_TOKEN, decoder_dtype
+    from medtune.models.llm import image_token_id
     from medtune.training.checkpointing import load_trained
     from medtune.training.export import is_adapter_key
+    from medtune.training.loader import load_model
+    from medtune.training.setup import read_llm_state
 
     ckpt_dir = Path(ckpt_dir)
     cfg_file = ckpt_dir / "config.yaml"
@@ -57,30 +62,21 @@ def load_from_checkpoint(
     dtype = decoder_dtype(llm_dtype or cfg.get("llm_dtype", "fp32"))
     device = torch.device(device)
     tokenizer = config.instantiate(cfg.tokenizer)
-    with training.set_default_dtype(dtype), device:
-        model = config.instantiate(cfg.model)
-    from medtune.models.llm import image_token_id
-
+    # the one loader: the LLM built on meta, filled from the base checkpoint (LoRA/DoRA adapters
+    # are not in it: they come from model.safetensors below), checked
+    where = cfg.checkpointer.checkpoint_dir
+    model = load_model(
+        cfg.model,
+        read_llm_state(cfg.checkpointer, prefix="decoder."),
+        device=device,
+        dtype=dtype,
+        source=f"checkpointer ({where})",
+    )
     if image_token_id(tokenizer) != getattr(model, "image_token_id", None):
         raise CheckpointMismatchError(
             f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id"
         )
-    state = config.instantiate(cfg.checkpointer).load_checkpoint()["model"]
-    from medtune.training.setup import llm_width_problem
-
-    if width := llm_width_problem(model.decoder, state, cfg.checkpointer.checkpoint_dir):
-        raise CheckpointMismatchError(width)
-    # LoRA/DoRA runs: the base checkpoint lacks the adapters, which come from model.safetensors below.
-    missing, unexpected = model.decoder.load_state_dict(state, strict=False)
-    adapters = {f"decoder.{k}" for k in missing if is_adapter_key(k)}
-    missing = [k for k in missing if not is_adapter_key(k)]
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{cfg_file}: the LLM checkpoint does not match the model builder: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
-    del state
+    adapters = {k for k in model.state_dict() if k.startswith("decoder.") and is_adapter_key(k)}
     model.decoder.to(dtype)
     model.encoders.float()
     model.connectors.float()

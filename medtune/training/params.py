@@ -1,4 +1,4 @@
-"""Which parts train (DESIGN §3 "Trainable parts") and the start-up table of parameter counts."""
+"""Which parts train and the start-up table of parameter counts."""
 
 from __future__ import annotations
 
@@ -111,7 +111,3 @@ def parameter_table(model: nn.Module, spec: dict[str, str] | None = None) -> str
     line = "  ".join("-" * w for w in widths)
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join([out[0], line, *out[1:-1], line, out[-1]])
-
-
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -37,7 +37,7 @@ from torchtune import config, training
 from medtune.models.llama3 import build_decoders_on
 from medtune.models.llm import image_token_id
 from medtune.models.lora import adapters_to_fp32, clean_name, lora_modules
-from medtune.training.distributed import shard_module
+from medtune.utils.distributed import shard_module
 from medtune.utils.errors import ConfigError, UserError
 
 
@@ -218,8 +218,8 @@ def load_unsharded(
     decoder, prefix = decoder_of(model)
     _agree(_problems(model, full, source, prefix))
     if any(p.is_meta for p in decoder.parameters()):  # only the decoder: encoders hold weights
-        dtype = next(decoder.parameters()).dtype
-        decoder.to_empty(device=device)
+        dtype = next(p for p in decoder.parameters() if p.is_meta).dtype
+        materialize_meta(decoder, device)
         with training.set_default_dtype(dtype):
             _rope_init(decoder, device)
     own = _tensors(model)
@@ -228,6 +228,28 @@ def load_unsharded(
             # in the parameter's dtype first (an NF4 weight quantizes from the dtype it reports),
             # as the sharded path and torchtune's loader do
             own[k].copy_(v.to(own[k].dtype))
+
+
+def materialize_meta(module: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) every parameter and buffer of ``module`` still on ``meta``.
+
+    Unlike ``module.to_empty`` it leaves tensors that already hold values alone (NF4 linears made
+    on the device by :func:`medtune.training.loader.swap_nf4_linears`); a tensor shared by two
+    modules stays shared.
+    """
+    done: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(m, kind)
+            for name, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty_like(t, device=device)
+                    if kind == "_parameters":
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    done[id(t)] = new
+                table[name] = done[id(t)]
 
 
 def shard_vlm(model: nn.Module, decoder: nn.Module) -> None:
@@ -257,7 +279,7 @@ def load_sharded(
     Rank 0 checks the keys and shapes (verdict broadcast), then sends one tensor at a time in the
     model's key order; each rank keeps its shard (``distribute_tensor`` with ``src_data_rank=0``:
     the other ranks' buffers are only received into). A parameter that is not sharded is
-    broadcast whole; an NF4 (QLoRA) weight, which :func:`~medtune.training.distributed.
+    broadcast whole; an NF4 (QLoRA) weight, which :func:`~medtune.utils.distributed.
     shard_module` leaves whole on every rank, is then quantized in place.
     Parameters not in ``full`` keep their values (encoder weights loaded by their builder).
     """

@@ -4,7 +4,7 @@
 ``{checkpoint, dataset, metrics}`` dicts :func:`medtune.eval.report.results_table` reads): datasets
 on the x axis, one bar per checkpoint in each group, the value printed on every bar (4 decimals,
 as in ``results.md``). :func:`roc_curves` draws, for classification predictions
-(``labels``/``scores`` rows, DESIGN §3), one ROC curve per class that holds both label values,
+(``labels``/``scores`` rows, :mod:`medtune.eval.predictions`), one ROC curve per class that holds both label values,
 with the AUROC that :func:`medtune.eval.classification_metrics.score_classification_rows` reports
 (sklearn ``roc_curve`` / ``roc_auc_score``).
 

@@ -281,7 +281,7 @@ def test_caption_dataset_scored_with_caption_metrics(checkpoints, tmp_path):
         str(tmp_path / "captions.yaml"),
         f"checkpoints=[{checkpoints[0]}]",
         f"output_dir={out}",
-        "caption_max_new_tokens=6",  # the flat shorthand of caption_generation.max_new_tokens
+        "caption_generation.max_new_tokens=6",
         "caption_meteor=false",
     )
     assert status == 0
@@ -358,7 +358,7 @@ def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path):
         f"data_dir={data_dir}",
         "device=cpu",
         "batch_size=2",  # several batches per dataset, so both ranks answer some
-        "max_new_tokens=4",  # the flat shorthand of generation.max_new_tokens
+        "generation.max_new_tokens=4",
     ]
     assert (
         _cli("run", "eval", "--config", "slake_vqa_rad", *args, f"output_dir={tmp_path / 'one'}")

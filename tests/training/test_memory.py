@@ -122,7 +122,7 @@ def test_two_fsdp2_ranks_on_cpu(tmp_path, hf_config):
         textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from medtune.models.lora import lora_llama3_from_hf_config
-        from medtune.training.distributed import shard_module
+        from medtune.utils.distributed import shard_module
         from medtune.training.memory import allocated_bytes, estimate_memory
 
         dist.init_process_group("gloo")

@@ -10,8 +10,8 @@ from torch import nn
 
 from medtune.models.builders import tiny_medvlm
 from medtune.training import checkpointing as ckpt
-from medtune.training.distributed import init_distributed, is_distributed_env, resolve_device
 from medtune.training.params import model_parts, parameter_table, set_trainable
+from medtune.utils.distributed import init_process_group, is_distributed_env, resolve_device
 from medtune.utils.errors import UserError
 
 
@@ -162,7 +162,7 @@ def test_recipe_state_is_weights_only(tmp_path):
 def test_single_process_setup(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not is_distributed_env()
-    assert init_distributed(torch.device("cpu")) == (0, 1)
+    assert init_process_group(torch.device("cpu"), in_one_process=False) == (0, 1)
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")

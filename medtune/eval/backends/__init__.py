@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medtune.utils.errors import ConfigError
+from medtune.eval.backends.errors import BackendConfigError
 
 __all__ = ["BACKENDS", "BackendConfigError", "build_backend", "parse_spec"]
 
@@ -41,9 +41,6 @@ SPEC_KEYS = {
     },
 }
 
-
-class BackendConfigError(ConfigError):
-    """A backend spec that cannot work; the message names the checkpoint entry and the key."""
 
 
 def parse_spec(name: str, value: Any) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from medtune.eval.backends import BackendConfigError
+        from medtune.eval.backends.errors import BackendConfigError
 
         self.identity = spec["identity"]
         self.device = torch.device(device)

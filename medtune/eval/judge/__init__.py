@@ -1,4 +1,4 @@
-"""LLM-as-judge for VQA predictions (DESIGN §3 "Judge"; issue 7).
+"""LLM-as-judge for VQA predictions.
 
 Pieces, each usable alone:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 from medtune.eval.judge.backends import (
     JudgeBackend,
     LocalJudge,
-    _load_decoder,
     build_local_generate_fn,
     build_local_judge,
 )
@@ -64,7 +63,6 @@ __all__ = [
     "ShardedGenerate",
     "VerdictStore",
     "VerdictsFileError",
-    "_load_decoder",
     "build_local_generate_fn",
     "build_local_judge",
     "build_sharded_generate_fn",

@@ -12,6 +12,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from medtune.eval.judge.local_model import generate_texts_fn, instantiate_node, judge_settings
+from medtune.eval.judge.sharded import build_sharded_generate_fn
+
 
 class JudgeBackend(Protocol):
     """What :func:`run_judge` needs from a judge: a stable name and a batch call."""
@@ -75,121 +78,6 @@ class LocalJudge:
             close()
 
 
-def _instantiate(node: Any) -> Any:
-    """``torchtune.config.instantiate`` for a config node that may arrive as a plain dict."""
-    from omegaconf import DictConfig, OmegaConf
-    from torchtune import config as tt_config
-
-    return tt_config.instantiate(node if isinstance(node, DictConfig) else OmegaConf.create(node))
-
-
-def _load_decoder(
-    model_cfg: Any, state: dict[str, Any], device: Any, dtype: Any, quantize: str | None
-) -> Any:
-    """Build the judge model on the meta device and fill it from ``state`` on ``device``.
-
-    Nothing full-size is ever allocated twice: parameters are assigned from the checkpoint
-    tensors (cast to ``dtype``). With ``quantize="nf4"`` every ``nn.Linear`` inside the decoder's
-    layers becomes torchtune's FrozenNF4Linear holding the checkpoint weight in NF4 (torchao),
-    one linear at a time, as QLoRA holds a base model; embeddings, norms and the output projection
-    stay in ``dtype``. NF4 needs weight dims that are multiples of 256.
-    """
-    import torch
-    from torchtune import training
-
-    with training.set_default_dtype(dtype), torch.device("meta"):
-        model = _instantiate(model_cfg)
-    state = dict(state)
-    if quantize == "nf4":
-        from torchtune.modules.low_precision import FrozenNF4Linear
-
-        decoder = getattr(model, "decoder", model)
-        prefix = "decoder." if decoder is not model else ""
-        for layer_idx, layer in enumerate(decoder.layers):
-            for parent_name, parent in list(layer.named_modules()):
-                for child_name, child in list(parent.named_children()):
-                    if type(child) is not torch.nn.Linear:
-                        continue
-                    path = ".".join(
-                        p for p in (f"{prefix}layers.{layer_idx}", parent_name, child_name) if p
-                    )
-                    nf4 = FrozenNF4Linear(
-                        child.in_features,
-                        child.out_features,
-                        bias=child.bias is not None,
-                        device=device,
-                        dtype=dtype,
-                    )
-                    weights = {"weight": state.pop(f"{path}.weight").to(device=device, dtype=dtype)}
-                    if child.bias is not None:
-                        weights["bias"] = state.pop(f"{path}.bias").to(device=device, dtype=dtype)
-                    nf4.load_state_dict(weights)  # NF4 copy_ quantizes the weight
-                    setattr(parent, child_name, nf4)
-    state = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        for k, v in state.items()
-    }
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"judge checkpoint has keys the model lacks: {unexpected[:5]}")
-    # Buffers that are not in checkpoints (RoPE caches) are rebuilt on the device.
-    with device:
-        for module in model.modules():
-            if hasattr(module, "rope_init"):
-                module.rope_init()
-    still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise ValueError(f"judge checkpoint lacks weights for: {still_meta[:5]} ({missing[:5]})")
-    return model
-
-
-def _generate_texts_fn(
-    model: Any,
-    tokenizer: Any,
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    sync_next: Callable[[Any], Any] | None = None,
-) -> Callable[[list[str]], list[str]]:
-    """``generate_texts(prompts) -> texts``: each prompt one user turn through the model transform,
-    greedy and batched by :func:`medtune.inference.answer` (every rank runs every batch: a sharded
-    model needs all ranks in each forward, so the prompts are not split across ranks)."""
-    from medtune.data.model_transform import medvlm_transform
-    from medtune.data.sample import Message, Sample
-    from medtune.generation import GenerationConfig
-    from medtune.inference import answer
-
-    transform = medvlm_transform(model, tokenizer)
-    settings = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-
-    def generate_texts(prompts: list[str]) -> list[str]:
-        samples = [Sample(str(i), [], [Message("user", p)], {}) for i, p in enumerate(prompts)]
-        out = answer(
-            model,
-            transform,
-            samples,
-            settings,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            data_parallel=False,
-            sync_next=sync_next,
-        )
-        return [a.text for a in out]
-
-    return generate_texts
-
-
-def _judge_settings(cfg: Mapping[str, Any], device: Any) -> tuple[Any, str | None, int, int]:
-    """(dtype, quantize, max_new_tokens, batch_size) from the ``judge`` config section."""
-    from medtune.models.llama3 import decoder_dtype
-
-    dtype = decoder_dtype(cfg.get("dtype") or ("bf16" if device.type == "cuda" else "fp32"))
-    quantize = cfg.get("quantize")
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"judge.quantize must be null or nf4, got {quantize!r}")
-    return dtype, quantize, int(cfg.get("max_new_tokens", 8)), max(1, int(cfg.get("batch_size", 8)))
-
-
 def build_local_generate_fn(cfg: Mapping[str, Any]) -> Callable[[list[str]], list[str]]:
     """Build ``generate_texts(prompts) -> texts`` for a local torchtune Llama-3 Instruct judge.
 
@@ -220,23 +108,29 @@ def build_local_generate_fn(cfg: Mapping[str, Any]) -> Callable[[list[str]], lis
     import torch
     from torchtune import training
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from medtune.eval.judge.sharded import build_sharded_generate_fn
+    from medtune.training.loader import load_model  # here: importing the judge needs no torch
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return build_sharded_generate_fn(cfg)
     device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype, quantize, max_new_tokens, batch_size = _judge_settings(cfg, device)
+    dtype, quantize, max_new_tokens, batch_size = judge_settings(cfg, device)
 
-    tokenizer = _instantiate(cfg["tokenizer"])
-    checkpointer = _instantiate(cfg["checkpointer"])
+    tokenizer = instantiate_node(cfg["tokenizer"])
+    checkpointer = instantiate_node(cfg["checkpointer"])
     state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    model = _load_decoder(cfg["model"], state, device, dtype, quantize)
+    model = load_model(
+        cfg["model"],
+        state,
+        device=device,
+        dtype=dtype,
+        source="judge checkpoint",
+        everything_on_meta=True,
+        quantize=quantize,
+    )
     del state
     model.eval()
     model.requires_grad_(False)
-    return _generate_texts_fn(
-        model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens
-    )
+    return generate_texts_fn(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 def build_local_judge(name: str = "local", **cfg: Any) -> LocalJudge:

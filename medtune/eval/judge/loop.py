@@ -63,7 +63,7 @@ def run_judge(
     replies are sent again ``retry_unparsed`` times, then counted as UNPARSED.
 
     Args:
-        rows: predictions rows (DESIGN §3 schema).
+        rows: predictions rows (the :mod:`medtune.eval.predictions` schema).
         backend: the judge.
         store: the verdict cache (verdicts are appended and flushed one by one).
         template: the prompt template.

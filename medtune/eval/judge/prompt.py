@@ -1,4 +1,4 @@
-"""The judge's prompt and its strict parser (DESIGN §3 "Judge").
+"""The judge's prompt and its strict parser.
 
 :data:`DEFAULT_PROMPT_TEMPLATE` is versioned by :data:`PROMPT_VERSION`; :func:`prompt_sha256` of
 the template is stored with every verdict; :func:`parse_verdict` accepts only RIGHT or WRONG as

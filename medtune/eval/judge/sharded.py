@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from medtune.eval.judge.backends import _generate_texts_fn, _instantiate, _judge_settings
+from medtune.eval.judge.local_model import generate_texts_fn, instantiate_node, judge_settings
 
 
 def _broadcast_object(obj: Any) -> Any:
@@ -100,7 +100,7 @@ class ShardedGenerate:
         After a generate call that raised midway the ranks are no longer in step: no collective
         is attempted then (torchrun ends the other ranks when this one exits with an error).
         """
-        from medtune.training.distributed import barrier, destroy
+        from medtune.utils.distributed import barrier, destroy
 
         if not self._inside:
             if self.rank == 0 and not self._stopped:
@@ -115,7 +115,7 @@ def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
 
     Each process initialises the process group (gloo on CPU, NCCL on CUDA, one GPU per local
     rank), builds the decoder on the meta device, shards it per layer then at the root
-    (:func:`medtune.training.distributed.shard_decoder`) on a 1-D mesh of all ranks, and gets its
+    (:func:`medtune.utils.distributed.shard_decoder`) on a 1-D mesh of all ranks, and gets its
     shards from the checkpoint read on rank 0 only (:func:`medtune.training.setup.load_sharded`).
     Greedy decoding; see :class:`ShardedGenerate` for the lock-step rules.
 
@@ -131,36 +131,36 @@ def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
     from torch.distributed.device_mesh import init_device_mesh
     from torchtune import training
 
-    from medtune.training.distributed import (
+    from medtune.utils.distributed import (
         destroy,
-        init_distributed,
+        init_process_group,
         resolve_device,
         shard_decoder,
     )
 
     device = resolve_device(cfg.get("device") or "auto")
-    dtype, quantize, max_new_tokens, batch_size = _judge_settings(cfg, device)
+    dtype, quantize, max_new_tokens, batch_size = judge_settings(cfg, device)
     if quantize is not None:
         raise ValueError(
             "judge.quantize=nf4 runs in one process (70B in NF4 fits one 80 GB GPU); with "
             "--nproc_per_node the judge is sharded in judge.dtype: set judge.quantize=null"
         )
-    rank, world_size = init_distributed(device)
+    rank, world_size = init_process_group(device, in_one_process=False)
     try:
-        tokenizer = _instantiate(cfg["tokenizer"])
+        tokenizer = instantiate_node(cfg["tokenizer"])
         with training.set_default_dtype(dtype), torch.device("meta"):
-            model = _instantiate(cfg["model"])
+            model = instantiate_node(cfg["model"])
         decoder = getattr(model, "decoder", model)
         mesh = init_device_mesh(device.type, (world_size,))
         shard_decoder(decoder, mesh)
         if decoder is not model:
-            from medtune.training.distributed import shard_module
+            from medtune.utils.distributed import shard_module
 
             shard_module(model, mesh)
         state, error = None, None
         if rank == 0:  # only rank 0 reads the checkpoint (load_sharded sends the shards)
             try:
-                state = _instantiate(cfg["checkpointer"]).load_checkpoint()[training.MODEL_KEY]
+                state = instantiate_node(cfg["checkpointer"]).load_checkpoint()[training.MODEL_KEY]
             except Exception as e:  # report on every rank, not only here
                 error = f"judge checkpoint could not be loaded on rank 0: {type(e).__name__}: {e}"
         error = _broadcast_object(error)
@@ -189,7 +189,7 @@ def build_sharded_generate_fn(cfg: Mapping[str, Any]) -> ShardedGenerate:
         dist.broadcast(nxt, src=0)  # in place: every rank now holds rank 0's tokens
         return nxt
 
-    fn = _generate_texts_fn(
+    fn = generate_texts_fn(
         model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, sync_next=sync_next
     )
     return ShardedGenerate(fn, rank, world_size, numel)
