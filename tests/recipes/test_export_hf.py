@@ -1,7 +1,7 @@
 """``medtune export hf`` through the CLI on a trained tiny checkpoint, then transformers alone.
 
-A tiny ``vision_finetune`` run (the demo config with the encoder reading block ``-1``, so that the
-export is exact) is exported; a separate Python process that never imports medtune loads the folder
+A tiny ``vision_finetune`` run (the demo config, whose encoder reads block ``-1`` so that the export
+is exact) is exported; a separate Python process that never imports medtune loads the folder
 with ``AutoModelForImageTextToText`` + ``AutoProcessor`` and answers with greedy ``generate``; its
 answers must equal ``medtune run generate``'s on the same images and questions. The exported folder
 is then imported back (``vision_finetune`` with the ``llava_medvlm`` builder and
@@ -62,7 +62,7 @@ def exported(tiny_assets, tmp_path_factory):
     status, out = _cli(
         "run", "vision_finetune", "--config", "demo", f"assets_dir={tiny_assets}",
         f"output_dir={run}", "epochs=1", "max_steps_per_epoch=3", "batch_size=8",
-        "log_every_n_steps=100", "+model.feature_layer=-1",
+        "log_every_n_steps=100",
     )  # fmt: skip
     assert status == 0, out[-2000:]
     folder = tmp_path_factory.mktemp("hf") / "llava"
@@ -104,12 +104,12 @@ def test_transformers_alone_generates_what_medtune_generates(exported, tiny_asse
 
 
 def test_export_refuses_what_llava_cannot_hold(tiny_assets, tmp_path):
-    """The demo model reads tokens after the tower's final norm: refused with the reason."""
+    """A tower read after its final norm (feature_layer null): refused with the reason."""
     run = tmp_path / "run"
     status, out = _cli(
         "run", "vision_finetune", "--config", "demo", f"assets_dir={tiny_assets}",
         f"output_dir={run}", "epochs=1", "max_steps_per_epoch=1", "batch_size=4",
-        "log_every_n_steps=100",
+        "log_every_n_steps=100", "model.feature_layer=null",
     )  # fmt: skip
     assert status == 0, out[-2000:]
     err = io.StringIO()
