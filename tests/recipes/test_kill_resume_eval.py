@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
@@ -148,19 +147,10 @@ def _kill_chain(runner, argv: list[str], cwd: Path, watch, full: list[dict]) -> 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tiny_assets, tmp_path_factory) -> Path:
     """A checkpoint folder of the demo model, as vision_finetune/demo writes it (untrained)."""
-    from torchtune import config
+    from medtune.testing.checkpoints import untrained_checkpoint
 
-    from medtune.training.checkpointing import save_trained
-
-    cfg = OmegaConf.load(REPO / "recipes/configs/vision_finetune/demo.yaml")
-    cfg.assets_dir = str(tiny_assets)
-    cfg.output_dir = str(tmp_path_factory.mktemp("run"))
-    torch.manual_seed(0)
-    model = config.instantiate(cfg.model)
-    trained = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
-    ckpt = Path(cfg.output_dir) / "epoch_0"
-    save_trained(trained, ckpt, OmegaConf.to_yaml(cfg, resolve=True))
-    return ckpt
+    config = REPO / "recipes/configs/vision_finetune/demo.yaml"
+    return untrained_checkpoint(config, tmp_path_factory.mktemp("run"), assets_dir=str(tiny_assets))
 
 
 def _eval_argv(assets: Path, ckpt: Path, out: Path) -> list[str]:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torchtune import config
 
 from medtune._cli.main import main
-from medtune.training.checkpointing import save_trained
+from medtune.testing.checkpoints import untrained_checkpoint
 from medtune.training.setup import llm_width_problem, load_unsharded, read_llm_state
 from medtune.utils.errors import UserError
 
@@ -24,16 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 def wide_llm_checkpoint(tiny_assets, tmp_path_factory) -> Path:
     """A checkpoint folder of the demo model (64-wide tiny Llama-3) whose config names the
     256-wide tiny Llama-3 as its LLM checkpoint (a moved / wrong ``checkpoint_dir``)."""
-    cfg = OmegaConf.load(REPO / "recipes/configs/vision_finetune/demo.yaml")
-    cfg.assets_dir = str(tiny_assets)
-    cfg.output_dir = str(tmp_path_factory.mktemp("run"))
-    cfg.checkpointer.checkpoint_dir = f"{tiny_assets}/llama3_tiny256"
-    torch.manual_seed(0)
-    model = config.instantiate(cfg.model)
-    trained = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
-    ckpt = Path(cfg.output_dir) / "epoch_0"
-    save_trained(trained, ckpt, OmegaConf.to_yaml(cfg, resolve=True))
-    return ckpt
+    return untrained_checkpoint(
+        REPO / "recipes/configs/vision_finetune/demo.yaml",
+        tmp_path_factory.mktemp("run"),
+        assets_dir=str(tiny_assets),
+        **{"checkpointer.checkpoint_dir": f"{tiny_assets}/llama3_tiny256"},
+    )
 
 
 def test_generate_names_the_checkpoint_and_both_widths(
