@@ -43,6 +43,8 @@ RULES = {
     "llava_med": ("closed_accuracy_llava_med", "open_hit_llava_med"),
 }
 THUMB_PX = 160
+#: distinct images embedded per page (about 5 KB each as 160 px JPEG)
+MAX_THUMBNAILS = 4000
 
 
 def _finite(v: Any) -> bool:
@@ -140,6 +142,7 @@ def page_data(
     verdicts: Mapping[str, Mapping[str, Any]] | None = None,
     per_row: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
     thumbnails: bool = True,
+    max_thumbnails: int = MAX_THUMBNAILS,
 ) -> dict[str, Any]:
     """The JSON object ``report.html`` renders.
 
@@ -154,6 +157,9 @@ def page_data(
         verdicts: ``vqa_judge`` verdicts by row key (adds the ``judge`` rule).
         per_row: ``{checkpoint name: per_row.jsonl rows}`` of caption datasets (scores shown).
         thumbnails: embed thumbnails (False: paths only).
+        max_thumbnails: embed at most this many distinct images (a page stays a few MB on a
+            benchmark of tens of thousands of images); the others show their path, and the page
+            says how many (``thumbnails_left_out``).
 
     Returns:
         ``{title, dataset, checkpoints, rules, summary, images: {key: data URL | error},
@@ -200,8 +206,8 @@ def page_data(
             }
         )
     embedded = {}
-    for key, path in img_keys.items():
-        if not thumbnails:
+    for i, (key, path) in enumerate(img_keys.items()):
+        if not thumbnails or i >= max_thumbnails:
             embedded[key] = {"path": path}
             continue
         try:
@@ -217,5 +223,6 @@ def page_data(
         "rules": rules,
         "summary": numbers,
         "images": embedded,
+        "thumbnails_left_out": max(0, len(img_keys) - max_thumbnails) if thumbnails else 0,
         "rows": out_rows,
     }

@@ -73,6 +73,8 @@ $('rule').innerHTML = D.rules.map(r => `<option>${esc(r)}</option>`).join('');
 $('compare').innerHTML = '<option value="">side by side: off</option>' +
   D.checkpoints.slice(1).map(c => `<option value="${esc(c)}">vs ${esc(c)}</option>`).join('');
 if (D.checkpoints.length < 2) $('compare').disabled = true;
+if (D.thumbnails_left_out) $('note').textContent = `${D.thumbnails_left_out} images beyond ` +
+  `the first ${Object.keys(D.images).length - D.thumbnails_left_out} are shown by path (no thumbnail).`;
 const S = $('summary');
 S.innerHTML = Object.entries(D.summary).map(([k, v]) =>
   `<span>${esc(k)}: <b>${Number.isInteger(v) ? v : v.toFixed(4)}</b></span>`).join('');
@@ -144,7 +146,7 @@ _BODY = """<!doctype html>
 <p>Written by medtune eval. Rules: <b>strict</b> = closed_accuracy_strict (CLOSED) /
 open_exact_match (OPEN); <b>llava_med</b> = closed_accuracy_llava_med / open_hit_llava_med;
 <b>judge</b> = the LLM judge's verdict (when a verdicts file was given). – = not scored.</p>
-<div id="summary"></div>
+<div id="summary"></div><p id="note" class="na"></p>
 <div id="controls">
 <select id="status"><option value="">all</option><option value="wrong">wrong</option>
 <option value="right">right</option><option value="unscored">not scored</option>

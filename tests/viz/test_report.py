@@ -235,3 +235,14 @@ def test_roc_curves_match_sklearn(tmp_path):
     assert np.trapezoid(ln.get_ydata(), ln.get_xdata()) == pytest.approx(curves["nodule"][2])
     path = charts.roc_curves(rows, tmp_path / "roc.png")
     _png(path, (int(charts.CHART_PX[1] * 1.25), charts.CHART_PX[1]))
+
+
+def test_thumbnails_are_capped_and_the_rest_named(eval_dir, tiny_assets):
+    _, rows_by_ckpt, _ = eval_dir
+    rows = rows_by_ckpt[CKPTS[0]]
+    root = Path(tiny_assets) / "tiny_slake" / "Slake1.0"
+    data = page_data([(CKPTS[0], rows)], dataset="slake", image_root=root, max_thumbnails=2)
+    images = list(data["images"].values())
+    assert len(images) > 2 and data["thumbnails_left_out"] == len(images) - 2
+    assert [("src" in v) for v in images] == [True, True] + [False] * (len(images) - 2)
+    assert all(Path(v["path"]).is_file() for v in images)  # the rest are named by their path
