@@ -66,6 +66,12 @@ def test_full_size_builds_on_meta_with_blips_parameter_counts():
     assert 250e6 < trained < 260e6  # BLIP ViT-B pretraining model: ~252M trained weights
     assert tuple(model.image_queue.shape) == (256, 57600)
     assert model.text_encoder.encoder.layer[0].crossattention.self.key.weight.shape == (768, 768)
+    # BiomedCLIP's tower (open_clip timm trunk) is the same ViT-B/16; its 512-d head is not taken
+    from medtune.models.encoders import biomedclip_vision
+
+    with torch.device("meta"):
+        bm = blip_model(biomedclip_vision(None, device="meta"), None, decoder=False)
+    assert sum(p.numel() for p in bm.visual_encoder.parameters()) == _vit_params()
 
 
 def test_decoder_shares_all_but_self_attention(bert_dir):
