@@ -38,6 +38,7 @@ from medtune.models.convert.hf_llava import (
     vision_from_hf,
 )
 from medtune.models.encoders import VisionEncoder, _fp32_default
+from medtune.models.lora import _decoder, _takes_lora_args
 from medtune.models.medvlm import MedVLM
 from medtune.utils.errors import UserError
 
@@ -129,21 +130,8 @@ def _tower(vc: dict) -> tuple[nn.Module, str]:
     raise UserError(f"vision tower {kind!r}: medtune imports clip_vision_model and vit towers")
 
 
-def llava_medvlm(path: str, load_weights: bool = True, max_seq_len: int | None = None) -> MedVLM:
-    """A MedVLM shaped (and, for tower and projector, loaded) from a transformers LLaVA folder.
-
-    Args:
-        path: the LLaVA folder.
-        load_weights: read the tower and projector weights (False: random, e.g. on ``meta``).
-        max_seq_len: the decoder's context (default: the text config's).
-
-    Returns:
-        A MedVLM; its decoder is empty until the recipe's checkpointer
-        (:class:`LlavaLLMCheckpointer`) loads it.
-    """
-    from medtune.models.llm import decoder_from_hf_config, placeholder_id
-
-    folder = Path(path)
+def _parts(folder: Path, load_weights: bool) -> tuple[VisionEncoder, MLPConnector, dict]:
+    """The tower and projector of a LLaVA folder (loaded when asked), and its text config."""
     cfg = read_llava_config(folder)
     vc, tc = cfg["vision_config"], cfg["text_config"]
     tower, kind = _tower(vc)
@@ -165,9 +153,6 @@ def llava_medvlm(path: str, load_weights: bool = True, max_seq_len: int | None =
         raise UserError(
             f"{folder}: projector_hidden_act {cfg['projector_hidden_act']!r} unsupported"
         )
-    with tempfile.TemporaryDirectory() as tmp:  # the family builders read an HF config.json
-        (Path(tmp) / "config.json").write_text(json.dumps(text_config(tc)))
-        decoder, family = decoder_from_hf_config(Path(tmp) / "config.json", max_seq_len)
     if load_weights:
         hf = read_llava_weights(folder, keep=lambda k: k.startswith((VISION, PROJ)))
         source = f"{folder} (LLaVA)"
@@ -177,12 +162,80 @@ def llava_medvlm(path: str, load_weights: bool = True, max_seq_len: int | None =
         if set(missing) - unused or unexpected:
             raise UserError(f"{source}: tower weights do not fit ({sorted(missing)[:5]})")
         conn.load_state_dict(projector_from_hf(hf, source=source))
+    return enc, conn, text_config(tc)
+
+
+def _assemble(decoder, family: str, enc, conn, tc: dict) -> MedVLM:
+    from medtune.models.llm import placeholder_id
+
     return MedVLM(
         decoder,
         {"image": enc},
         {"image": conn},
         image_token_id=placeholder_id(family, tc.get("vocab_size")),
     )
+
+
+def llava_medvlm(path: str, load_weights: bool = True, max_seq_len: int | None = None) -> MedVLM:
+    """A MedVLM shaped (and, for tower and projector, loaded) from a transformers LLaVA folder.
+
+    Args:
+        path: the LLaVA folder.
+        load_weights: read the tower and projector weights (False: random, e.g. on ``meta``).
+        max_seq_len: the decoder's context (default: the text config's).
+
+    Returns:
+        A MedVLM; its decoder is empty until the recipe's checkpointer
+        (:class:`LlavaLLMCheckpointer`) loads it.
+    """
+    from medtune.models.llm import decoder_from_hf_config
+
+    enc, conn, tc = _parts(Path(path), load_weights)
+    with tempfile.TemporaryDirectory() as tmp:  # the family builders read an HF config.json
+        (Path(tmp) / "config.json").write_text(json.dumps(tc))
+        decoder, family = decoder_from_hf_config(Path(tmp) / "config.json", max_seq_len)
+    return _assemble(decoder, family, enc, conn, tc)
+
+
+@_takes_lora_args()
+def llava_medvlm_lora(
+    path: str, load_weights: bool = True, max_seq_len: int | None = None, *, lora: dict
+) -> MedVLM:
+    """:func:`llava_medvlm` with a LoRA / DoRA / QLoRA decoder (torchtune's family LoRA builders),
+    for ``lora_finetune``; the LoRA arguments are those of :func:`medtune.models.lora.lora_args`."""
+    from torchtune.models.llama2 import lora_llama2
+    from torchtune.models.mistral import lora_mistral
+    from torchtune.models.qwen2 import lora_qwen2
+
+    from medtune.models.llm import family_of_hf_config
+    from medtune.models.lora import lora_llama3_from_hf_config
+
+    enc, conn, tc = _parts(Path(path), load_weights)
+    family = family_of_hf_config(tc, Path(path) / "config.json")
+    if family == "llama3":
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(tc))
+            decoder = lora_llama3_from_hf_config(
+                Path(tmp) / "config.json", **lora, max_seq_len=max_seq_len
+            )
+        return _assemble(decoder, family, enc, conn, tc)
+    kw = dict(
+        vocab_size=tc["vocab_size"],
+        num_layers=tc["num_hidden_layers"],
+        num_heads=tc["num_attention_heads"],
+        num_kv_heads=tc.get("num_key_value_heads", tc["num_attention_heads"]),
+        embed_dim=tc["hidden_size"],
+        intermediate_dim=tc["intermediate_size"],
+        max_seq_len=max_seq_len or tc.get("max_position_embeddings", 4096),
+        norm_eps=tc.get("rms_norm_eps", 1e-5),
+        rope_base=tc.get("rope_theta", 10_000),
+    )
+    builder = {"llama2": lora_llama2, "mistral": lora_mistral, "qwen2_5": lora_qwen2}[family]
+    if family == "qwen2_5":
+        kw["tie_word_embeddings"] = bool(tc.get("tie_word_embeddings", False))
+    if family == "llama2":  # torchtune's lora_llama2 fixes RoPE's base at 10,000
+        kw.pop("rope_base")
+    return _assemble(_decoder(builder, **kw, **lora), family, enc, conn, tc)
 
 
 class LlavaLLMCheckpointer:

@@ -146,3 +146,31 @@ def test_imported_llava_trains_with_vision_finetune(exported, tiny_assets, tmp_p
         "device=cpu", "max_new_tokens=4", f"image={image}", "question=Which side is the lesion on?",
     )  # fmt: skip
     assert status == 0, out[-2000:]
+
+
+def test_imported_llava_trains_with_lora_finetune(exported, tiny_assets, tmp_path):
+    """LoRA on the imported LLM (llava_medvlm_lora), one step, through the CLI."""
+    from omegaconf import OmegaConf
+
+    _, folder = exported
+    cfg = OmegaConf.load(Path(__file__).parents[2] / "recipes/configs/lora_finetune/demo.yaml")
+    lora = {
+        k: v for k, v in cfg.model.items() if k.startswith(("lora_", "apply_", "use_", "quant"))
+    }
+    cfg.model = {
+        "_component_": "medtune.models.llava.llava_medvlm_lora",
+        "path": str(folder),
+        **lora,
+    }
+    cfg.checkpointer = {
+        "_component_": "medtune.models.llava.LlavaLLMCheckpointer",
+        "checkpoint_dir": str(folder),
+    }
+    OmegaConf.save(cfg, tmp_path / "lora_from_llava.yaml")
+    status, out = _cli(
+        "run", "lora_finetune", "--config", str(tmp_path / "lora_from_llava.yaml"),
+        f"output_dir={tmp_path / 'lora'}", f"assets_dir={tiny_assets}",
+        "epochs=1", "max_steps_per_epoch=1", "batch_size=4", "log_every_n_steps=1",
+    )  # fmt: skip
+    assert status == 0, out[-3000:]
+    assert (tmp_path / "lora" / "epoch_0" / "model.safetensors").is_file()
