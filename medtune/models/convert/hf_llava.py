@@ -282,6 +282,10 @@ def llm_from_hf(hf: dict[str, torch.Tensor], shape: dict, *, tied: bool) -> dict
     plain = {"model." + k[len(LM) :]: v for k, v in hf.items() if k.startswith(LM)}
     if "lm_head.weight" in hf and not tied:
         plain["lm_head.weight"] = hf["lm_head.weight"]
+    if any(k.endswith("self_attn.q_proj.bias") for k in plain):  # Qwen2 / 2.5: q/k/v biases
+        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+        return qwen2_hf_to_tune(plain, **shape, tie_word_embeddings=tied)
     return hf_to_tune(plain, **shape)
 
 
