@@ -24,8 +24,6 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from medtune._cli.main import main
-
 from .conftest import image_message
 
 pytestmark = pytest.mark.slow
@@ -44,26 +42,14 @@ QUESTION = "Which side is the lesion on?"
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tiny_assets, tmp_path_factory) -> Path:
-    """A demo checkpoint: ``vision_finetune --config demo`` cut to one step."""
-    out = tmp_path_factory.mktemp("demo_run")
-    argv = [
-        "run",
-        "vision_finetune",
-        "--config",
-        "demo",
-        f"assets_dir={tiny_assets}",
-        f"output_dir={out}",
-        "epochs=1",
-        "max_steps_per_epoch=1",
-        "batch_size=4",
-        "log_every_n_steps=100",
-    ]
-    try:
-        status = main(argv)
-    except SystemExit as e:
-        status = e.code
-    assert status in (0, None)
-    return out / "epoch_0"
+    """A checkpoint folder of the demo model as ``vision_finetune --config demo`` writes it (its
+    initial weights: the page needs a model to serve, not a trained one)."""
+    from medtune.testing.checkpoints import untrained_checkpoint
+
+    config = Path(__file__).resolve().parents[2] / "recipes/configs/vision_finetune/demo.yaml"
+    return untrained_checkpoint(
+        config, tmp_path_factory.mktemp("demo_run"), assets_dir=str(tiny_assets)
+    )
 
 
 def _free_port() -> int:
