@@ -83,7 +83,13 @@ def save_hf(state: dict[str, torch.Tensor], out_dir: str | Path, hf_config: str 
 
     s = _shape(hf_config)
     base = {k: v for k, v in state.items() if not is_adapter_key(k)}
-    hf = tune_to_hf(base, **s)
+    if any(k.endswith("attn.q_proj.bias") for k in base):  # Qwen2 / 2.5: q/k/v biases
+        from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+        tied = bool(json.loads(Path(hf_config).read_text()).get("tie_word_embeddings", False))
+        hf = qwen2_tune_to_hf(base, **s, tie_word_embeddings=tied)
+    else:  # Llama-3, Llama-2 / Vicuna, Mistral share the layout
+        hf = tune_to_hf(base, **s)
     out = Path(out_dir)
     _save(hf, out / HF_MODEL_FILE)
     for name in _COPIED:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from medtune._cli.main import main
 from medtune.testing.llm_families import cached_tiny_llms
@@ -89,3 +90,34 @@ def test_eval_and_generate_each_family(trained, tiny_assets, capsys):
     assert f"loading {trained / 'qwen2_5' / 'epoch_0'}" in printed
     answer = printed.rstrip("\n").splitlines()[-1]
     assert "<|im_end|>" not in answer and "<|im_start|>" not in answer  # stops, decodes text
+
+
+def test_full_finetune_qwen_then_eval(tiny_assets, tmp_path):
+    """The full recipe takes a Qwen2.5 LLM through the config alone; its tuned LLM is written in
+    HF layout with Qwen's q/k/v biases and eval reloads it."""
+    q = cached_tiny_llms() / "qwen2_5_tiny"
+    out = tmp_path / "ff"
+    _run(
+        "full_finetune", "--config", "demo", f"assets_dir={tiny_assets}", f"output_dir={out}",
+        "epochs=1", "max_steps_per_epoch=1", "batch_size=2", "val_dataset=null",
+        "tokenizer._component_=medtune.models.llm.qwen2_5.qwen2_5_tokenizer",
+        f"tokenizer.path={q / 'vocab.json'}", f"+tokenizer.merges_file={q / 'merges.txt'}",
+        f"tokenizer.special_tokens_path={q / 'tokenizer.json'}",
+        "model._component_=medtune.models.llm.builders.medvlm_open_clip_llm", "~model.assets_dir",
+        f"+model.llm_config={q / 'config.json'}", f"+model.encoder_path={tiny_assets / 'tiny_clip'}",
+        f"checkpointer.checkpoint_dir={q}", "checkpointer.model_type=QWEN2",
+        "lr_scheduler.num_warmup_steps=0",
+    )  # fmt: skip
+    from safetensors.torch import load_file
+
+    tuned = load_file(str(out / "epoch_0" / "llm" / "model.safetensors"))
+    hf = load_file(str(q / "model.safetensors"))
+    assert tuned.keys() == hf.keys() and "model.layers.0.self_attn.q_proj.bias" in tuned
+    assert not torch.equal(tuned["model.layers.0.mlp.up_proj.weight"],
+                           hf["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    _run(
+        "eval", "--config", "demo", f"assets_dir={tiny_assets}", f"checkpoints=[{out / 'epoch_0'}]",
+        f"output_dir={tmp_path / 'eval'}", "limit=2", "generation.max_new_tokens=3",
+    )  # fmt: skip
+    rows = (tmp_path / "eval" / "ff_epoch_0" / "slake" / "predictions.jsonl").read_text()
+    assert len(rows.splitlines()) == 2
