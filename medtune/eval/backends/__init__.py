@@ -42,7 +42,6 @@ SPEC_KEYS = {
 }
 
 
-
 def parse_spec(name: str, value: Any) -> dict[str, Any]:
     """Normalize one ``checkpoints`` entry.
 
