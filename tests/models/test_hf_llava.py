@@ -115,8 +115,8 @@ def test_round_trip_is_bitwise(tiny, tmp_path):
     assert back.encoders["image"].feature_layer == -1
 
 
-@pytest.mark.parametrize("tower", ["clip", "vit"])
-def test_import_random_llava_logits_equal(tower, tmp_path):
+@pytest.mark.parametrize("tower,llm", [("clip", "llama"), ("vit", "llama"), ("clip", "mistral")])
+def test_import_random_llava_logits_equal(tower, llm, tmp_path):
     """A tiny random transformers LLaVA built from config imports with equal logits."""
     from transformers import (
         CLIPVisionConfig,
@@ -135,16 +135,16 @@ def test_import_random_llava_logits_equal(tower, tmp_path):
         if tower == "clip"
         else ViTConfig(**vision)
     )
-    tc = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        rope_theta=10000.0,
-        max_position_embeddings=128,
-    )
+    shape = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, rope_theta=10000.0, max_position_embeddings=128,
+    )  # fmt: skip
+    if llm == "llama":
+        tc = LlamaConfig(**shape)
+    else:  # LLaVA-Med v1.5's LLM family
+        from transformers import MistralConfig
+
+        tc = MistralConfig(**shape, sliding_window=None)
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration(
         LlavaConfig(
