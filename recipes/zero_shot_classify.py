@@ -52,7 +52,6 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 from medtune.eval import zero_shot as zs
-from medtune.utils.distributed import resolve_device
 from medtune.utils.config import (
     cfg_get,
     check_keys,
@@ -61,6 +60,7 @@ from medtune.utils.config import (
     optional_component,
     positive,
 )
+from medtune.utils.distributed import resolve_device
 from medtune.utils.errors import ConfigError, UserError, run_entry
 
 SUPPORTS_DISTRIBUTED = False
