@@ -121,3 +121,31 @@ def test_full_finetune_qwen_then_eval(tiny_assets, tmp_path):
     )  # fmt: skip
     rows = (tmp_path / "eval" / "ff_epoch_0" / "slake" / "predictions.jsonl").read_text()
     assert len(rows.splitlines()) == 2
+
+
+def test_lora_finetune_mistral_then_eval(tiny_assets, tmp_path):
+    """The LoRA recipe takes a Mistral LLM through the config alone (torchtune's lora_mistral);
+    eval reloads the adapters over the base weights."""
+    m = cached_tiny_llms() / "mistral_tiny"
+    out = tmp_path / "lora"
+    _run(
+        "lora_finetune", "--config", "demo", f"assets_dir={tiny_assets}", f"output_dir={out}",
+        "epochs=1", "max_steps_per_epoch=1", "batch_size=2", "val_dataset=null",
+        "lr_scheduler.num_warmup_steps=0",
+        "tokenizer._component_=medtune.models.llm.mistral.mistral_tokenizer",
+        f"tokenizer.path={m / 'tokenizer.model'}", "~tokenizer.special_tokens_path",
+        "model._component_=medtune.models.llm.lora.medvlm_open_clip_lora_llm", "~model.assets_dir",
+        f"+model.llm_config={m / 'config.json'}", f"+model.encoder_path={tiny_assets / 'tiny_clip'}",
+        f"checkpointer.checkpoint_dir={m}", "checkpointer.model_type=MISTRAL",
+    )  # fmt: skip
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "epoch_0" / "model.safetensors"))
+    lora = [k for k in saved if "lora_" in k]
+    assert lora and any(not torch.equal(saved[k], torch.zeros_like(saved[k])) for k in lora)
+    _run(
+        "eval", "--config", "demo", f"assets_dir={tiny_assets}", f"checkpoints=[{out / 'epoch_0'}]",
+        f"output_dir={tmp_path / 'eval'}", "limit=2", "generation.max_new_tokens=3",
+    )  # fmt: skip
+    rows = (tmp_path / "eval" / "lora_epoch_0" / "slake" / "predictions.jsonl").read_text()
+    assert len(rows.splitlines()) == 2
