@@ -259,3 +259,29 @@ class LlavaLLMCheckpointer:
             self.checkpoint_dir, keep=lambda k: not k.startswith((VISION, PROJ))
         )
         return {"model": llm_from_hf(hf, shape, tied=bool(tc.get("tie_word_embeddings")))}
+
+
+def read_hf_llava(model: MedVLM, path: str, encoder: str = "image") -> dict[str, torch.Tensor]:
+    """``init_from: {kind: hf_llava, path: DIR}``: a LLaVA folder's tower and projector in
+    ``model``'s names (``encoders.<encoder>.tower...``, ``connectors.<encoder>.fc1/fc2``), for any
+    MedVLM of that shape (e.g. :func:`llava_medvlm` with ``load_weights: false``, or an open_clip
+    builder of the same ViT); the LLM comes from the checkpointer.
+
+    Raises:
+        KeyMapError: names the keys that do not fit.
+    """
+    folder = Path(path)
+    read_llava_config(folder)
+    enc, conn = model.encoders[encoder], model.connectors[encoder]
+    hf = read_llava_weights(folder, keep=lambda k: k.startswith((VISION, PROJ)))
+    source = f"{folder} (LLaVA)"
+    prefix = f"encoders.{encoder}.tower." + ("trunk." if enc.kind == "open_clip_timm" else "")
+    out = {prefix + k: v for k, v in vision_from_hf(hf, enc, source=source).items()}
+    if type(conn).__name__ != "MLPConnector":
+        raise UserError(
+            f"{source}: the model's connector {type(conn).__name__} cannot hold LLaVA's MLP projector"
+        )
+    out.update(
+        {f"connectors.{encoder}.{k}": v for k, v in projector_from_hf(hf, source=source).items()}
+    )
+    return out

@@ -211,3 +211,32 @@ def test_llava_med_full_size_on_meta(tmp_path):
     assert count(model.decoder) == count(hf_llm) == 7_241_732_096
     assert model.tokens_per_image == 576 and model.encoders["image"].feature_layer == -2
     assert model.encoders["image"].transform["resize_mode"] == "crop"
+
+
+def test_init_from_kind_hf_llava(tiny, tmp_path):
+    """``init_from: {kind: hf_llava, path}`` gives a model built without weights exactly the
+    tower and projector tensors of the folder; a bad folder is named."""
+    from medtune.models.convert import KeyMapError
+    from medtune.models.convert.init import foreign_state_dict
+    from medtune.models.llava import llava_medvlm
+    from medtune.training.export_llava import llava_model
+
+    model, _, llm = tiny
+    llava_model(model, json.loads((llm / "config.json").read_text())).save_pretrained(tmp_path)
+    empty = llava_medvlm(str(tmp_path), load_weights=False)
+    state = foreign_state_dict(empty, {"kind": "hf_llava", "path": str(tmp_path)})
+    assert set(state) == {
+        k
+        for k in model.state_dict()
+        if k.startswith(("encoders.", "connectors.")) and not k.endswith(".proj")
+    }
+    for k, v in state.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    # a folder whose projector lost a tensor is refused with the key named
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop("multi_modal_projector.linear_2.weight")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyMapError, match="linear_2.weight"):
+        foreign_state_dict(empty, {"kind": "hf_llava", "path": str(tmp_path)})

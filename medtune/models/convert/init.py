@@ -9,6 +9,8 @@ medcap        medcap's ``last.pt`` (``visual`` +               ``medvlm_medcap_l
               ``projector``)                                   encoder and connector
 lavis_blip2   LAVIS ``blip2_pretrained.pth``                   ``qformer_pretrain``'s Q-Former
               (``vision_side: skip`` for another width)
+hf_llava      a transformers LLaVA folder (``path``: the       the ViT tower and MLP connector
+              folder; see :mod:`medtune.models.llava`)         (the LLM: ``LlavaLLMCheckpointer``)
 ============  ==============================================  ===================================
 """
 
@@ -20,11 +22,12 @@ import torch
 
 from medtune.utils.errors import ConfigError
 
-KINDS = ("minigpt4", "medcap", "lavis_blip2")
+KINDS = ("minigpt4", "medcap", "lavis_blip2", "hf_llava")
 _ALLOWED = {
     "minigpt4": {"kind", "path", "qformer_path", "encoder"},
     "medcap": {"kind", "path", "encoder"},
     "lavis_blip2": {"kind", "path", "vision_side"},
+    "hf_llava": {"kind", "path", "encoder"},
 }
 
 
@@ -59,6 +62,10 @@ def foreign_state_dict(
         return read_minigpt4(
             model, spec["path"], spec.get("qformer_path"), spec.get("encoder", "image")
         )
+    if kind == "hf_llava":
+        from medtune.models.llava import read_hf_llava
+
+        return read_hf_llava(model, spec["path"], spec.get("encoder", "image"))
     if kind == "medcap":
         from medtune.models.convert.medcap import read_medcap
 
