@@ -132,7 +132,7 @@ from medtune.eval.questions import (
 from medtune.eval.report import checkpoint_names
 from medtune.eval.results import write_results
 from medtune.eval.vqa_metrics import score_predictions
-from medtune.utils.config import check_keys
+from medtune.utils.config import cfg_get, check_keys, positive
 from medtune.utils.distributed import on_rank0
 from medtune.utils.errors import run_entry
 from medtune.utils.jsonl import append_jsonl, write_jsonl_atomic, write_text_atomic
@@ -237,31 +237,33 @@ class EvalRecipe:
         check_keys(cfg, KNOWN_KEYS, "eval")
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        self.batch_size = int(cfg.get("batch_size", 8))
+        self.batch_size = cfg_get(cfg, "batch_size", int, 8, check=positive())
         self.gen_configs = generation_configs(cfg)
         self.gen_configs["mcq"] = self.gen_configs["vqa"]  # one decoding block for questions
         self.mcq_template = cfg.get("mcq_prompt_template") or MCQ_PROMPT
-        self.prompt_mode = cfg.get("prompt_mode", "direct")
+        self.prompt_mode = cfg_get(cfg, "prompt_mode", str, "direct")
         if self.prompt_mode not in PROMPT_MODES:
             raise EvalConfigError(
                 f"prompt_mode={self.prompt_mode!r}: expected one of {', '.join(PROMPT_MODES)}"
             )
         template = cfg.get("prompt_template") or VQA_DIRECT
-        if cfg.get("short_answer", False):
+        if cfg_get(cfg, "short_answer", bool, False):
             template = VQA_SHORT_ANSWER.replace("{question}", template)
         self.prompt_template = template
-        self.system_prompt = cfg.get("system_prompt")
+        self.system_prompt = cfg_get(cfg, "system_prompt", str, None)
         self.describe_prompt = cfg.get("describe_prompt") or DEFAULT_DESCRIBE_PROMPT
-        self.describe_max_new_tokens = int(cfg.get("describe_max_new_tokens", 64))
-        self.describe_layout = cfg.get("describe_layout", "conversation")
+        self.describe_max_new_tokens = cfg_get(
+            cfg, "describe_max_new_tokens", int, 64, check=positive()
+        )
+        self.describe_layout = cfg_get(cfg, "describe_layout", str, "conversation")
         if self.describe_layout not in DESCRIBE_LAYOUTS:
             raise EvalConfigError(
                 f"describe_layout={self.describe_layout!r}: expected one of {', '.join(DESCRIBE_LAYOUTS)}"
             )
         self.context_template = cfg.get("describe_context_template") or DEFAULT_CONTEXT_TEMPLATE
-        self.blank_images = bool(cfg.get("blank_images", False))
-        self.overwrite = bool(cfg.get("overwrite", False))
-        self.limit = cfg.get("limit")
+        self.blank_images = cfg_get(cfg, "blank_images", bool, False)
+        self.overwrite = cfg_get(cfg, "overwrite", bool, False)
+        self.limit = cfg_get(cfg, "limit", int, None, check=positive())
         self.chexbert_dir = cfg.get("chexbert_dir")
         self.chexbert_tokenizer_dir = cfg.get("chexbert_tokenizer_dir")
         if self.chexbert_tokenizer_dir is not None and self.chexbert_dir is None:
@@ -641,7 +643,7 @@ class EvalRecipe:
             return out, None  # only rank 0 writes metrics; the others skip the (java) scorers
         from medtune.eval.caption_metrics import score_caption_rows
 
-        meteor = bool(self.cfg.get("caption_meteor", True))
+        meteor = cfg_get(self.cfg, "caption_meteor", bool, True)
         scores = score_caption_rows(rows, meteor=meteor, per_item=True)
         per_id = scores.pop("per_id")
         out.update(scores)

@@ -295,7 +295,7 @@ def medvlm_attention(
     _, offset, (gh, gw) = _patch_grid(model, encoder)
     transform = medvlm_transform(model, tokenizer, system_prompt=system_prompt)
     sample = Sample("attention_map", [pil], [Message("user", question)], {})
-    ans = answer(model, transform, [sample], GenerationConfig(max_new_tokens=max_new_tokens),
+    ans = answer(model, transform, [sample], GenerationConfig.from_config({"max_new_tokens": max_new_tokens}),
                  tokenizer=tokenizer, batch_size=1)[0]  # fmt: skip
     item = transform(sample, inference=True)
     device = next(model.parameters()).device

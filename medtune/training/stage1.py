@@ -3,12 +3,14 @@
 - :class:`IndexedPairs` / :class:`CaptionCollate`: ``(index, image, caption)`` items -> a batch
   with BERT tokens padded to ``max_txt_len`` (LAVIS pads to max length; equal shapes on every rank
   also let the ITM negatives' tokens be gathered).
-- :func:`stage1_state_dict` / :func:`load_stage1`: MSMedCap's "train one Q-Former per encoder,
-  then merge" as configuration. ``vision_finetune``'s ``init_from`` may be a mapping
+- :func:`stage1_state_dict`: MSMedCap's "train one Q-Former per encoder, then merge" as
+  configuration. ``vision_finetune``'s ``init_from`` may be a mapping
   ``encoder name -> stage-1 checkpoint folder``; each folder's Q-Former (``ln_vision``,
   ``query_tokens``, the query path of ``qformer``) is copied into that encoder's ``blip2_qformer``
   connector (:mod:`medtune.models.blip2.connector`). The ITC/ITM/ITG heads and the text-only
-  weights stay behind, as in LAVIS's stage 2. The connector's projection to the LLM is new.
+  weights stay behind, as in LAVIS's stage 2. The connector's projection to the LLM is new. The
+  tensors join the one full state dict the model loader fills the model from
+  (:mod:`medtune.training.setup`), as ``vision_finetune`` does; nothing here loads a model.
 
 Checkpoint layout of ``qformer_pretrain``: ``output_dir/epoch_{k}/model.safetensors`` (every
 Q-Former tensor, :class:`~medtune.models.blip2.qformer.Blip2Qformer` names), ``qformer.json``
@@ -149,15 +151,3 @@ def stage1_state_dict(
                 )
             out[f"connectors.{enc}.{n}"] = sd[n]
     return out
-
-
-def load_stage1(
-    model: nn.Module, mapping: Mapping[str, str | Path], key: str = "init_from"
-) -> list[str]:
-    """Copy :func:`stage1_state_dict` into ``model`` (before FSDP wrapping). Returns the names."""
-    sd = stage1_state_dict(model, mapping, key)
-    own = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in sd.items():
-            own[n].copy_(v)
-    return list(sd)

@@ -39,7 +39,7 @@ def generate_texts_fn(
     from medtune.inference import answer
 
     transform = medvlm_transform(model, tokenizer)
-    settings = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    settings = GenerationConfig.from_config({"max_new_tokens": max_new_tokens, "temperature": 0.0})
 
     def generate_texts(prompts: list[str]) -> list[str]:
         samples = [Sample(str(i), [], [Message("user", p)], {}) for i, p in enumerate(prompts)]

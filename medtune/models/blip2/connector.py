@@ -4,7 +4,7 @@
 :class:`medtune.models.blip2.qformer.Blip2Qformer` with the same parameter names (``ln_vision``,
 ``query_tokens``, ``qformer.*`` without the text feed-forward blocks) and ``proj``, LAVIS's
 ``opt_proj`` / ``llm_proj``: ``[b, n, d_in] -> [b, Q, d_llm]``. Its tensors load from a
-``qformer_pretrain`` checkpoint with :func:`medtune.training.stage1.load_stage1`.
+``qformer_pretrain`` checkpoint through :func:`medtune.training.stage1.stage1_state_dict`.
 
 Named MedVLMs built with it live in :mod:`medtune.models.builders`
 (``medvlm_msmedcap_blip2_llama3_8b``, ``medvlm_biomedclip_blip2_llama3_8b``, ``tiny_blip2_medvlm``,
