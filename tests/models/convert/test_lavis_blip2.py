@@ -97,3 +97,27 @@ def test_full_size_shapes_on_meta():
     mapped = blip2_stage1_state_dict(model, sd)
     assert set(mapped) == set(model.state_dict())
     assert mapped["query_tokens"].shape == (1, 32, 768)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_qformer_pretrain_starts_from_blip2_pretrained(tiny_towers, tmp_path):
+    """``qformer_pretrain`` with ``init_from: {kind: lavis_blip2}`` through the CLI: the stage-1
+    run starts from the LAVIS tensors (one step of AdamW later they are within a few lr)."""
+    from safetensors.torch import load_file
+
+    from medtune._cli.main import main
+
+    sd = lavis_qformer(layers=2, hidden=32, inter=64, vision_width=64, vocab=65, max_pos=64,
+                       queries=8) | lavis_stage1_heads(32, 16)  # fmt: skip
+    torch.save({"model": sd}, tmp_path / "blip2_pretrained.pth")
+    out = tmp_path / "stage1"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "qformer_pretrain", "--config", "demo", f"towers_dir={tiny_towers}",
+              f"output_dir={out}", "epochs=1", "max_steps_per_epoch=1", "val_dataset=null",
+              "+init_from.kind=lavis_blip2", f"+init_from.path={tmp_path / 'blip2_pretrained.pth'}"])  # fmt: skip
+    assert e.value.code in (0, None)
+    saved = load_file(str(out / "epoch_0" / "model.safetensors"))
+    src = sd["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"]
+    got = saved["qformer.encoder.layer.0.crossattention.attention.key.weight"]
+    assert (got - src).abs().max() < 0.05 < src.abs().max()
