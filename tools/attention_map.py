@@ -112,80 +112,19 @@ def grad_cam(model, tokenizer, image: Image.Image, text: str) -> np.ndarray:
 def blip_grad_cam(
     model, tokenizer, image: Image.Image, text: str, layer: int = 8, max_length: int = 35
 ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
-    """Grad-CAM of BLIP's ITM match logit on one cross-attention layer.
-
-    Args:
-        model: a :class:`medtune.models.blip.Blip` (eval mode).
-        tokenizer: its BERT tokenizer (``medtune.models.blip.blip_tokenizer``).
-        image: the RGB image; text: the caption.
-        layer: the text-encoder layer whose cross-attention is read (clamped to the
-            second-to-last: the last layer's word rows do not reach the ITM head).
-        max_length: caption tokens kept.
+    """:func:`medtune.viz.blip_attention.itm_grad_cam` at the image's size.
 
     Returns:
-        ``(cam [H, W] over all words, [(word piece, cam [H, W]), ...])``, float32 in [0, 1] at the
-        image's size.
+        ``(cam [H, W] over all words, [(word piece, cam [H, W]), ...])``, float32 in [0, 1].
     """
     from medtune.data.images import image_transform
+    from medtune.viz.blip_attention import itm_grad_cam
 
-    layers = model.text_encoder.encoder.layer
-    attn = layers[min(layer, max(len(layers) - 2, 0))].crossattention.self
     x = image_transform(**model.transform)(image)[None]
-    tok = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
-    saved = {}
-
-    def hook(_m, _inputs, output):
-        output[1].retain_grad()  # [1, heads, T, 1 + patches]: the probabilities BLIP saves
-        saved["a"] = output[1]
-
-    h = attn.register_forward_hook(hook)
-    try:
-        model.zero_grad()
-        with torch.enable_grad():
-            logit = model.itm_logits(model.image_tokens(x), tok.input_ids, tok.attention_mask)
-            logit[:, 1].sum().backward()
-    finally:
-        h.remove()
-    a, g = saved["a"].detach()[0], saved["a"].grad[0]  # [heads, T, 1 + n]
-    grid = model.visual_encoder.patch_embed.grid_size
-    mask = tok.attention_mask[0].float()[None, :, None]
-    cam = (a[..., 1:] * g[..., 1:].clamp(min=0) * mask).mean(0)  # [T, n]
-    cam = cam.reshape(-1, *grid)
-    n = int(tok.attention_mask[0].sum())
-    words = tokenizer.convert_ids_to_tokens(tok.input_ids[0, 1 : n - 1].tolist())
-    whole = _to_image_size(cam[1 : n - 1].mean(0) if n > 2 else cam.mean(0), image)
-    per_word = [(w, _to_image_size(cam[k + 1], image)) for k, w in enumerate(words)]
-    return whole, per_word
-
-
-def load_blip_checkpoint_folder(ckpt: Path, overrides: dict[str, str]):
-    """(model, tokenizer, max_length) of a ``blip_*`` checkpoint folder (config.yaml +
-    model.safetensors), the decoder built when the checkpoint holds one."""
-    from omegaconf import OmegaConf
-    from safetensors import safe_open
-    from torchtune import config
-
-    from medtune.training.blip_state import load_blip_state
-
-    cfg = OmegaConf.load(ckpt / "config.yaml")
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        names = list(f.keys())
-    decoder = any(k.startswith("text_decoder.") for k in names)
-    encoder = config.instantiate(cfg.encoder)
-    model = config.instantiate(cfg.model, vision=encoder, decoder=decoder)
-    load_blip_state(model, ckpt)
-    return model.eval(), config.instantiate(cfg.tokenizer), int(cfg.get("max_length", 35))
-
-
-def _is_blip(ckpt: Path | None) -> bool:
-    if ckpt is None or not (ckpt / "config.yaml").is_file():
-        return False
-    from omegaconf import OmegaConf
-
-    comp = OmegaConf.load(ckpt / "config.yaml").get("model", {}).get("_component_", "")
-    return str(comp).startswith("medtune.models.blip")
+    whole, words, grids = itm_grad_cam(model, tokenizer, x, text, layer, max_length)
+    return _to_image_size(whole, image), [
+        (w, _to_image_size(g, image)) for w, g in zip(words, grids, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------- MedVLM mode
@@ -383,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--max-new-tokens must be >= 1 and --layers >= 0")
     image = load_image(args.image)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
-    if _is_blip(ckpt):
+    from medtune.viz.blip_attention import is_blip_checkpoint, load_blip_checkpoint_folder
+
+    if is_blip_checkpoint(ckpt):
         if args.layer < 0:
             raise UserError("--layer must be >= 0")
         model, tokenizer, max_length = load_blip_checkpoint_folder(ckpt, _overrides(args.override))

@@ -46,7 +46,9 @@ def blip_ckpt(tiny_towers, tmp_path_factory):
 
 
 def test_blip_grad_cam_has_the_image_size_and_depends_on_the_text(am, blip_ckpt, tmp_path):
-    model, tok, max_length = am.load_blip_checkpoint_folder(blip_ckpt, {})
+    from medtune.viz.blip_attention import load_blip_checkpoint_folder
+
+    model, tok, max_length = load_blip_checkpoint_folder(blip_ckpt, {})
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
     a, words = am.blip_grad_cam(model, tok, image, "lesion in the upper left", layer=8)
