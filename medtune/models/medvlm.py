@@ -124,7 +124,7 @@ class MedVLM(nn.Module):
         # (the other families): the rule lives in medtune.models.llm.placeholder
         if self.image_token_id >= vocab:
             raise ValueError(
-                f"image_token_id {self.image_token_id} is past the decoder's vocabulary of {vocab} "
+                f"image_token_id {self.image_token_id} is outside the decoder's vocabulary of {vocab} "
                 "(use a reserved id inside it, or a negative id: see medtune.models.llm.placeholder)"
             )
         self.tokens_per_image = self._check_shapes()

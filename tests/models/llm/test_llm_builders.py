@@ -73,5 +73,5 @@ def test_negative_placeholder_forward_and_reload(name, tmp_path):
     vlm2 = family_medvlm(dec2, family, _Enc(), connector="linear")
     vlm2.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     torch.testing.assert_close(vlm2(tokens, images=images), out)
-    with pytest.raises(ValueError, match="past the decoder's vocabulary"):
+    with pytest.raises(ValueError, match="outside the decoder's vocabulary"):
         MedVLM(dec2, {"image": _Enc()}, {"image": vlm2.connectors["image"]}, image_token_id=rows)
