@@ -71,13 +71,13 @@ def test_recipe_under_run_entry_reports_its_own_errors(recipes_root, workdir, ca
         capsys.readouterr().err.strip()
         == "entry_recipe: error: epochs: expected an integer, got 'abc'"
     )
+    # a config that does not parse is refused by `medtune run` before the recipe starts
     write(workdir / "bad.yaml", "epochs: [1\n")
-    with pytest.raises(SystemExit) as e:
-        run_main(capsys, "run", str(recipe), "--config", str(workdir / "bad.yaml"))
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    status, _, err = run_main(capsys, "run", str(recipe), "--config", str(workdir / "bad.yaml"))
+    assert status == 1
+    err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"entry_recipe: error: {workdir / 'bad.yaml'}: line 2"
+        f"medtune: error: cannot parse config {workdir / 'bad.yaml'}: line 2"
     )
 
 

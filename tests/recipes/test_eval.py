@@ -266,6 +266,7 @@ def test_caption_dataset_scored_with_caption_metrics(checkpoints, tmp_path):
         )
     (tmp_path / "captions.json").write_text(json.dumps(rows))
     cfg = OmegaConf.load(CONFIGS / "demo.yaml")
+    cfg.assets_dir = str(tmp_path)  # the demo's assets are not read here (datasets replaced)
     cfg.datasets = {
         "figs": {
             "_component_": "medtune.data.caption_json",
