@@ -55,7 +55,7 @@ import torch
 
 from medtune.generation import generate
 from medtune.models.builders import medvlm
-from medtune.models.encoders import _build_open_clip_visual
+from medtune.models.encoders.open_clip_towers import _build_open_clip_visual
 from medtune.models.llama3 import llama3_tiny
 
 BASE_VOCAB = 4096

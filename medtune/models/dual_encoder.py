@@ -68,7 +68,7 @@ def build_open_clip_model(config: dict, text_model_dir: str | None = None) -> nn
     """
     from open_clip.model import CLIP, CustomTextCLIP
 
-    from medtune.models.encoders import _fp32_default
+    from medtune.models.encoders.base import _fp32_default
 
     mc = copy.deepcopy(config["model_cfg"])
     mc["text_cfg"] = _text_cfg(config, text_model_dir)

@@ -37,7 +37,7 @@ from medtune.models.convert.hf_llava import (
     read_llava_weights,
     vision_from_hf,
 )
-from medtune.models.encoders import VisionEncoder, _fp32_default
+from medtune.models.encoders.base import VisionEncoder, _fp32_default
 from medtune.models.lora import _decoder, _takes_lora_args
 from medtune.models.medvlm import MedVLM
 from medtune.utils.errors import UserError
