@@ -241,8 +241,11 @@ def _run_distributed(ns: argparse.Namespace, script: Path, argv: list[str]) -> i
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
-    ns.training_script = str(script)
-    ns.training_script_args = argv
+    # each rank runs the recipe through medtune._cli.launch (medtune's quiet filter, then the
+    # script as `python script.py` would run it)
+    ns.module = True
+    ns.training_script = "medtune._cli.launch"
+    ns.training_script_args = [str(script), *argv]
     old_pythonpath = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), old_pythonpath]))
     print(f"medtune: launching {script.name} with torchrun", file=sys.stderr, flush=True)

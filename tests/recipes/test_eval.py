@@ -373,6 +373,8 @@ def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.count("eval: loading") == 1  # one log line: only rank 0 prints
+    # every rank starts through medtune._cli.launch: no torchao import noise from any of them
+    assert "Skipping import of cpp extensions" not in proc.stdout + proc.stderr
     for ds in ("slake", "vqa_rad"):
         one = tmp_path / "one" / "run1_epoch_0" / ds
         two = tmp_path / "two" / "run1_epoch_0" / ds
