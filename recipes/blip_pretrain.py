@@ -64,6 +64,7 @@ from medtune.training import checkpointing as ckpt
 from medtune.training.blip_data import BlipCollate, BlipPairs
 from medtune.training.blip_state import load_blip_state
 from medtune.training.data import build_dataloader
+from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import cfg_get, check_keys, in_range, non_negative, positive
 from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, run_entry
@@ -172,11 +173,8 @@ class BlipPretrainRecipe:
             steps_per_epoch=self.steps_per_epoch,
             epochs=self.epochs,
         )
-        self.metric_logger = (
-            config.instantiate(cfg.metric_logger)
-            if self.is_rank_zero and cfg.get("metric_logger")
-            else None
-        )
+        # rank 0 only; the resolved config is logged once
+        self.metric_logger = build_metric_logger(cfg, self.is_rank_zero)
         if state is not None:
             self._load_state(state)
         if self.is_rank_zero:

@@ -44,6 +44,7 @@ from torchtune import config
 from medtune.training import checkpointing as ckpt
 from medtune.training import finetune_mavl as ft
 from medtune.training.data import build_dataloader
+from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import cfg_get, check_keys, non_negative, one_of, positive
 from medtune.utils.distributed import resolve_device
 from medtune.utils.errors import ConfigError, UserError, run_entry
@@ -112,7 +113,7 @@ class MAVLFinetuneRecipe:
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.steps_per_epoch * self.epochs
         )
-        self.logger = config.instantiate(cfg.metric_logger)
+        self.logger = build_metric_logger(cfg, True)  # one process; resolved config logged once
         self._resume_rng = None
         if self.resume:
             self._load_state()
@@ -200,7 +201,8 @@ class MAVLFinetuneRecipe:
                 if self.global_step % self.log_every == 0:
                     m = {"loss": float(loss), "lr": self.optimizer.param_groups[0]["lr"],
                          "images_per_s": self.batches_done * self.batch_size / (time.perf_counter() - t0)}  # fmt: skip
-                    self.logger.log_dict(m, step=self.global_step)
+                    if self.logger is not None:
+                        self.logger.log_dict(m, step=self.global_step)
                     print(
                         f"step {self.global_step} | "
                         + " | ".join(f"{k}:{v:.4f}" for k, v in m.items()),
@@ -208,7 +210,8 @@ class MAVLFinetuneRecipe:
                     )
             val = self._score(self.val_items)
             key = "val_auroc" if self.task == "classification" else "val_dice"
-            self.logger.log_dict({key: val}, step=self.global_step)
+            if self.logger is not None:
+                self.logger.log_dict({key: val}, step=self.global_step)
             print(f"epoch {epoch} | {key} {val:.4f}", flush=True)
             if self.best is None or val > self.best[0]:
                 self.best = (val, epoch)
@@ -254,7 +257,8 @@ class MAVLFinetuneRecipe:
         return metrics
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 @config.parse

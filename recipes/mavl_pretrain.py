@@ -55,6 +55,7 @@ from torchtune import config
 from medtune.data.mavl_entities import MAVLPretrainDataset, collate_mavl
 from medtune.training import checkpointing as ckpt
 from medtune.training.data import build_dataloader
+from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import cfg_get, check_keys, non_negative, positive
 from medtune.utils.distributed import all_reduce_sum, barrier, init_process_group, resolve_device
 from medtune.utils.errors import ConfigError, UserError, run_entry
@@ -139,7 +140,7 @@ class MAVLPretrainRecipe:
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.steps_per_epoch * self.epochs
         )
-        self.logger = config.instantiate(cfg.metric_logger) if self.rank == 0 else None
+        self.logger = build_metric_logger(cfg, self.rank == 0)  # resolved config logged once
         self._resume_rng = None
         if self.resume:
             self._load_state()
@@ -225,7 +226,8 @@ class MAVLPretrainRecipe:
                 if self.rank == 0 and self.global_step % self.log_every == 0:
                     m["lr"] = self.optimizer.param_groups[0]["lr"]
                     m["images_per_s"] = n_img / (time.perf_counter() - t0)
-                    self.logger.log_dict(m, step=self.global_step)
+                    if self.logger is not None:
+                        self.logger.log_dict(m, step=self.global_step)
                     print(f"step {self.global_step} | " + " | ".join(f"{k}:{v:.4f}" for k, v in m.items()),
                           flush=True)  # fmt: skip
                 if self.save_every and self.global_step % self.save_every == 0:
