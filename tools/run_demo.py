@@ -81,7 +81,7 @@ def train_both(assets: Path, runs: dict[str, list[str]], out: Path) -> dict[str,
             "demo",
             f"assets_dir={assets}",
             f"output_dir={out / name}",
-            "log_every_n_steps=1000",
+            "log_every_n_steps=2",  # points enough for the curves (outputs/demo/plots)
             *extra,
         ]
         for name, extra in runs.items()
