@@ -94,10 +94,17 @@ def _state(out: Path) -> dict:
     return torch.load(out / "recipe_state.pt", map_location="cpu", weights_only=True)
 
 
-def _expected_trained_keys(assets: Path) -> set[str]:
-    from medtune.models.builders import tiny_medvlm
+def _demo_model(assets: Path):
+    """The demo config's model (its encoder options included: ``feature_layer``)."""
+    from torchtune import config
 
-    m = tiny_medvlm(str(assets))
+    cfg = OmegaConf.load(DEMO)
+    cfg.assets_dir = str(assets)
+    return config.instantiate(cfg.model)
+
+
+def _expected_trained_keys(assets: Path) -> set[str]:
+    m = _demo_model(assets)
     keys = {n for n, _ in m.named_parameters()}
     unused = {f"encoders.image.{n}" for n in m.encoders["image"].unused_parameters()}
     return {k for k in keys if k.startswith(("encoders.", "connectors."))} - unused
@@ -125,16 +132,17 @@ def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
     text = _ok(proc)
 
     # the parameter table, with the real counts of each part
-    from medtune.models.builders import tiny_medvlm
-
-    m = tiny_medvlm(str(tiny_assets))
+    m = _demo_model(tiny_assets)
     counts = {"encoder": m.encoders, "connector": m.connectors, "llm": m.decoder}
+    enc = m.encoders["image"]
+    unused_numel = sum(p.numel() for n, p in enc.named_parameters() if n in enc.unused_parameters())
+    assert unused_numel > 0
     for part, state in (("encoder", "full"), ("connector", "full"), ("llm", "frozen")):
         n = sum(p.numel() for p in counts[part].parameters())
-        unused = m.encoders["image"].tower.proj.numel() if part == "encoder" else 0
+        unused = unused_numel if part == "encoder" else 0
         trainable = (
             n - unused if state == "full" else 0
-        )  # the unused pooled projection stays frozen
+        )  # what the chosen output never uses (pooled projection, final norm) stays frozen
         assert re.search(rf"^{part}\s+{state}\s+{n:,} \(.*\)\s+{trainable:,}\s", text, re.M), (
             part,
             text[:3000],
