@@ -84,11 +84,12 @@ def load_config(path: Path) -> Any:
     try:
         return OmegaConf.load(path)
     except Exception as e:  # yaml or omegaconf errors; report, do not trace back
-        from medtune.utils.errors import describe
-
-        said = describe(e)  # YAML errors: "<file>: line L column C: ..."
-        if said:
-            raise CLIError(f"cannot parse config {said}") from None
+        mark = getattr(e, "problem_mark", None)  # a YAML syntax error: name the line and column
+        if mark is not None:
+            why = getattr(e, "problem", None) or type(e).__name__
+            raise CLIError(
+                f"cannot parse config {path}: line {mark.line + 1} column {mark.column + 1}: {why}"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"cannot parse config {path}: {first}") from None
 

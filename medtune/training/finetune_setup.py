@@ -23,12 +23,10 @@ from torchtune import config, training
 from medtune.data.model_transform import VisionChatDataset, medvlm_transform
 from medtune.training.compile import compile_model
 from medtune.training.data import ResumableSampler, build_dataloader
-from medtune.utils.distributed import shard_module
 from medtune.training.memory import estimate_memory, format_memory
 from medtune.training.optim import build_lr_scheduler, build_optimizer, param_groups
 from medtune.training.params import parameter_table, set_trainable
 from medtune.training.run import Run, restore, resume_state
-from medtune.training.trackers import log_resolved_config
 from medtune.training.setup import (
     build_model,
     check_llm_mode,
@@ -41,7 +39,9 @@ from medtune.training.setup import (
     load_unsharded,
     shard_vlm,
 )
+from medtune.training.trackers import log_resolved_config
 from medtune.utils.config import cfg_get, optional_component, positive
+from medtune.utils.distributed import shard_module
 from medtune.utils.errors import ConfigError
 
 

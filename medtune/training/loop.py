@@ -39,11 +39,11 @@ from tqdm import tqdm
 from medtune.data.packing import attention_mask
 from medtune.models.medvlm import output_at
 from medtune.training import checkpointing as ckpt
-from medtune.utils.distributed import all_reduce_sum
 from medtune.training.loss import answer_targets
 from medtune.training.run import Run
 from medtune.training.setup import decoder_of, is_vlm
 from medtune.training.trackers import group_lrs
+from medtune.utils.distributed import all_reduce_sum
 from medtune.utils.errors import ConfigError
 
 

@@ -23,6 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medtune.training import checkpointing as ckpt
+from medtune.training.optim import restore_lr_scheduler
+from medtune.utils.config import cfg_get, check_keys, positive
 from medtune.utils.distributed import (
     barrier,
     destroy,
@@ -30,8 +32,6 @@ from medtune.utils.distributed import (
     is_distributed_env,
     resolve_device,
 )
-from medtune.training.optim import restore_lr_scheduler
-from medtune.utils.config import cfg_get, check_keys, positive
 
 #: The top-level config keys every fine-tuning recipe reads (a recipe adds its own:
 #: ``KNOWN_KEYS = FINETUNE_KEYS | {"save_merged"}``; ``medtune validate`` reads both with ``ast``).

@@ -40,8 +40,10 @@ def test_ls_shows_three_training_recipes_and_the_aliases(capsys):
     assert main(["ls"]) == 0
     recipes, _, aliases = capsys.readouterr().out.partition("\n\n")
     names = {line.split()[0] for line in recipes.splitlines()[1:] if not line.startswith(" ")}
-    finetune = {n for n in names if "finetune" in n}
+    # the three LLM fine-tuning recipes (mavl_finetune tunes MAVL's classifier / ResUNet: another model)
+    finetune = {n for n in names if n.endswith("finetune") and not n.startswith("mavl")}
     assert finetune == {"vision_finetune", "full_finetune", "lora_finetune"}
+    assert not any(n.endswith(("_single_device", "_distributed")) for n in names)
     rows = [line.split() for line in aliases.splitlines()]
     assert rows[0] == ["ALIAS", "RUNS"]
     assert dict(rows[1:]) == {

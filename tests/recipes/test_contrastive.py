@@ -212,8 +212,10 @@ def test_resume_reproduces_uninterrupted_run(cli_run, tiny_towers, tmp_path):
     assert sorted(p.name for p in part.iterdir()) == [
         "epoch_0",
         "logs",
+        "plots",  # the curves drawn at epoch 0's end
         "recipe_state.pt",
         "step_3",
+        "torchtune_config.yaml",  # the resolved config, logged once
     ]
     _run_inprocess(_cfg(tiny_towers, part, **SHARED, resume_from_checkpoint=True))
     want, got = _losses(full), _losses(part)
