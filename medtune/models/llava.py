@@ -207,7 +207,7 @@ def llava_medvlm_lora(
     from torchtune.models.mistral import lora_mistral
     from torchtune.models.qwen2 import lora_qwen2
 
-    from medtune.models.llm import family_of_hf_config
+    from medtune.models.llm import decoder_kwargs, family_of_hf_config
     from medtune.models.lora import lora_llama3_from_hf_config
 
     enc, conn, tc = _parts(Path(path), load_weights)
@@ -219,20 +219,8 @@ def llava_medvlm_lora(
                 Path(tmp) / "config.json", **lora, max_seq_len=max_seq_len
             )
         return _assemble(decoder, family, enc, conn, tc)
-    kw = dict(
-        vocab_size=tc["vocab_size"],
-        num_layers=tc["num_hidden_layers"],
-        num_heads=tc["num_attention_heads"],
-        num_kv_heads=tc.get("num_key_value_heads", tc["num_attention_heads"]),
-        embed_dim=tc["hidden_size"],
-        intermediate_dim=tc["intermediate_size"],
-        max_seq_len=max_seq_len or tc.get("max_position_embeddings", 4096),
-        norm_eps=tc.get("rms_norm_eps", 1e-5),
-        rope_base=tc.get("rope_theta", 10_000),
-    )
+    kw = decoder_kwargs(tc, Path(path) / "config.json", max_seq_len)
     builder = {"llama2": lora_llama2, "mistral": lora_mistral, "qwen2_5": lora_qwen2}[family]
-    if family == "qwen2_5":
-        kw["tie_word_embeddings"] = bool(tc.get("tie_word_embeddings", False))
     if family == "llama2":  # torchtune's lora_llama2 fixes RoPE's base at 10,000
         kw.pop("rope_base")
     return _assemble(_decoder(builder, **kw, **lora), family, enc, conn, tc)

@@ -120,6 +120,27 @@ def decoder_from_hf_config(config_path: str | Path, max_seq_len: int | None = No
         from medtune.models.llama3 import llama3_from_hf_config
 
         return llama3_from_hf_config(config_path, max_seq_len=max_seq_len), family
+    kw = decoder_kwargs(cfg, config_path, max_seq_len)
+    if family == "llama2":
+        from medtune.models.llm.llama2 import llama2
+
+        return llama2(**kw), family
+    if family == "mistral":
+        from medtune.models.llm.mistral import mistral
+
+        return mistral(**kw), family
+    from medtune.models.llm.qwen2_5 import qwen2
+
+    return qwen2(**kw), family
+
+
+def decoder_kwargs(cfg: dict, config_path: str | Path, max_seq_len: int | None = None) -> dict:
+    """torchtune decoder-builder arguments (Llama-2 / Mistral / Qwen2 component builders) from an
+    HF config dict; Qwen2 adds ``tie_word_embeddings``.
+
+    Raises:
+        ValueError: a required key is missing (names ``config_path`` and the key).
+    """
     try:
         kw = dict(
             vocab_size=cfg["vocab_size"],
@@ -134,15 +155,6 @@ def decoder_from_hf_config(config_path: str | Path, max_seq_len: int | None = No
         )
     except KeyError as e:
         raise ValueError(f"{config_path}: missing key {e} (expected an HF config.json)") from None
-    if family == "llama2":
-        from medtune.models.llm.llama2 import llama2
-
-        return llama2(**kw), family
-    if family == "mistral":
-        from medtune.models.llm.mistral import mistral
-
-        return mistral(**kw), family
-    from medtune.models.llm.qwen2_5 import qwen2
-
-    kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
-    return qwen2(**kw), family
+    if cfg.get("model_type") == "qwen2":
+        kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    return kw
