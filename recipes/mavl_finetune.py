@@ -199,7 +199,7 @@ class MAVLFinetuneRecipe:
                 self.global_step += 1
                 self.batches_done += 1
                 if self.global_step % self.log_every == 0:
-                    m = {"loss": float(loss), "lr": self.optimizer.param_groups[0]["lr"],
+                    m = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
                          "images_per_s": self.batches_done * self.batch_size / (time.perf_counter() - t0)}  # fmt: skip
                     if self.logger is not None:
                         self.logger.log_dict(m, step=self.global_step)
