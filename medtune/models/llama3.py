@@ -289,6 +289,44 @@ def llama3_tiny(
     )
 
 
+def _rope(cfg: dict) -> dict:
+    """transformers 5's ``rope_parameters`` (``rope_theta``, ``rope_type``, ``factor``), or {}."""
+    return cfg.get("rope_parameters") or {}
+
+
+def decoder_shape_kwargs(
+    cfg: dict,
+    config_path: str | Path,
+    max_seq_len: int | None = None,
+    *,
+    context: int,
+    rope_base: float,
+    what: str = "an HF config.json",
+) -> dict:
+    """The shape arguments every torchtune decoder builder takes (Llama-2/3, Mistral, Qwen2), read
+    from an HF config dict; ``context`` and ``rope_base`` are the family's defaults for
+    ``max_position_embeddings`` and ``rope_theta``.
+
+    Raises:
+        ValueError: a required key is missing (names ``config_path`` and the key).
+    """
+    try:
+        return dict(
+            vocab_size=cfg["vocab_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            embed_dim=cfg["hidden_size"],
+            intermediate_dim=cfg["intermediate_size"],
+            max_seq_len=max_seq_len or cfg.get("max_position_embeddings", context),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            # transformers 5 writes rope_theta inside rope_parameters
+            rope_base=cfg.get("rope_theta", _rope(cfg).get("rope_theta", rope_base)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{config_path}: missing key {e} (expected {what})") from None
+
+
 def hf_config_kwargs(
     config_path: str | Path, max_seq_len: int | None = None
 ) -> tuple[dict, float | None]:
@@ -302,21 +340,10 @@ def hf_config_kwargs(
         ValueError: a required key is missing (names the file and the key).
     """
     cfg = json.loads(Path(config_path).read_text())
-    try:
-        kwargs = dict(
-            vocab_size=cfg["vocab_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            embed_dim=cfg["hidden_size"],
-            intermediate_dim=cfg["intermediate_size"],
-            max_seq_len=max_seq_len or cfg.get("max_position_embeddings", 8192),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_base=cfg.get("rope_theta", 500_000),
-        )
-    except KeyError as e:
-        raise ValueError(f"{config_path}: missing key {e} (expected an HF LlamaConfig)") from None
-    scaling = cfg.get("rope_scaling") or {}
+    kwargs = decoder_shape_kwargs(
+        cfg, config_path, max_seq_len, context=8192, rope_base=500_000, what="an HF LlamaConfig"
+    )
+    scaling = cfg.get("rope_scaling") or _rope(cfg)
     return kwargs, (scaling.get("factor", 8) if scaling.get("rope_type") == "llama3" else None)
 
 

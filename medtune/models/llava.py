@@ -63,18 +63,6 @@ def read_llava_config(path: str | Path) -> dict:
     return cfg
 
 
-def text_config(tc: dict) -> dict:
-    """``text_config`` with transformers 5's ``rope_parameters`` also written the way older
-    configs (and medtune's family builders) read them: ``rope_theta`` and ``rope_scaling``."""
-    tc = dict(tc)
-    rope = tc.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        tc.setdefault("rope_theta", rope["rope_theta"])
-    if rope.get("rope_type", "default") != "default":
-        tc.setdefault("rope_scaling", rope)
-    return tc
-
-
 def _transform(path: Path, image_size: int) -> dict:
     f = path / "preprocessor_config.json"
     pre = json.loads(f.read_text()) if f.is_file() else {}
@@ -162,7 +150,7 @@ def _parts(folder: Path, load_weights: bool) -> tuple[VisionEncoder, MLPConnecto
         if set(missing) - unused or unexpected:
             raise UserError(f"{source}: tower weights do not fit ({sorted(missing)[:5]})")
         conn.load_state_dict(projector_from_hf(hf, source=source))
-    return enc, conn, text_config(tc)
+    return enc, conn, tc
 
 
 def _assemble(decoder, family: str, enc, conn, tc: dict) -> MedVLM:

@@ -96,7 +96,8 @@ def family_of_hf_config(cfg: dict, path: str | Path = "config.json") -> str:
     """
     kind = cfg.get("model_type")
     if kind == "llama":
-        big = cfg.get("vocab_size", 0) >= 128_256 or cfg.get("rope_theta") == 500_000
+        theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
+        big = cfg.get("vocab_size", 0) >= 128_256 or theta == 500_000
         return "llama3" if big else "llama2"
     if kind == "mistral":
         return "mistral"
@@ -141,20 +142,9 @@ def decoder_kwargs(cfg: dict, config_path: str | Path, max_seq_len: int | None =
     Raises:
         ValueError: a required key is missing (names ``config_path`` and the key).
     """
-    try:
-        kw = dict(
-            vocab_size=cfg["vocab_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            embed_dim=cfg["hidden_size"],
-            intermediate_dim=cfg["intermediate_size"],
-            max_seq_len=max_seq_len or cfg.get("max_position_embeddings", 4096),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_base=cfg.get("rope_theta", 10_000),
-        )
-    except KeyError as e:
-        raise ValueError(f"{config_path}: missing key {e} (expected an HF config.json)") from None
+    from medtune.models.llama3 import decoder_shape_kwargs
+
+    kw = decoder_shape_kwargs(cfg, config_path, max_seq_len, context=4096, rope_base=10_000)
     if cfg.get("model_type") == "qwen2":
         kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return kw
