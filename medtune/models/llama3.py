@@ -327,6 +327,17 @@ def decoder_shape_kwargs(
         raise ValueError(f"{config_path}: missing key {e} (expected {what})") from None
 
 
+def head_layout(cfg: dict) -> dict:
+    """The head layout of an HF LLM config dict, as the keyword arguments of torchtune's
+    ``convert_weights`` converters (``num_heads num_kv_heads dim head_dim``)."""
+    return {
+        "num_heads": cfg["num_attention_heads"],
+        "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "dim": cfg["hidden_size"],
+        "head_dim": cfg.get("head_dim"),
+    }
+
+
 def hf_config_kwargs(
     config_path: str | Path, max_seq_len: int | None = None
 ) -> tuple[dict, float | None]:

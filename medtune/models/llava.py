@@ -38,6 +38,7 @@ from medtune.models.convert.hf_llava import (
     vision_from_hf,
 )
 from medtune.models.encoders.base import VisionEncoder, _fp32_default
+from medtune.models.llama3 import head_layout
 from medtune.models.lora import _decoder, _takes_lora_args
 from medtune.models.medvlm import MedVLM
 from medtune.utils.errors import UserError
@@ -225,16 +226,10 @@ class LlavaLLMCheckpointer:
     def load_checkpoint(self) -> dict[str, dict[str, torch.Tensor]]:
         cfg = read_llava_config(self.checkpoint_dir)
         tc = cfg["text_config"]
-        shape = {
-            "num_heads": tc["num_attention_heads"],
-            "num_kv_heads": tc.get("num_key_value_heads", tc["num_attention_heads"]),
-            "dim": tc["hidden_size"],
-            "head_dim": tc.get("head_dim"),
-        }
         hf = read_llava_weights(
             self.checkpoint_dir, keep=lambda k: not k.startswith((VISION, PROJ))
         )
-        return {"model": llm_from_hf(hf, shape, tied=bool(tc.get("tie_word_embeddings")))}
+        return {"model": llm_from_hf(hf, head_layout(tc), tied=bool(tc.get("tie_word_embeddings")))}
 
 
 def read_hf_llava(model: MedVLM, path: str, encoder: str = "image") -> dict[str, torch.Tensor]:

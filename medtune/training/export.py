@@ -40,13 +40,10 @@ def _shape(hf_config: str | Path) -> dict:
     """The head layout of an HF ``config.json``, as the keyword arguments of torchtune's
     ``convert_weights`` converters (``num_heads num_kv_heads dim head_dim``)."""
     cfg = json.loads(Path(hf_config).read_text())
-    cfg = cfg.get("text_config", cfg)  # a LLaVA folder (medtune.models.llava): its LLM's config
-    return {
-        "num_heads": cfg["num_attention_heads"],
-        "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        "dim": cfg["hidden_size"],
-        "head_dim": cfg.get("head_dim"),
-    }
+    from medtune.models.llama3 import head_layout
+
+    # a LLaVA folder (medtune.models.llava): its LLM's config
+    return head_layout(cfg.get("text_config", cfg))
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:

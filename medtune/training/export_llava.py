@@ -34,7 +34,7 @@ from medtune.models.convert.hf_llava import (
     projector_to_hf,
     vision_to_hf,
 )
-from medtune.models.llama3 import IMAGE_TOKEN
+from medtune.models.llama3 import IMAGE_TOKEN, head_layout
 
 # Llama-3's pre-tokenizer pattern (tiktoken's cl100k-style split used by Meta's tokenizer.model).
 LLAMA3_PATTERN = (
@@ -126,13 +126,7 @@ def llava_model(model, llm_config: dict):
     state = vision_to_hf(enc)
     proj, act = projector_to_hf(conn)
     state.update(proj)
-    shape = {
-        "num_heads": llm_config["num_attention_heads"],
-        "num_kv_heads": llm_config.get("num_key_value_heads", llm_config["num_attention_heads"]),
-        "dim": llm_config["hidden_size"],
-        "head_dim": llm_config.get("head_dim"),
-    }
-    state.update(llm_to_hf(dec.state_dict(), shape))
+    state.update(llm_to_hf(dec.state_dict(), head_layout(llm_config)))
     text = {k: v for k, v in llm_config.items() if k not in ("architectures", "torch_dtype")}
     vis = vision_config(enc)
     config = LlavaConfig(
