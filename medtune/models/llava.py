@@ -143,15 +143,19 @@ def _parts(folder: Path, load_weights: bool) -> tuple[VisionEncoder, MLPConnecto
             f"{folder}: projector_hidden_act {cfg['projector_hidden_act']!r} unsupported"
         )
     if load_weights:
-        hf = read_llava_weights(folder, keep=lambda k: k.startswith((VISION, PROJ)))
-        source = f"{folder} (LLaVA)"
-        state = vision_from_hf(hf, enc, source=source)
-        unused = {"proj"} if kind == "open_clip_vit" else set()  # pooled projection: not in LLaVA
-        missing, unexpected = tower.load_state_dict(state, strict=False)
-        if set(missing) - unused or unexpected:
-            raise UserError(f"{source}: tower weights do not fit ({sorted(missing)[:5]})")
-        conn.load_state_dict(projector_from_hf(hf, source=source))
+        tower_state, proj_state = _tensors(folder, enc)
+        # every tower tensor but open_clip's pooled ``proj`` (checked by the key map)
+        tower.load_state_dict(tower_state, strict=False)
+        conn.load_state_dict(proj_state)
     return enc, conn, tc
+
+
+def _tensors(folder: Path, enc: VisionEncoder) -> tuple[dict, dict]:
+    """A LLaVA folder's tower tensors (in the names of ``enc``'s tower module, every one the map
+    expects) and projector tensors (an ``mlp`` connector's names)."""
+    hf = read_llava_weights(folder, keep=lambda k: k.startswith((VISION, PROJ)))
+    source = f"{folder} (LLaVA)"
+    return vision_from_hf(hf, enc, source=source), projector_from_hf(hf, source=source)
 
 
 def _assemble(decoder, family: str, enc, conn, tc: dict) -> MedVLM:
@@ -244,15 +248,12 @@ def read_hf_llava(model: MedVLM, path: str, encoder: str = "image") -> dict[str,
     folder = Path(path)
     read_llava_config(folder)
     enc, conn = model.encoders[encoder], model.connectors[encoder]
-    hf = read_llava_weights(folder, keep=lambda k: k.startswith((VISION, PROJ)))
-    source = f"{folder} (LLaVA)"
-    prefix = f"encoders.{encoder}.tower." + ("trunk." if enc.kind == "open_clip_timm" else "")
-    out = {prefix + k: v for k, v in vision_from_hf(hf, enc, source=source).items()}
     if type(conn).__name__ != "MLPConnector":
         raise UserError(
-            f"{source}: the model's connector {type(conn).__name__} cannot hold LLaVA's MLP projector"
+            f"{folder}: the model's connector {type(conn).__name__} cannot hold LLaVA's MLP projector"
         )
-    out.update(
-        {f"connectors.{encoder}.{k}": v for k, v in projector_from_hf(hf, source=source).items()}
-    )
+    tower_state, proj_state = _tensors(folder, enc)
+    prefix = f"encoders.{encoder}.tower." + ("trunk." if enc.kind == "open_clip_timm" else "")
+    out = {prefix + k: v for k, v in tower_state.items()}
+    out.update({f"connectors.{encoder}.{k}": v for k, v in proj_state.items()})
     return out
