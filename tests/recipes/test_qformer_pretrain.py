@@ -276,7 +276,7 @@ def _stage2_data(name: str, tmp_path: Path) -> tuple[str, list[str]]:
         (folder / "captions.txt").write_text("\n".join(caps) + "\n")
         (folder / "dlinks.txt").write_text("\n".join(links) + "\n")
         return str(tmp_path / "roco-dataset"), []
-    if name == "openi_xraygpt":
+    if name == "openi_qformer":
         from medtune.testing.reports import make_xraygpt_fixture
 
         return str(make_xraygpt_fixture(tmp_path)), []
@@ -285,7 +285,7 @@ def _stage2_data(name: str, tmp_path: Path) -> tuple[str, list[str]]:
     return str(make_mimic_cxr_fixture(tmp_path)), []
 
 
-@pytest.mark.parametrize("name", ["roco_msmedcap", "openi_xraygpt", "mimic_cxr_report"])
+@pytest.mark.parametrize("name", ["roco_msmedcap", "openi_qformer", "mimic_cxr_report"])
 def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, tmp_path):
     """The shipped stage-2 configs, pointed at tiny models and data in the download layouts: the
     Q-Former connector(s) start from the stage-1 checkpoint(s) (``init_from``) and train with
@@ -332,9 +332,9 @@ def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, t
         assert qformer, sorted(saved)[:5]
         for k in qformer:
             key = k.removeprefix(f"connectors.{enc}.")
-            if name == "openi_xraygpt":  # frozen: the stage-1 tensors unchanged
+            if name == "openi_qformer":  # frozen: the stage-1 tensors unchanged
                 assert torch.equal(saved[k], sd[key]), k
-    if name == "openi_xraygpt":
+    if name == "openi_qformer":
         state = torch.load(out / "recipe_state.pt", weights_only=True)
         trained = {p for g in state["optimizer"]["param_groups"] for p in g["params"]}
         assert len(trained) == 2  # the projection's weight and bias only

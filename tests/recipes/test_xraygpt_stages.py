@@ -1,8 +1,10 @@
 """XrayGPT's workflow through the CLI on tiny models: stage 1 (``vision_finetune/mimic_cxr_xraygpt``)
 starts from a MiniGPT-4 checkpoint with MiniGPT-4's parameter names (``init_from`` kind
-``minigpt4``), stage 2 (``vision_finetune/xraygpt_vicuna``) starts from the stage-1 run, and
-``eval/openi_report`` scores it. The Q-Former stays frozen through both stages, only the
-projection trains; the LLM is the tiny Vicuna in XrayGPT's ``###Patient: ... ###Doctor:`` format."""
+``minigpt4``), stage 2 (``vision_finetune/openi_xraygpt``) starts from the stage-1 run and
+validates on OpenI's held-out uids (:mod:`medtune.data.uid_split`, leakage-checked), and
+``eval/openi_report`` scores it on those held-out uids. The Q-Former stays frozen through both
+stages, only the projection trains; the LLM is the tiny Vicuna in XrayGPT's
+``###Patient: ... ###Doctor:`` format."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 
 from medtune._cli.main import main
 from medtune.testing.llm_families import cached_tiny_llms
-from medtune.testing.reports import make_openi_fixture, make_xraygpt_fixture, save_xray
+from medtune.testing.reports import make_xraygpt_fixture, save_xray
 from tests.models.convert.lavis_names import lavis_qformer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -32,7 +34,7 @@ def _run(*argv: str) -> None:
     assert e.value.code in (0, None)
 
 
-def test_two_stages_then_eval(tiny_assets, tmp_path):
+def test_two_stages_then_eval(tiny_assets, tmp_path, capsys):
     llms = cached_tiny_llms()
     vicuna = llms / "vicuna_tiny"
     clip = tiny_assets / "tiny_clip"
@@ -66,24 +68,37 @@ def test_two_stages_then_eval(tiny_assets, tmp_path):
     openi_x = tmp_path / "openi_xraygpt"  # XrayGPT's OpenI release: CXR<uid>_IM-... images
     anns = []
     for u in range(1, 6):
-        save_xray(openi_x / "image" / f"CXR{u}_IM-{u:04d}-1001.png", seed=u)
-        anns.append({"image_id": f"CXR{u}_IM-{u:04d}-1001", "caption": f"Report {u}: lungs clear."})
+        for view in (1001, 2001):  # two images per report: the split must keep them together
+            save_xray(openi_x / "image" / f"CXR{u}_IM-{u:04d}-{view}.png", seed=u)
+            anns.append({"image_id": f"CXR{u}_IM-{u:04d}-{view}", "caption": f"Report {u}: clear."})
     (openi_x / "filter_cap.json").write_text(json.dumps({"annotations": anns}))
-    _run("vision_finetune", "--config", "xraygpt_vicuna", *tiny[:-1], f"data_dir={openi_x}",
+    capsys.readouterr()
+    _run("vision_finetune", "--config", "openi_xraygpt", *tiny[:-1], f"data_dir={openi_x}",
          f"output_dir={s2}", "dataset.fraction=0.4", "val_dataset.fraction=0.4",
-         "~init_from", f"+init_from={s1 / 'epoch_0'}")  # fmt: skip
+         f"init_from={s1 / 'epoch_0'}")  # fmt: skip
+    printed = capsys.readouterr().out
     two = load_file(str(s2 / "epoch_0" / "model.safetensors"))
     assert torch.equal(two[q], one[q])  # the frozen Q-Former came through stage 1
+    assert torch.equal(two["connectors.image.query_tokens"], one["connectors.image.query_tokens"])
+    assert not torch.equal(two["connectors.image.proj.weight"], one["connectors.image.proj.weight"])
     split = json.loads((openi_x / "medtune_uid_split.json").read_text())
     assert len(split["validation"]) == 2 and not set(split["validation"]) & set(split["train"])
-    openi = make_openi_fixture(tmp_path)
-    _run("eval", "--config", "openi_report", f"data_dir={openi}", f"checkpoints=[{s2 / 'epoch_0'}]",
-         f"output_dir={tmp_path / 'eval'}", "device=cpu", "limit=2",
+    assert "validation loss" in printed  # stage 2 validated on the held-out uids
+    logged = (s2 / "logs").rglob("*")
+    assert any("val_loss" in p.read_text() for p in logged if p.is_file())
+    _run("eval", "--config", "openi_report", f"checkpoints=[{s2 / 'epoch_0'}]",
+         "datasets.openi._component_=medtune.data.uid_split.xraygpt_openi",
+         f"datasets.openi.root={openi_x}", "~datasets.openi.section",
+         "+datasets.openi.split=validation", "+datasets.openi.fraction=0.4",
+         f"output_dir={tmp_path / 'eval'}", "device=cpu",
          "caption_generation.max_new_tokens=4", "caption_generation.min_new_tokens=0",
          "caption_generation.num_beams=1", "caption_meteor=false")  # fmt: skip
-    rows = (
-        (tmp_path / "eval" / "stage2_epoch_0" / "openi" / "predictions.jsonl")
+    rows = [
+        json.loads(r)
+        for r in (tmp_path / "eval" / "stage2_epoch_0" / "openi" / "predictions.jsonl")
         .read_text()
         .splitlines()
-    )
-    assert len(rows) == 2 and all(isinstance(json.loads(r)["prediction"], str) for r in rows)
+    ]
+    held_out = {f"CXR{u}_IM-{int(u):04d}-{v}" for u in split["validation"] for v in (1001, 2001)}
+    assert {r["id"] for r in rows} == held_out  # scored on the held-out reports only
+    assert all(isinstance(r["prediction"], str) for r in rows)
