@@ -256,7 +256,8 @@ def test_retrieval_model_drops_the_decoder_and_resizes_pos_embed(bert_dir):
 
 # ----------------------------------------------------------------------------- losses
 def test_retrieval_itc_positives_follow_image_ids(bert_dir):
-    from medtune.models.blip.losses import draw_negatives, itc_targets
+    from medtune.models.blip.losses import itc_targets
+    from medtune.models.hard_negatives import draw_negatives
 
     idx = torch.tensor([0, 1, 0, 2])
     pos = idx[:, None] == idx[None, :]

@@ -8,18 +8,17 @@ process with batch N*b:
   similarities) + (1 - alpha) * positives``, where the positives are the diagonal (pretraining)
   or every candidate with the same image id, queue included, normalised per row (retrieval,
   BLIP's ``idx``-aware ``sim_targets``).
-- ITM hard negatives (:func:`draw_negatives`): one per row from the softmaxed similarities of the
-  global batch with the positives at zero (BLIP's ``torch.multinomial``), drawn by inverse CDF
-  with one generator seeded alike on every rank, rows visited in dataset-index order, so the draw
-  of a sample does not depend on its rank or position.
+- ITM hard negatives: one per row from the softmaxed similarities of the global batch with the
+  positives at zero (BLIP's ``torch.multinomial``), drawn by
+  :func:`medtune.models.hard_negatives.draw_negatives` (inverse CDF, one generator seeded alike
+  on every rank, rows visited in dataset-index order, so the draw of a sample does not depend on
+  its rank or position).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from medtune.utils.errors import UserError
 
 
 def itc_targets(sim_m: torch.Tensor, positives: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -45,44 +44,3 @@ def itc_distilled(sim: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         sim: ``[b, C]`` similarities / temp (with gradient); targets: ``[b, C]`` soft targets.
     """
     return -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
-
-
-@torch.no_grad()
-def draw_negatives(
-    weights: torch.Tensor,
-    generator: torch.Generator | None,
-    keys: torch.Tensor | None = None,
-    what: str = "ITM",
-) -> torch.Tensor:
-    """One column per row with probability proportional to ``weights`` (BLIP's
-    ``torch.multinomial(weights[b], 1)``).
-
-    Args:
-        weights: ``[M, M]`` non-negative, zero at each row's positives (the whole global batch).
-        generator: CPU generator, the same state on every rank; None: the global RNG.
-        keys: ``[M]`` dataset indices; rows and columns are visited in key order.
-        what: named in the error.
-
-    Returns:
-        ``[M]`` int64 column per row.
-
-    Raises:
-        UserError: a row has no admissible negative (every sample of the global batch has the
-            same image id).
-    """
-    m = weights.shape[0]
-    w = weights.detach().float().cpu()
-    order = torch.argsort(keys.cpu(), stable=True) if keys is not None else torch.arange(m)
-    w = w[order][:, order]
-    cdf = w.cumsum(dim=1)
-    if bool((cdf[:, -1] <= 0).any()):
-        raise UserError(
-            f"{what}: a sample has no negative in its global batch (all its samples share one "
-            "image id): use a larger batch_size or shuffle"
-        )
-    cdf = cdf / cdf[:, -1:]
-    u = torch.rand(m, 1, generator=generator, dtype=cdf.dtype)
-    pick = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=m - 1)
-    out = torch.empty(m, dtype=torch.long)
-    out[order] = order[pick]
-    return out.to(weights.device)

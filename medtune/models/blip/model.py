@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtune.models.blip.losses import draw_negatives, itc_distilled, itc_targets
+from medtune.models.blip.losses import itc_distilled, itc_targets
 from medtune.models.blip.text import (
     build_text,
     load_bert,
@@ -32,6 +32,7 @@ from medtune.models.blip.text import (
     text_sizes,
     tie_encoder_decoder,
 )
+from medtune.models.hard_negatives import draw_negatives
 from medtune.utils.distributed import gather, summed
 from medtune.utils.distributed import world as dist_world
 from medtune.utils.errors import ConfigError

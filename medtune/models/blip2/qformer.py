@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medtune.models.hard_negatives import draw_negatives
 from medtune.utils.distributed import gather, summed
 from medtune.utils.distributed import world as dist_world
 
@@ -53,7 +54,8 @@ def sample_hard_negatives(
     sim: torch.Tensor, generator: torch.Generator | None, keys: torch.Tensor | None = None
 ) -> torch.Tensor:
     """One negative column per row, drawn from ``softmax(sim) + 1e-4`` with the diagonal (the
-    positive) at zero, as LAVIS does with ``torch.multinomial``.
+    positive) at zero, as LAVIS does with ``torch.multinomial``
+    (:func:`medtune.models.hard_negatives.draw_negatives` with LAVIS's weights).
 
     Args:
         sim: ``[M, M]`` similarities (logits) of the whole gathered batch; row i's positive is i.
@@ -64,19 +66,9 @@ def sample_hard_negatives(
     Returns:
         ``[M]`` int64 column index per row (never the row itself).
     """
-    m = sim.shape[0]
     w = F.softmax(sim.float(), dim=1) + 1e-4
     w.fill_diagonal_(0)
-    order = torch.argsort(keys.cpu(), stable=True) if keys is not None else torch.arange(m)
-    w = w.cpu()[order][:, order]
-    cdf = w.cumsum(dim=1)
-    cdf = cdf / cdf[:, -1:]
-    u = torch.rand(m, 1, generator=generator, dtype=cdf.dtype)
-    # side="right": the first column whose cdf exceeds u; a zero-weight column never does
-    pick = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=m - 1)
-    out = torch.empty(m, dtype=torch.long)
-    out[order] = order[pick]
-    return out.to(sim.device)
+    return draw_negatives(w, generator, keys)
 
 
 # ----------------------------------------------------------------------------- model
