@@ -1,19 +1,29 @@
-"""``blip_pretrain`` and ``blip_retrieval`` end to end through the CLI on tiny models.
+"""``blip_pretrain`` and ``blip_retrieval`` end to end on tiny models.
 
 - the pretraining demo config runs (ITC, ITM, LM logged), and ``blip_retrieval`` fine-tunes from
   its checkpoint (the decoder dropped by the key map) and evaluates as BLIP: re-ranked
   ``retrieval.safetensors`` and BLIP's ``itm_eval`` numbers;
-- 2 gloo ranks x batch B equal 1 process x 2B (losses and weights; the queue, momentum copies
-  and ITM draws included);
-- a run killed mid-epoch and resumed equals the uninterrupted run (dropout on).
+- for both recipes, 2 gloo ranks x batch B equal 1 process x 2B (losses and weights; the queue,
+  momentum copies and ITM draws included; retrieval: the re-ranked matrices too, their rows split
+  over the ranks);
+- for both recipes, a run killed mid-epoch and resumed equals the uninterrupted run bit for bit
+  (dropout on; retrieval: its evaluation after each epoch too).
+
+The runs are the CLI's ``medtune run`` in this process, or in processes forked from it (2 ranks,
+the killed run): the imports are paid once, not per run (a fresh interpreter costs 10-15
+CPU-seconds). ``medtune run --nproc_per_node`` itself (torchrun) is tested by the CLI's tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import subprocess
+import socket
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -22,9 +32,10 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
-MEDTUNE = Path(sys.executable).parent / "medtune"
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+QUEUES = ("image_queue", "text_queue", "idx_queue")
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +45,8 @@ def assets(tmp_path_factory):
     return make_tiny_blip(tmp_path_factory.mktemp("blip") / "tiny_blip")
 
 
-def _env(**extra) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    return {**env, **extra}
-
-
-def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc.stdout + proc.stderr
-
-
-def _cfg(recipe: str, assets: Path, out: Path, path: Path, **overrides) -> Path:
+def _cfg(recipe: str, assets: Path, out: Path, **overrides) -> Path:
+    """The demo config of ``recipe`` for a 2-step epoch into ``out``, saved as ``out.yaml``."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / recipe / "demo.yaml"), resolve=False)
     cfg.update(assets_dir=str(assets), output_dir=str(out), epochs=1, max_steps_per_epoch=2)
     for k, v in overrides.items():
@@ -57,81 +55,160 @@ def _cfg(recipe: str, assets: Path, out: Path, path: Path, **overrides) -> Path:
         for p in parents:
             node = node[p]
         node[last] = v
+    path = out.with_suffix(".yaml")
     OmegaConf.save(OmegaConf.create(cfg), path)
     return path
 
 
-def _run(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600
-    )
-
-
-def _inproc(*argv: str) -> None:
-    """``medtune run ...`` in this process (no second interpreter start-up)."""
+def _inproc(*argv: str) -> str:
+    """``medtune run ...`` in this process; returns what it printed."""
     from medtune._cli.main import main
 
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            status = main(["run", *argv])
+        except SystemExit as e:
+            status = e.code
+    assert status in (0, None), buf.getvalue()[-3000:]
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _crash_before_update(k: int) -> None:
+    """Make the k-th AdamW update a hard kill (``os._exit(17)``), in a forked child."""
+    orig, calls = torch.optim.AdamW.step, [0]
+
+    def step(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == k:
+            sys.stdout.flush()
+            os._exit(17)
+        return orig(self, *a, **kw)
+
+    torch.optim.AdamW.step = step
+
+
+def _child(rank: int, world: int, jobs, ports, log: Path, crash_at: int | None) -> NoReturn:
+    """A forked rank: output to ``<log>.<rank>``, the jobs in turn, then ``os._exit``."""
+    status = 99
     try:
-        status = main(["run", *argv])
-    except SystemExit as e:
-        status = e.code
-    assert status in (0, None)
+        f = open(f"{log}.{rank}", "w", buffering=1)  # noqa: SIM115 (os._exit closes it)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = f
+        if crash_at is not None:
+            _crash_before_update(crash_at)
+        from medtune._cli.main import main
+
+        status = 0
+        for job, port in zip(jobs, ports):
+            if world > 1:
+                os.environ.update(
+                    RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                )  # fmt: skip
+            try:
+                code = main(["run", *job])
+            except SystemExit as e:
+                code = e.code
+            if code not in (0, None):
+                status = code if isinstance(code, int) else 1
+                break
+    except BaseException:
+        traceback.print_exc()
+        status = 99
+    finally:
+        sys.stdout.flush()
+        os._exit(status)
+
+
+def _forked(jobs: list[list[str]], log: Path, world: int = 1, crash_at: int | None = None):
+    """Run ``medtune run <job>`` for each job in turn in ``world`` processes forked from this one
+    (ranks of a gloo group when ``world > 1``, a fresh port per job).
+
+    Args:
+        jobs: the argv of each run after ``medtune run``.
+        log: each rank's output goes to ``<log>.<rank>``.
+        world: processes.
+        crash_at: ``os._exit(17)`` before the crash_at-th AdamW update (a hard kill).
+
+    Returns:
+        Each rank's exit status and its output.
+    """
+    ports = [_free_port() for _ in jobs]
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            _child(rank, world, jobs, ports, log, crash_at)
+        pids.append(pid)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    return codes, [Path(f"{log}.{r}").read_text() for r in range(world)]
 
 
 def _state(out: Path) -> dict:
     return torch.load(out / "recipe_state.pt", weights_only=True)
 
 
-def test_pretrain_demo_then_retrieval_from_its_checkpoint(assets, tmp_path, capsys):
-    pre = _cfg("blip_pretrain", assets, tmp_path / "pre", tmp_path / "pre.yaml")
-    _inproc("blip_pretrain", "--config", str(pre))
-    text = capsys.readouterr().out
+def _weights(out: Path, tag: str = "epoch_0") -> dict[str, torch.Tensor]:
+    return load_file(str(out / tag / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- 1 process
+@pytest.fixture(scope="module")
+def one_process(assets, tmp_path_factory):
+    """Pretraining (demo, batch 8, 2 steps, dropout 0) and retrieval fine-tuning from its
+    checkpoint, each in this process: the demo run of test 1 and the reference of test 2."""
+    d = tmp_path_factory.mktemp("one")
+    pre = _cfg("blip_pretrain", assets, d / "pre", **{"model.dropout": 0.0})
+    pre_text = _inproc("blip_pretrain", "--config", str(pre))
+    init = f"init_from={d / 'pre' / 'epoch_0'}"
+    ret = _cfg("blip_retrieval", assets, d / "ret", **{"model.dropout": 0.0})
+    ret_text = _inproc("blip_retrieval", "--config", str(ret), init)
+    return d, pre_text, ret_text
+
+
+def test_pretrain_demo_then_retrieval_from_its_checkpoint(one_process):
+    d, pre_text, ret_text = one_process
     for key in ("loss_itc", "loss_itm", "loss_lm"):
-        assert key in text, key
-    sd = load_file(str(tmp_path / "pre" / "epoch_0" / "model.safetensors"))
+        assert key in pre_text, key
+    sd = _weights(d / "pre")
     assert "text_decoder.bert.encoder.layer.0.attention.self.query.weight" in sd
     assert not any(".crossattention." in k for k in sd if k.startswith("text_decoder."))
     assert int(sd["queue_ptr"]) == 16  # 2 steps x global batch 8 enqueued
-    hist = _state(tmp_path / "pre")["loss_history"]
+    hist = _state(d / "pre")["loss_history"]
     assert len(hist) == 2 and all(h["loss_lm"] > 0 and h["loss_itm"] > 0 for h in hist)
 
-    ret = _cfg("blip_retrieval", assets, tmp_path / "ret", tmp_path / "ret.yaml")
-    init = f"init_from={tmp_path / 'pre' / 'epoch_0'}"
-    _inproc("blip_retrieval", "--config", str(ret), init)
-    text = capsys.readouterr().out
-    assert "tensors from" in text and "epoch_0 val: txt_r1" in text and "best val_r_mean" in text
+    assert "tensors from" in ret_text and "epoch_0 val: txt_r1" in ret_text
+    assert "best val_r_mean" in ret_text
     from medtune.eval.retrieval_metrics import load_retrieval
 
-    r = load_retrieval(tmp_path / "ret" / "epoch_0" / "retrieval.safetensors")
+    r = load_retrieval(d / "ret" / "epoch_0" / "retrieval.safetensors")
     assert r["sim_i2t"].shape == (6, 12) and r["sim_t2i"].shape == (12, 6)
     assert int((r["sim_i2t"] == -100).sum()) == 6 * (12 - 8)  # k_test 8 of 12 texts re-ranked
     assert r["txt2img"].tolist() == [i // 2 for i in range(12)]
-    sd = load_file(str(tmp_path / "ret" / "epoch_0" / "model.safetensors"))
+    sd = _weights(d / "ret")
     assert not any(k.startswith("text_decoder.") for k in sd)
 
 
-def test_two_ranks_equal_one_process_at_the_same_global_batch(assets, tmp_path):
-    over = {"model.dropout": 0.0}
-    two = _cfg(
-        "blip_pretrain", assets, tmp_path / "two", tmp_path / "two.yaml", batch_size=4, **over
-    )
-    one = _cfg(
-        "blip_pretrain", assets, tmp_path / "one", tmp_path / "one.yaml", batch_size=8, **over
-    )
-    args = [str(MEDTUNE), "run", "--nproc_per_node", "2", "blip_pretrain", "--config", str(two)]
-    text = _ok(_run(args, tmp_path))
-    assert "2 process(es)" in text and "global batch 8" in text
-    _inproc("blip_pretrain", "--config", str(one))
-    h2, h1 = _state(tmp_path / "two")["loss_history"], _state(tmp_path / "one")["loss_history"]
+# ----------------------------------------------------------------------------- 2 ranks
+def _assert_same_run(one: Path, two: Path, losses: tuple[str, ...]) -> None:
+    """2 ranks x B == 1 process x 2B: the losses of every step and the weights after them."""
+    h1, h2 = _state(one)["loss_history"], _state(two)["loss_history"]
     assert len(h2) == len(h1) == 2
     for x, y in zip(h1, h2):
-        for k in ("loss_itc", "loss_itm", "loss_lm"):
+        for k in losses:
             assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
-    w2 = load_file(str(tmp_path / "two" / "epoch_0" / "model.safetensors"))
-    w1 = load_file(str(tmp_path / "one" / "epoch_0" / "model.safetensors"))
+    w1, w2 = _weights(one), _weights(two)
     assert set(w1) == set(w2)
     for k in w1:
-        if k in ("image_queue", "text_queue", "idx_queue"):
+        if k in QUEUES:
             continue  # the same columns, enqueued in the ranks' order
         a, b = w1[k], w2[k]
         if k.endswith("attn.qkv.bias"):
@@ -147,42 +224,53 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(assets, tmp_path):
         )
 
 
-_CRASH = """
-import os, runpy, sys
-import torch
-K, _orig, _calls = int(os.environ["CRASH_AT"]), torch.optim.AdamW.step, [0]
+def test_two_ranks_equal_one_process_at_the_same_global_batch(assets, one_process, tmp_path):
+    d = one_process[0]
+    pre = _cfg("blip_pretrain", assets, tmp_path / "pre", batch_size=4, **{"model.dropout": 0.0})
+    ret = _cfg("blip_retrieval", assets, tmp_path / "ret", batch_size=4, **{"model.dropout": 0.0})
+    init = f"init_from={d / 'pre' / 'epoch_0'}"  # the same start as the 1-process retrieval
+    jobs = [["blip_pretrain", "--config", str(pre)], ["blip_retrieval", "--config", str(ret), init]]
+    codes, logs = _forked(jobs, tmp_path / "log", world=2)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "2 process(es)" in logs[0] and "global batch 8" in logs[0]
+    _assert_same_run(d / "pre", tmp_path / "pre", ("loss_itc", "loss_itm", "loss_lm"))
+    _assert_same_run(d / "ret", tmp_path / "ret", ("loss_itc", "loss_itm"))
+    # the evaluation's re-ranked rows were split over the 2 ranks and summed
+    from medtune.eval.retrieval_metrics import load_retrieval
 
-def step(self, *a, **k):
-    _calls[0] += 1
-    if _calls[0] == K:  # a hard kill before the K-th update
-        os._exit(17)
-    return _orig(self, *a, **k)
-
-torch.optim.AdamW.step = step
-sys.argv = [{recipe!r}, *sys.argv[1:]]
-runpy.run_path({recipe!r}, run_name="__main__")
-"""
+    r1 = load_retrieval(d / "ret" / "epoch_0" / "retrieval.safetensors")
+    r2 = load_retrieval(tmp_path / "ret" / "epoch_0" / "retrieval.safetensors")
+    for k in ("sim_i2t", "sim_t2i"):
+        assert torch.equal(r1[k] == -100, r2[k] == -100), k  # the same top-k_test candidates
+        torch.testing.assert_close(r2[k], r1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(assets, tmp_path, capsys):
+# ----------------------------------------------------------------------------- kill + resume
+@pytest.mark.parametrize("recipe", ["blip_pretrain", "blip_retrieval"])
+def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(assets, recipe, tmp_path):
     over = {"epochs": 2, "save_every_n_steps": 1, "model.dropout": 0.1}
-    a = _cfg("blip_pretrain", assets, tmp_path / "a", tmp_path / "a.yaml", **over)
-    b = _cfg("blip_pretrain", assets, tmp_path / "b", tmp_path / "b.yaml", **over)
-    _inproc("blip_pretrain", "--config", str(a))
-    wrapper = tmp_path / "crash.py"
-    wrapper.write_text(_CRASH.format(recipe=str(REPO / "recipes" / "blip_pretrain.py")))
-    proc = _run([sys.executable, str(wrapper), "--config", str(b)], tmp_path, CRASH_AT="4")
-    assert proc.returncode == 17, proc.stderr[-3000:]
+    a = _cfg(recipe, assets, tmp_path / "a", **over)
+    b = _cfg(recipe, assets, tmp_path / "b", **over)
+    _inproc(recipe, "--config", str(a))
+    codes, logs = _forked([[recipe, "--config", str(b)]], tmp_path / "log", crash_at=4)
+    assert codes == [17], logs[0][-3000:]
     st = _state(tmp_path / "b")
     assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1
-    _inproc("blip_pretrain", "--config", str(b), "resume_from_checkpoint=True")
-    assert "resumed from" in capsys.readouterr().out
-    ha, hb = _state(tmp_path / "a")["loss_history"], _state(tmp_path / "b")["loss_history"]
-    assert len(ha) == len(hb) == 4
-    for x, y in zip(ha, hb):
+    text = _inproc(recipe, "--config", str(b), "resume_from_checkpoint=True")
+    assert "resumed from" in text
+    sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert len(sa["loss_history"]) == len(sb["loss_history"]) == 4
+    for x, y in zip(sa["loss_history"], sb["loss_history"]):
         assert y == x  # bit for bit
-    wa = load_file(str(tmp_path / "a" / "epoch_1" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "epoch_1" / "model.safetensors"))
+    wa, wb = _weights(tmp_path / "a", "epoch_1"), _weights(tmp_path / "b", "epoch_1")
     assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    if recipe == "blip_retrieval":  # the evaluation after the resumed epoch, and the best epoch
+        from medtune.eval.retrieval_metrics import load_retrieval
+
+        ra = load_retrieval(tmp_path / "a" / "epoch_1" / "retrieval.safetensors")
+        rb = load_retrieval(tmp_path / "b" / "epoch_1" / "retrieval.safetensors")
+        assert torch.equal(ra["sim_i2t"], rb["sim_i2t"])
+        assert torch.equal(ra["sim_t2i"], rb["sim_t2i"])
+        assert sa["best"] == sb["best"] and sb["best"] is not None
