@@ -11,7 +11,9 @@ Features (all set in the config):
 
 - **Model** (``model``): :func:`medtune.models.mavl.mavl_model`: a ResNet cut after layer3 with
   attention pooling (``trunk_checkpoint``: torchvision ImageNet weights, as MAVL's
-  ``pretrained: True``), the knowledge books (anatomy, disease descriptions, concept aspects)
+  ``pretrained: True``) or, with ``backbone: vit``, a ViT tower named by ``vision`` (a timm ViT,
+  an open_clip ViT or BiomedCLIP: patch tokens as keys, CLS as the global feature;
+  ``mimic_vit_biomedclip``), the knowledge books (anatomy, disease descriptions, concept aspects)
   encoded once by the frozen BERT in ``text_model_dir``, and the pre-norm query decoder (N layers,
   H heads, ``d_model``, FFN 1024, dropout 0.1) over the patch grid. Followed: MAVL's
   ``Pretrain/models/model_MAVL.py``, ``transformer.py``, ``train_MAVL.py``, ``configs/MAVL_resnet.yaml``.
@@ -64,8 +66,8 @@ from medtune.viz.curves import plot_run
 SUPPORTS_DISTRIBUTED = True
 
 KNOWN_KEYS = {
-    "output_dir", "assets_dir", "data_dir", "entity_dir", "books_dir", "text_model_dir", "model",
-    "loss", "dataset", "image", "augment", "optimizer", "lr_scheduler", "metric_logger", "device",
+    "output_dir", "assets_dir", "data_dir", "entity_dir", "books_dir", "text_model_dir", "vision_dir",
+    "model", "loss", "dataset", "image", "augment", "optimizer", "lr_scheduler", "metric_logger", "device",
     "seed", "batch_size", "epochs", "max_steps_per_epoch", "max_steps", "clip_grad_norm",
     "autocast", "num_workers", "log_every_n_steps", "save_every_n_steps", "resume_from_checkpoint",
     "sync_batchnorm",

@@ -39,6 +39,14 @@ DATASET_ENTITY_MAP: dict[str, dict[str, str]] = {
 }  # fmt: skip
 
 
+def _transform(model) -> tuple[int, dict]:
+    """The model's input: its size, mean and std (ResNet: MAVL's ImageNet statistics; ViT: the
+    tower's own), bilinear resize as MAVL's ``transforms.Resize``."""
+    enc = model.image
+    return enc.image_size, {"image_size": enc.image_size, "mean": enc.mean, "std": enc.std,
+                            "interpolation": "bilinear"}  # fmt: skip
+
+
 def entity_indices(model, items, classes: list[str], class_map: dict[str, str] | None) -> list[int]:
     """The model's entity row for each class (``class_map`` overrides the dataset's default map)."""
     dataset = items[0].dataset if items else ""
@@ -59,17 +67,10 @@ def entity_indices(model, items, classes: list[str], class_map: dict[str, str] |
 def mavl_scores(model, items, classes: list[str], class_map: dict[str, str] | None = None, *,
                 batch_size: int = 64, device="cpu", num_workers: int = 0) -> torch.Tensor:  # fmt: skip
     """Returns float ``[n_images, n_classes]`` present-probabilities (CPU)."""
-    from medtune.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
     from medtune.eval.zero_shot import _Images
 
     idx = entity_indices(model, items, classes, class_map)
-    size = model.image.grid * 16
-    tf = {
-        "image_size": size,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "interpolation": "bilinear",
-    }
+    _, tf = _transform(model)
     loader = torch.utils.data.DataLoader(
         _Images([str(it.image) for it in items], tf), batch_size=batch_size, num_workers=num_workers
     )
@@ -108,20 +109,13 @@ def mavl_grounding(model, items, cls: str, class_map: dict[str, str] | None, *, 
     plus ``entity``; writes up to ``max_overlays`` PNGs into ``overlay_dir``."""
     from pathlib import Path
 
-    from medtune.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
     from medtune.data.images import load_image
     from medtune.eval import grounding as g
     from medtune.eval.zero_shot import _Images
 
     pos = [it for it in items if it.labels.get(cls) == 1]
     ent = entity_indices(model, items, [cls], class_map)[0]
-    size = model.image.grid * 16
-    tf = {
-        "image_size": size,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "interpolation": "bilinear",
-    }
+    size, tf = _transform(model)
     loader = torch.utils.data.DataLoader(
         _Images([str(it.image) for it in pos], tf), batch_size=batch_size
     )

@@ -172,3 +172,85 @@ def test_attention_maps_cover_the_patch_grid():
     torch.testing.assert_close(a.sum(-1), torch.ones(2, len(ENTS) * K))
     p = model.presence(torch.randn(2, 3, 64, 64))
     assert p.shape == (2, len(ENTS)) and ((p > 0) & (p < 1)).all()
+
+
+def test_vit_config_on_meta_has_biomedclip_shapes():
+    """``mavl_pretrain/mimic_vit_biomedclip``'s model section built on ``meta`` (books aside):
+    BiomedCLIP's ViT-B/16 tower, 14 x 14 patch tokens x 768 projected to 256, CLS through
+    Linear(768, 256); the decoder and heads as the ResNet model's."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    w = 768  # ViT-B/16: patch conv, CLS, 197 positions, 12 blocks, final norm; then 768 -> 512
+    block = 2 * w + w * 3 * w + 3 * w + w * w + w + 2 * w + w * 4 * w + 4 * w + 4 * w * w + w
+    vit_b16_trunk = 3 * 16 * 16 * w + w + w + 197 * w + 12 * block + 2 * w
+    assert vit_b16_trunk + 768 * 512 == 86_191_872  # BiomedCLIP's visual tower
+
+    path = (
+        Path(__file__).resolve().parents[2]
+        / "recipes/configs/mavl_pretrain/mimic_vit_biomedclip.yaml"
+    )
+    sizes = OmegaConf.to_container(OmegaConf.load(path), resolve=True)["model"]
+    for k in ("_component_", "text_model_dir", "disease_book", "concept_book"):
+        sizes.pop(k)
+    sizes["vision"]["path"] = None  # the published config, random weights on meta
+    with torch.device("meta"):
+        model = build_mavl(**sizes)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    img = model.image
+    assert img.grid == 14 and img.image_size == 224 and img.tower.kind == "open_clip_timm"
+    assert n(img.tower) == 86_191_872 and n(img.tower.tower.trunk) == vit_b16_trunk
+    assert n(img.global_proj) == 768 * 256 + 256
+    assert n(img.proj1) + n(img.proj2) == 768 * 768 + 768 + 1 + 768 * 256 + 256
+    # the tower's 768 -> 512 projection is not used (patch tokens + CLS) and is frozen
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"image.tower.tower.head.proj.weight"}
+    attn = 3 * 256 * 256 + 3 * 256 + 256 * 256 + 256
+    layer = 2 * attn + (256 * 1024 + 1024) + (1024 * 256 + 256) + 3 * 512
+    assert n(model.decoder) == 4 * layer + 512 and n(model.location_emb) == 256 * 768 * 9 + 768
+    assert img.mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    with pytest.raises(KeyMapError, match="ResNet-50"):
+        convert_mavl_state(_RefMAVL().state_dict(), model)
+
+
+def test_vit_backbone_trains_and_round_trips(tiny_towers, tmp_path):
+    """A tiny open_clip ViT from the test assets (weights from its hub folder): forward shapes, CLS
+    and patch tokens as the tower computes them, every used parameter gets a gradient from the
+    MAVL loss, and a saved checkpoint reloads into a fresh model with the same outputs."""
+    from medtune.training.checkpointing import read_trained, save_trained
+
+    spec = {"_component_": "medtune.models.encoders.open_clip_vision",
+            "path": str(tiny_towers / "tiny_biomedclip")}  # fmt: skip
+    torch.manual_seed(0)
+    model = build_mavl(backbone="vit", vision=spec, entities=ENTS, n_concepts=K, text_width=T,
+                       d_model=D, heads=HEADS, num_layers=1, dim_feedforward=32)  # fmt: skip
+    model.set_books(torch.randn(52, T), torch.randn(len(ENTS) * K, T))
+    tower = model.image.tower.tower
+    x = torch.randn(3, 3, 32, 32)
+    pooled, tokens = tower(x)  # open_clip: (projected CLS, patch tokens after ln_post)
+    cls, patches = model.image.tokens(x)
+    torch.testing.assert_close(patches, tokens)
+    torch.testing.assert_close(cls @ tower.proj, pooled)
+    out = model(x)
+    assert out["grid"] == 4 and out["logits"].shape == (3, len(ENTS), 2)
+    assert out["attn"][0].shape == (3, len(ENTS) * K, 16)
+    labels = torch.tensor([[1, 0, -1, 2, 1], [0, 1, 1, -1, 0], [1, 1, 0, 0, -1]])
+    res = MAVLLoss(ce=1.0, cl_global=0.1)(model, out, labels, torch.randint(0, 52, (3, 5, 8)))
+    res["loss"].backward()
+    no_grad = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == [] and not tower.proj.requires_grad
+    save_trained(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+        tmp_path / "ck",
+        "x: 1\n",
+    )
+    torch.manual_seed(1)
+    again = build_mavl(backbone="vit", vision=spec, entities=ENTS, n_concepts=K, text_width=T,
+                       d_model=D, heads=HEADS, num_layers=1, dim_feedforward=32)  # fmt: skip
+    again.set_books(model.anatomy_book, model.concept_book)
+    again.load_state_dict(read_trained(tmp_path / "ck", "checkpoint"))
+    model.eval(), again.eval()
+    torch.testing.assert_close(again(x)["logits"], model(x)["logits"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backbone vit needs a ViT tower"):
+        build_mavl(backbone="vit")

@@ -30,7 +30,12 @@ from pathlib import Path
 
 import torch
 
-from medtune.models.convert import apply_key_map, read_foreign_checkpoint, strip_prefix
+from medtune.models.convert import (
+    KeyMapError,
+    apply_key_map,
+    read_foreign_checkpoint,
+    strip_prefix,
+)
 
 _BACKBONE = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
 _PREFIXES = {
@@ -65,6 +70,9 @@ def convert_mavl_state(
     Raises:
         KeyMapError: leftover, missing or mis-shaped keys, by name.
     """
+    if not hasattr(model.image, "trunk"):
+        raise KeyMapError(f"{source}: MAVL's released checkpoints are ResNet-50 models; this model "
+                          "has a ViT image side (model.backbone: vit)")  # fmt: skip
     state = strip_prefix(state, "module.")
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if "temp" not in state:

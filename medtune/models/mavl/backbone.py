@@ -117,6 +117,12 @@ class MAVLImageEncoder(nn.Module):
         c = trunk.out_channels
         self.trunk = trunk
         self.grid = image_size // 16
+        # the input zero-shot and grounding feed it (MAVL's test datasets: ImageNet mean / std)
+        self.image_size, self.mean, self.std = (
+            image_size,
+            [0.485, 0.456, 0.406],
+            [0.229, 0.224, 0.225],
+        )
         self.pool = AttentionPool2d(self.grid, c, pool_heads, d_model)
         self.proj1 = nn.Sequential(nn.Conv2d(c, c, kernel_size=1), nn.PReLU())
         self.proj2 = nn.Conv2d(c, d_model, kernel_size=1)

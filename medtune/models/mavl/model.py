@@ -139,6 +139,8 @@ def _init_weights(m: nn.Module) -> None:
 
 def build_mavl(
     *,
+    backbone: str = "resnet",
+    vision=None,
     entities: list[str] | tuple[str, ...] = ENTITIES,
     n_concepts: int = 9,
     text_width: int = 768,
@@ -155,9 +157,27 @@ def build_mavl(
     global_concept_idx: list[int] | None = None,
 ) -> MAVL:
     """The MAVL module of given sizes, books empty (for ``meta`` builds and loading into).
-    Defaults are ``Pretrain/configs/MAVL_resnet.yaml``'s (ResNet-50, d_model 256, N 4, H 4)."""
-    trunk = ResNetTrunk(block, tuple(blocks), width)
-    image = MAVLImageEncoder(trunk, d_model, image_size, pool_heads)
+    Defaults are ``Pretrain/configs/MAVL_resnet.yaml``'s (ResNet-50, d_model 256, N 4, H 4).
+
+    ``backbone``: ``resnet`` (``block``, ``blocks``, ``width``, ``image_size``, ``pool_heads``) or
+    ``vit``: ``vision`` is a patch-output ViT :class:`~medtune.models.encoders.VisionEncoder` or a
+    ``{_component_: ..., **kwargs}`` mapping building one (:mod:`medtune.models.mavl.vit`; the
+    ResNet arguments are then unused)."""
+    if backbone == "resnet":
+        if vision is not None:
+            raise ValueError("model.vision is for backbone: vit (backbone is resnet)")
+        trunk = ResNetTrunk(block, tuple(blocks), width)
+        image = MAVLImageEncoder(trunk, d_model, image_size, pool_heads)
+    elif backbone == "vit":
+        from medtune.models.mavl.vit import MAVLViTImageEncoder, instantiate_vision
+
+        if vision is None:
+            raise ValueError(
+                "model.vision: backbone vit needs a ViT tower (_component_ + arguments)"
+            )
+        image = MAVLViTImageEncoder(instantiate_vision(vision), d_model)
+    else:
+        raise ValueError(f"model.backbone: expected resnet or vit, got {backbone!r}")
     return MAVL(image, entities, n_concepts, d_model=d_model, heads=heads, num_layers=num_layers,
                 text_width=text_width, dim_feedforward=dim_feedforward, dropout=dropout,
                 global_concept_idx=global_concept_idx)  # fmt: skip
@@ -183,7 +203,8 @@ def mavl_model(
         extra_entities: entities beyond MAVL's 75 (zero-shot on unseen classes, e.g. ``covid19``);
             each needs a description and aspects in the books.
         trunk_checkpoint: torchvision ResNet weights (``resnet50-*.pth``) for the trunk
-            (MAVL's ``pretrained: True``); ``layer4`` and ``fc`` are left out.
+            (MAVL's ``pretrained: True``); ``layer4`` and ``fc`` are left out. ResNet only: a
+            ViT tower loads its weights through its own builder (``vision.path`` ...).
         released_checkpoint: a MAVL ``.pth`` (``{"model": ...}``, ``module.`` prefixes), loaded
             through :mod:`medtune.models.convert.mavl`.
         book_max_length: tokenizer truncation for the books.
@@ -201,6 +222,11 @@ def mavl_model(
     )
     model.set_books(books["anatomy"], books["concepts"])
     if trunk_checkpoint:
+        if not hasattr(model.image, "trunk"):
+            raise ValueError(
+                "model.trunk_checkpoint: a ResNet file; with backbone vit the "
+                "tower's builder loads its weights (e.g. vision.path)"
+            )
         load_trunk(model, trunk_checkpoint)
     if released_checkpoint:
         from medtune.models.convert.mavl import load_released_mavl
