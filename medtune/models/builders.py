@@ -258,3 +258,19 @@ def tiny_msmedcap(assets_dir: str, num_queries: int = 4) -> MedVLM:
         },
         image_token_id=image_token_id_for_vocab(dec.tok_embeddings.num_embeddings),
     )
+
+
+def tiny_medcap(assets_dir: str, num_tokens: int = 50, hidden_dim: int | None = 32) -> MedVLM:
+    """A tiny :func:`medvlm_medcap_llama3_8b`: the tiny open_clip tower's pooled embedding ->
+    medcap's projector (Linear -> GELU -> Linear to ``num_tokens`` x the LLM width; 50 tokens as
+    medcap's) -> the tiny Llama-3 of the generated assets. Loads a medcap-layout ``last.pt`` at
+    tiny size (:func:`medtune.testing.medcap.write_medcap_checkpoint`) through ``init_from: {kind:
+    medcap}``."""
+    dec = _llama3.llama3_from_hf_config(f"{assets_dir}/llama3_tiny/config.json")
+    return open_clip_medvlm(
+        dec,
+        f"{assets_dir}/tiny_clip",
+        "pooled_unfold",
+        "pooled",
+        {"num_tokens": num_tokens, "hidden_dim": hidden_dim},
+    )

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from medtune.models.builders import medvlm, medvlm_medcap_llama3_8b
 from medtune.models.convert import KeyMapError
 from medtune.models.convert.init import foreign_state_dict
 from medtune.models.encoders import open_clip_vision
 from medtune.models.llama3 import build_decoders_on, llama3_tiny
+from medtune.testing.medcap import write_medcap_checkpoint
 
 
 def _medcap_file(clip_dir, tmp_path, n_tokens=3, hidden=16, llm=64):
-    sd = torch.load(clip_dir / "open_clip_pytorch_model.bin", weights_only=True)
-    visual = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
-    width = visual["proj"].shape[1]
-    projector = nn.Sequential(
-        nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, llm * n_tokens)
-    )
     path = tmp_path / "last.pt"
-    torch.save({"visual": visual, "projector": projector.state_dict()}, path)
-    return path, visual, projector.state_dict()
+    visual, projector = write_medcap_checkpoint(clip_dir, path, llm, n_tokens, hidden)
+    return path, visual, projector
 
 
 def _tiny_medcap(clip_dir, n_tokens=3):
