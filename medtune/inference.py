@@ -90,7 +90,8 @@ def answer(
             any, is left out of the prompt.
         samples: the samples (:class:`medtune.data.sample.Sample`).
         settings: decoding settings; ``seed`` seeds a generator per batch (sampling only).
-        tokenizer: for ``pad_id``, ``stop_tokens`` and decoding.
+        tokenizer: for ``pad_id``, ``stop_tokens`` (and ``stop_sequences`` where it has them)
+            and decoding.
         batch_size: samples per :func:`generate` call.
         device: where the images go (default: the model's device).
         progress: show a progress bar on rank 0 (``TQDM_DISABLE=1`` turns it off).
@@ -147,6 +148,7 @@ def answer(
                 [it["tokens"] for it in items],
                 pad_id=tokenizer.pad_id,
                 stop_tokens=tokenizer.stop_tokens,
+                stop_sequences=getattr(tokenizer, "stop_sequences", ()),  # e.g. MiniGPT-4's ###
                 images=images,
                 image_counts=torch.tensor(counts) if images is not None else None,
                 generator=generator,

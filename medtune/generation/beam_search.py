@@ -5,10 +5,13 @@ default ``early_stopping=False``), which LAVIS calls for BLIP-2 captions, so bea
 over from those papers mean the same here:
 
 - Each step takes the top ``C = max(2, 1 + n_stop) * num_beams`` continuations of all beams of a
-  sample by summed log-probability (C > num_beams, so enough beams that did not stop remain).
-- A continuation that ends (a stop token, or the ``max_new_tokens``-th token) and ranks among the
+  sample by summed log-probability (C > num_beams, so enough beams that did not stop remain);
+  ``n_stop`` counts the stop tokens and the stop sequences.
+- A continuation that ends (a stop token, a stop sequence its ids now end with, or the
+  ``max_new_tokens``-th token) and ranks among the
   first ``num_beams`` of the C becomes a finished hypothesis scored ``sum logprob / n ** lp``, ``n``
-  the number of generated tokens including the stop token, ``lp`` = ``length_penalty``; a sample
+  the number of generated tokens including the stop token (or sequence), ``lp`` =
+  ``length_penalty``; a sample
   keeps its ``num_beams`` best finished ones. The best ``num_beams`` continuations that did not end
   are the next step's beams.
 - A sample is done once it holds ``num_beams`` finished hypotheses and its best running beam,
@@ -22,7 +25,9 @@ over from those papers mean the same here:
 The prompt batch is left-padded as in :func:`medtune.generation.sampling.generate`. The prefill runs once
 per sample (images encoded once), then each KV cache is repeated ``num_beams`` times along the
 batch and, every step, gathered by the beams' source indices. The result is the best finished
-hypothesis per prompt, without the stop token.
+hypothesis per prompt, without the stop token or stop sequence. Stop sequences (multi-token stop
+strings, e.g. MiniGPT-4's ``###``) are matched exactly on each candidate's own ids, and only when
+their last id comes at position ``min_new_tokens`` or later (stop tokens are blocked until then).
 
 Moved here from ``medtune/beam_search.py``.
 """
@@ -40,10 +45,12 @@ from torchtune.generation import (
 
 from medtune.generation.common import (
     block_tokens,
+    check_stop_sequences,
     left_pad,
     model_forward,
     penalize_repeats,
     seen_tokens,
+    stop_sequence_ends,
     teardown_caches,
 )
 from medtune.models.medvlm import output_at
@@ -77,6 +84,7 @@ def beam_search(
     *,
     pad_id: int,
     stop_tokens: Sequence[int],
+    stop_sequences: Sequence[Sequence[int]] = (),
     images: dict[str, torch.Tensor] | None = None,
     image_counts: torch.Tensor | None = None,
     num_beams: int = 4,
@@ -94,6 +102,8 @@ def beam_search(
         prompts: token id lists (may hold image placeholders; ragged lengths are left-padded).
         pad_id: padding id.
         stop_tokens: ids that end a hypothesis (not included in the output).
+        stop_sequences: id sequences that end a hypothesis whose ids end with one (cut from
+            the output).
         images: encoder name -> [n_img, 3, H, W], the batch's images in prompt order (MedVLM).
         image_counts: [b] images per prompt.
         num_beams: beams per prompt (>= 1).
@@ -107,10 +117,11 @@ def beam_search(
             broadcast from rank 0 so that all ranks keep the same beams and stop together.
 
     Returns:
-        The best hypothesis's generated ids per prompt, without the stop token.
+        The best hypothesis's generated ids per prompt, without the stop token or sequence.
     """
     if not prompts:
         return []
+    seqs = check_stop_sequences(stop_sequences)
     if num_beams < 1:
         raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
     device = next(model.parameters()).device
@@ -144,7 +155,7 @@ def beam_search(
             )
         logits = logits[:, -1] if logits.dim() == 3 else logits
         vocab = logits.shape[-1]
-        n_cand = min(max(2, 1 + len(stop)) * k, k * vocab)
+        n_cand = min(max(2, 1 + len(stop) + len(seqs)) * k, k * vocab)
         top_beams = torch.arange(n_cand, device=device) < k  # only these may finish
         if use_cache:
             for kv in _kv_caches(decoder):  # [b, h, s, d] -> [b*k, h, s, d], beam-major per sample
@@ -163,6 +174,7 @@ def beam_search(
         fin_scores = torch.full((bsz, k), _NEG, device=device)
         fin_flag = torch.zeros((bsz, k), dtype=torch.bool, device=device)
         fin_len = torch.zeros((bsz, k), dtype=torch.long, device=device)
+        fin_cut = torch.zeros((bsz, k), dtype=torch.long, device=device)  # stop ids at the end
         open_ = torch.ones((bsz, 1), dtype=torch.bool, device=device)  # may still improve
 
         for t in range(max_new_tokens):
@@ -176,9 +188,12 @@ def beam_search(
             if sync_next is not None:
                 top_i, top_s = sync_next(top_i), sync_next(top_s)
             src, tok = top_i // vocab, top_i % vocab
-            ends = torch.isin(tok, stop) | (t + 1 == max_new_tokens)
             cand = run_seqs.gather(1, src[..., None].expand(-1, -1, max_new_tokens)).clone()
             cand[:, :, t] = tok
+            cut = torch.isin(tok, stop).long()  # [b, C]: stop ids to drop from the output
+            if seqs and t >= min_new_tokens:
+                cut = torch.maximum(cut, stop_sequence_ends(cand, t, seqs))
+            ends = (cut > 0) | (t + 1 == max_new_tokens)
 
             # finished hypotheses: keep the best k of the old ones and the top-k that just ended
             new_fin = ends & top_beams
@@ -188,6 +203,7 @@ def beam_search(
             fin_scores = torch.cat((fin_scores, f_s), 1).gather(1, pick)
             fin_flag = torch.cat((fin_flag, new_fin), 1).gather(1, pick)
             fin_len = torch.cat((fin_len, torch.full_like(tok, t + 1)), 1).gather(1, pick)
+            fin_cut = torch.cat((fin_cut, cut), 1).gather(1, pick)
             both = torch.cat((fin_seqs, cand), 1)
             fin_seqs = both.gather(1, pick[..., None].expand(-1, -1, max_new_tokens))
 
@@ -237,9 +253,4 @@ def beam_search(
         if use_cache:
             teardown_caches(decoder)
 
-    stops = set(stop.tolist())
-    out = []
-    for i in range(bsz):
-        ids = fin_seqs[i, 0, : int(fin_len[i, 0])].tolist()
-        out.append(ids[:-1] if ids and ids[-1] in stops else ids)
-    return out
+    return [fin_seqs[i, 0, : int(fin_len[i, 0] - fin_cut[i, 0])].tolist() for i in range(bsz)]

@@ -1,6 +1,6 @@
 """Helpers shared by greedy / sampling decoding (:mod:`.sampling`) and beam search
-(:mod:`.beam_search`): left padding, the repetition penalty, blocking stop tokens, one model
-forward, KV-cache teardown. Moved here from ``medtune/generation.py`` (they were private there and
+(:mod:`.beam_search`): left padding, the repetition penalty, blocking stop tokens, stop
+sequences, one model forward, KV-cache teardown. Moved here from ``medtune/generation.py`` (they were private there and
 imported by ``medtune/beam_search.py``, which ``generation`` imported back: a cycle).
 """
 
@@ -39,6 +39,55 @@ def block_tokens(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if ids.numel() == 0:
         return scores
     return scores.index_fill(-1, ids, float("-inf"))
+
+
+def check_stop_sequences(stop_sequences) -> list[list[int]]:
+    """``stop_sequences`` as lists of ints; refuses an empty sequence (it would stop every row).
+
+    A stop sequence is a run of token ids that ends a row when its generated ids end with it
+    (multi-token stop strings such as MiniGPT-4's ``###``); the ids are matched exactly, the
+    sequence is cut from the output, and the match only counts once ``min_new_tokens`` tokens
+    were generated before its last id (as stop tokens are blocked until then).
+    """
+    out = [[int(t) for t in s] for s in stop_sequences or ()]
+    if any(not s for s in out):
+        raise ValueError("generate: an empty stop sequence")
+    return out
+
+
+def held_back(ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]) -> int:
+    """How many trailing ``ids`` could still become a stop sequence (a proper prefix of one):
+    streaming holds them back until the sequence either completes (they are cut) or breaks."""
+    best = 0
+    for s in stop_sequences:
+        for k in range(min(len(s) - 1, len(ids)), best, -1):
+            if list(ids[len(ids) - k :]) == list(s[:k]):
+                best = k
+                break
+    return best
+
+
+def stop_sequence_ends(
+    seqs: torch.Tensor, t: int, stop_sequences: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Length of the stop sequence that generated position ``t`` completes, else 0.
+
+    Args:
+        seqs: [..., n] generated ids (position ``t`` just written).
+        t: the position of the newest id.
+        stop_sequences: the sequences (lists of ids).
+
+    Returns:
+        [...] long: the longest stop sequence ending at ``t`` (0: none).
+    """
+    cut = torch.zeros(seqs.shape[:-1], dtype=torch.long, device=seqs.device)
+    for s in stop_sequences:
+        if len(s) > t + 1:
+            continue
+        want = torch.as_tensor(s, dtype=seqs.dtype, device=seqs.device)
+        hit = (seqs[..., t + 1 - len(s) : t + 1] == want).all(-1)
+        cut = torch.where(hit, torch.clamp(cut, min=len(s)), cut)
+    return cut
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int, device):

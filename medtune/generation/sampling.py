@@ -10,7 +10,10 @@ Sampling: greedy (``temperature=0``), or temperature with optional top-k and top
 ``num_beams > 1`` runs :func:`medtune.generation.beam_search.beam_search` instead. ``repetition_penalty``
 (CTRL/HF rule) and ``min_new_tokens`` act on the logits before sampling, as HF's logits processors.
 A row stops at any of ``stop_tokens`` (``<|eot_id|>``, ``<|end_of_text|>``, ``<|eom_id|>`` by
-default from the tokenizer) or after ``max_new_tokens``.
+default from the tokenizer), when its generated ids end with one of ``stop_sequences`` (multi-token
+stop strings, e.g. MiniGPT-4's ``###``: matched exactly on each row's own tail, cut from the
+output; a row's match never depends on the other rows, so a batch gives the per-sample outputs),
+or after ``max_new_tokens``.
 
 Moved here from ``medtune/generation.py``; import the public names from :mod:`medtune.generation`.
 """
@@ -29,6 +32,8 @@ from torchtune.generation import (
 from medtune.generation.beam_search import beam_search
 from medtune.generation.common import (
     block_tokens,
+    check_stop_sequences,
+    held_back,
     left_pad,
     model_forward,
     penalize_repeats,
@@ -81,6 +86,7 @@ def generate(
     *,
     pad_id: int,
     stop_tokens: Sequence[int],
+    stop_sequences: Sequence[Sequence[int]] = (),
     images: dict[str, torch.Tensor] | None = None,
     image_counts: torch.Tensor | None = None,
     max_new_tokens: int = 64,
@@ -103,6 +109,9 @@ def generate(
         prompts: token id lists (may hold image placeholders; ragged lengths are left-padded).
         pad_id: padding id (never generated into outputs).
         stop_tokens: ids that end a row (not included in its output).
+        stop_sequences: id sequences that end a row once its generated ids end with one (cut
+            from its output; counted only when its last id is at position ``min_new_tokens`` or
+            later). Streaming (``on_step``) holds back ids that could still start one.
         images: encoder name -> [n_img, 3, H, W] for the batch's images in prompt order (MedVLM).
         image_counts: [b] images per prompt, checked against the placeholders.
         max_new_tokens: most tokens generated per row.
@@ -114,7 +123,8 @@ def generate(
             ranks feed the same tokens and stop at the same step (a rank that stopped early would
             leave the others waiting in an all-gather). None: the sampled tokens as they are.
         on_step: called after every decoding step with ``(rows, ids)``: the batch rows that got a
-            new token this step (not a stop token) and those tokens, for streaming. Beam search
+            new token this step (not a stop token) and those tokens, for streaming. Ids that
+            could begin a stop sequence come in a later call (several calls per step then). Beam search
             knows its tokens only at the end: the calls then come after the search, one per position.
         num_beams: > 1 runs :func:`medtune.generation.beam_search.beam_search` (greedy, ``length_penalty``).
         length_penalty: beam search only: finished scores are ``sum logprob / n ** length_penalty``.
@@ -122,10 +132,11 @@ def generate(
         min_new_tokens: the stop tokens are blocked until this many tokens are generated.
 
     Returns:
-        Generated ids per prompt, without the prompt and without the stop token.
+        Generated ids per prompt, without the prompt and without the stop token or sequence.
     """
     if not prompts:
         return []
+    seqs = check_stop_sequences(stop_sequences)
     if num_beams > 1:
         return _beam(
             model,
@@ -134,6 +145,7 @@ def generate(
             on_step=on_step,
             pad_id=pad_id,
             stop_tokens=stop_tokens,
+            stop_sequences=seqs,
             images=images,
             image_counts=image_counts,
             num_beams=num_beams,
@@ -153,6 +165,7 @@ def generate(
     stop = torch.tensor(sorted(set(stop_tokens)), device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(bsz)]
+    emitted = [0] * bsz  # ids of each row already handed to on_step
 
     decoder = getattr(model, "decoder", model)
     cache_dtype = next(decoder.parameters()).dtype
@@ -208,8 +221,14 @@ def generate(
             new_rows = torch.nonzero(~done & ~is_stop).flatten().tolist()
             for i in new_rows:
                 out[i].append(int(nxt[i]))
-            if on_step is not None and new_rows:
-                on_step(new_rows, [out[i][-1] for i in new_rows])
+            if seqs and step >= min_new_tokens:
+                for i in new_rows:
+                    n = _stop_suffix(out[i], seqs)
+                    if n:
+                        del out[i][-n:]
+                        is_stop[i] = True
+            if on_step is not None:
+                _stream(on_step, out, emitted, new_rows, is_stop, seqs)
             done |= is_stop
             if seen is not None:
                 seen[torch.arange(bsz, device=device), nxt] = True
@@ -238,7 +257,29 @@ def generate(
     finally:
         if use_cache:
             teardown_caches(decoder)
+    if on_step is not None:  # ids held back for a stop sequence that never completed
+        _stream(on_step, out, emitted, list(range(bsz)), torch.ones(bsz, dtype=torch.bool), [])
     return out
+
+
+def _stop_suffix(ids: list[int], seqs: list[list[int]]) -> int:
+    """Length of the longest stop sequence ``ids`` ends with (0: none)."""
+    return max((len(s) for s in seqs if len(s) <= len(ids) and ids[-len(s) :] == s), default=0)
+
+
+def _stream(on_step, out, emitted, rows, ended, seqs) -> None:
+    """Hand ``rows``' new ids to ``on_step``, one id per row per call; a running row keeps back
+    the ids that could still begin a stop sequence, an ended row hands over all it has."""
+    upto = {}
+    for i in rows:
+        upto[i] = len(out[i]) if bool(ended[i]) else len(out[i]) - held_back(out[i], seqs)
+    while True:
+        ready = [i for i in rows if emitted[i] < upto[i]]
+        if not ready:
+            return
+        on_step(ready, [out[i][emitted[i]] for i in ready])
+        for i in ready:
+            emitted[i] += 1
 
 
 def _beam(model, prompts, *, temperature: float, on_step, **kwargs) -> list[list[int]]:

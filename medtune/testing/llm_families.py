@@ -45,13 +45,14 @@ def _corpus(n: int = 600) -> list[str]:
     return lines + [_FORMAT_TEXT] * 20
 
 
-def write_sentencepiece(path: Path, vocab_size: int = 512) -> int:
-    """Train a tiny sentencepiece model with Llama-2's settings; returns its vocabulary size."""
+def write_sentencepiece(path: Path, vocab_size: int = 512, corpus: list[str] | None = None) -> int:
+    """Train a tiny sentencepiece model with Llama-2's settings (on ``corpus``, default the
+    synthetic one); returns its vocabulary size."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
+        sentence_iterator=iter(corpus or _corpus()),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,

@@ -17,8 +17,10 @@ Formats, followed exactly:
       <s>###Human: <Img>[image]</Img> {q} ###Assistant:  {a}###
 
   ``roles=("Patient", "Doctor")`` gives XrayGPT's. Targets: each answer + ``###``. Generation stops
-  at ``</s>`` and at the first id of ``###`` (XrayGPT's ``StoppingCriteriaSub`` stops on the ids of
-  ``###``; its output is then cut at ``###``).
+  at ``</s>`` and at ``###`` as a stop *sequence* (``stop_sequences``: every id sequence that spells
+  ``###``, glued or after a space; XrayGPT's ``StoppingCriteriaSub`` stops when the output ends
+  with ``[835]`` (``▁###``) or ``[2277, 29937]`` (``##`` + ``#``), two of them), and decoding
+  cuts the text at ``###`` as XrayGPT's ``output_text.split('###')[0]``.
 
 The image placeholder is :data:`medtune.models.llm.placeholder.NO_RESERVED_TOKEN_ID` (Llama-2's
 vocabulary reserves none). Vicuna-7B v0 (XrayGPT) is LLaMA-1 7B: Llama-2-7B's shape with a
@@ -84,10 +86,22 @@ class VicunaTokenizer(SentencePieceChatTokenizer):
         else:
             self.roles = tuple(roles or ("Human", "Assistant"))
             self.system_prompt = system_prompt
-            hashes = [self.piece_id("###"), self._encode_text(" ###")[0]]
-            self.stop_tokens = [self.eos_id, *dict.fromkeys(h for h in hashes if h is not None)]
+            self.stop_sequences = self.spellings("###")
         if len(self.roles) != 2:
             raise ValueError(f"roles: expected (user, assistant), got {self.roles}")
+
+    def decode(
+        self,
+        token_ids: Sequence[int],
+        truncate_at_eos: bool = True,
+        skip_special_tokens: bool = True,
+    ) -> str:
+        """Ids -> text; ``minigpt4`` cuts at ``###`` when ``truncate_at_eos`` (MiniGPT-4's
+        ``output_text.split('###')[0]``)."""
+        text = super().decode(token_ids, truncate_at_eos, skip_special_tokens)
+        if truncate_at_eos and self.chat_format == "minigpt4":
+            text = text.split("###")[0]
+        return text
 
     def format(
         self, messages: Sequence[Turn], add_generation_prompt: bool, train_on

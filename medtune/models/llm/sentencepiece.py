@@ -49,6 +49,7 @@ class SentencePieceChatTokenizer(ChatTokenizer):
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
         self.image_token_id = NO_RESERVED_TOKEN_ID
         self.stop_tokens = [self.eos_id]
+        self.stop_sequences: list[list[int]] = []  # multi-token stops (generation matches them)
         self._nl = self._sp.EncodeAsIds("\n")
 
     def _encode_text(self, text: str) -> list[int]:
@@ -98,6 +99,41 @@ class SentencePieceChatTokenizer(ChatTokenizer):
         """The id when ``text`` (encoded without a dummy prefix) is one piece, else None."""
         ids = self._encode_text(text)
         return ids[0] if len(ids) == 1 else None
+
+    def spellings(self, text: str) -> list[list[int]]:
+        """Every id sequence whose pieces spell ``text``, glued to what precedes it or after a
+        space (``"▁"`` inside the first piece), with byte-fallback pieces for characters that
+        have no piece; a sequence that ends with another one is left out (matching the shorter
+        one already stops).
+
+        A model can emit a string in any of its segmentations (Vicuna writes ``###`` as ``▁###``
+        or ``##`` + ``#``: MiniGPT-4 stops on both), so a stop string is all of them.
+        """
+        pieces = {self._sp.IdToPiece(i): i for i in range(self.vocab_size)}
+        byte_ids = {}
+        for ch in set(text) - set(pieces):
+            ids = [pieces.get(f"<0x{b:02X}>") for b in ch.encode()]
+            if all(i is not None for i in ids):
+                byte_ids[ch] = ids
+
+        def split(rest: str) -> list[list[int]]:
+            if not rest:
+                return [[]]
+            out = []
+            for n in range(1, len(rest) + 1):
+                if rest[:n] in pieces and not self._sp.IsControl(pieces[rest[:n]]):
+                    out += [[pieces[rest[:n]], *tail] for tail in split(rest[n:])]
+            if rest[0] in byte_ids:
+                out += [[*byte_ids[rest[0]], *tail] for tail in split(rest[1:])]
+            return out
+
+        spaced = [s for s in split("\u2581" + text) if self._sp.IdToPiece(s[0]) != "\u2581"]
+        found = sorted({tuple(s) for s in split(text) + spaced}, key=lambda s: (len(s), s))
+        keep: list[tuple[int, ...]] = []
+        for s in found:  # shortest first: drop those ending with a kept one
+            if not any(s[len(s) - len(k) :] == k for k in keep):
+                keep.append(s)
+        return [list(s) for s in keep]
 
     def format(
         self, messages: Sequence[Turn], add_generation_prompt: bool, train_on

@@ -77,9 +77,11 @@ def test_minigpt4_is_prompt_wrap(toks):
     assert _targets(ids, mask) == sp.EncodeAsIds("No lesion.###")
     gen, _ = encode_messages(tok, msgs[:1], add_generation_prompt=True)
     assert gen == want[: len(gen)] and len(gen) == len(want) - len(sp.EncodeAsIds("No lesion.###"))
-    # stops at </s> and at the ids '###' starts with, and decode cuts there
-    assert tok.eos_id in tok.stop_tokens and len(tok.stop_tokens) >= 2
-    out = sp.EncodeAsIds("No lesion.") + [tok.stop_tokens[1]] + sp.EncodeAsIds("junk")
+    # stops at </s> and at '###' as a sequence (every spelling), and decode cuts there
+    assert tok.stop_tokens == [tok.eos_id]
+    assert sp.EncodeAsIds("###") in tok.stop_sequences  # '▁###' (one id here)
+    assert [sp.PieceToId("##"), sp.PieceToId("#")] in tok.stop_sequences  # MiniGPT-4's 2nd
+    out = sp.EncodeAsIds("No lesion.###") + sp.EncodeAsIds("junk")
     assert tok.decode(out) == "No lesion."
 
 
