@@ -1,10 +1,12 @@
 """Exports of a fine-tuned Llama-3 in the layouts other tools load.
 
 - :func:`save_hf`: the LLM as HF ``LlamaForCausalLM`` safetensors (``model.safetensors`` +
-  ``config.json``, plus the base folder's tokenizer/generation files when present), converted with
-  torchtune's ``convert_weights.tune_to_hf`` (q/k rows permuted back to HF's rotary layout).
+  ``config.json``, plus the base folder's tokenizer/generation files when present: every family's,
+  :data:`TOKENIZER_FILES`), converted with torchtune's ``convert_weights.tune_to_hf`` (q/k rows
+  permuted back to HF's rotary layout; Qwen2's converter for q/k/v biases).
 - :func:`save_peft_adapter`: LoRA / DoRA adapters in PEFT layout (``adapter_model.safetensors`` +
-  ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained(hf_model, folder)``.
+  ``adapter_config.json``, plus the base's tokenizer files), loadable with
+  ``peft.PeftModel.from_pretrained(hf_model, folder)``.
 - :func:`merge_lora`: base + ``alpha / r * B @ A`` (DoRA: rescaled by the magnitude) folded into the
   base weights (torchtune's ``get_merged_lora_ckpt``), giving a plain Llama-3 state dict.
 
@@ -27,13 +29,21 @@ MERGED_DIR = "merged"
 HF_MODEL_FILE = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_COPIED = (
-    "config.json",
-    "generation_config.json",
+# The tokenizer files of every LLM family's HF folder (the ones present are copied):
+# Llama-3: tokenizer.json (+ Meta's tiktoken original/tokenizer.model, which medtune's own
+# tokenizer reads); Llama-2 / Vicuna, Mistral: the sentencepiece tokenizer.model (+ added_tokens.json
+# where a fine-tune added tokens); Qwen2.5: vocab.json + merges.txt + tokenizer.json.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "original/tokenizer.model",
 )
+_COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def _shape(hf_config: str | Path) -> dict:
@@ -89,11 +99,24 @@ def save_hf(state: dict[str, torch.Tensor], out_dir: str | Path, hf_config: str 
         hf = tune_to_hf(base, **s)
     out = Path(out_dir)
     _save(hf, out / HF_MODEL_FILE)
-    for name in _COPIED:
-        src = Path(hf_config).parent / name
-        if src.is_file() and src.resolve() != (out / name).resolve():
-            shutil.copyfile(src, out / name)
+    copy_beside(hf_config, out, _COPIED)
     return out / HF_MODEL_FILE
+
+
+def copy_beside(hf_config: str | Path, out_dir: str | Path, names=TOKENIZER_FILES) -> list[str]:
+    """Copy the files ``names`` (relative paths) found beside ``hf_config`` into ``out_dir``.
+
+    Returns:
+        The names copied.
+    """
+    base, out, done = Path(hf_config).parent, Path(out_dir), []
+    for name in names:
+        src = base / name
+        if src.is_file() and src.resolve() != (out / name).resolve():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out / name)
+            done.append(name)
+    return done
 
 
 def save_peft_adapter(
@@ -148,6 +171,7 @@ def save_peft_adapter(
     out = Path(out_dir)
     _save(weights, out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+    copy_beside(hf_config, out)  # the base's tokenizer: the adapter folder loads on its own
     return out
 
 
