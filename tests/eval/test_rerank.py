@@ -59,6 +59,12 @@ def test_reranked_matrices_equal_a_direct_computation(tiny):
     torch.testing.assert_close(out["sim_i2t"], want_i2t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["sim_t2i"], want_t2i, rtol=1e-5, atol=1e-5)
     assert (out["sim_i2t"] == -100).sum() == 5 * (7 - k)
+    # one row per ITM forward (BLIP's loop; no padding shared across rows) gives the same matrices
+    one = blip_retrieval_scores(
+        model, [images], x.input_ids, x.attention_mask, k_test=k, itm_batch=1
+    )
+    for m in ("sim_i2t", "sim_t2i"):
+        torch.testing.assert_close(one[m], out[m], rtol=1e-5, atol=1e-5)
     txt2img = torch.tensor([0, 1, 2, 3, 4, 0, 1])
     res = itm_eval(out["sim_i2t"], out["sim_t2i"], txt2img)
     assert set(res) >= {"txt_r1", "img_r10", "r_mean"}
@@ -77,6 +83,19 @@ def test_rerank_rows_split_over_ranks_give_the_same_matrix():
     for m in (0, 1):
         assert all((p[m] != 0).any(1).sum() < full[m].shape[0] for p in parts)
         torch.testing.assert_close(sum(p[m] for p in parts), full[m])
+    # rows packed into one scorer call or one row per call: the same matrices
+    calls = []
+
+    def counted(ii, tj):
+        calls.append(len(ii))
+        return itm[ii, tj]
+
+    for per_call, sizes in ((4, [4] * 6 + [4] * 9), (9, [8] * 3 + [8] * 4 + [4])):
+        calls.clear()
+        got = rerank_topk(sim, 4, counted, pairs_per_call=per_call)
+        assert calls == sizes
+        torch.testing.assert_close(got[0], full[0])
+        torch.testing.assert_close(got[1], full[1])
     # k_test larger than the candidates: every entry re-scored, none -100
     i2t, t2i = rerank_topk(sim, 50, score)
     torch.testing.assert_close(i2t, itm + sim)
