@@ -121,3 +121,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def medtune_cli():
+    """The ``medtune`` CLI in forked copies of one pre-imported process (one per xdist worker):
+    ``medtune_cli.run("run", "vision_finetune", "--config", "demo", ..., cwd=..., env=...,
+    nproc=2, kill_when=...)`` -> ``subprocess.CompletedProcess``. Each command costs what it
+    does, not the 10-15 CPU-s of imports a fresh process pays (:mod:`medtune.testing.forkserver`).
+    Tests of the CLI's own start-up (quiet start, torchrun launch) keep real subprocesses."""
+    from medtune.testing.forkserver import ForkServer
+
+    server = ForkServer(
+        env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    )
+    yield server
+    server.close()

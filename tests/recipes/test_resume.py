@@ -1,6 +1,7 @@
 """Resume is exact: a run killed mid-epoch and resumed equals the uninterrupted run, bit for bit.
 
-Each case runs a recipe through the CLI three times on the tiny assets:
+Each case runs a recipe through the CLI (``medtune._cli.main``, forked from one pre-imported process:
+the ``medtune_cli`` fixture) three times on the tiny assets:
 
 1. uninterrupted (reference);
 2. the same config, killed with SIGKILL at the start of optimizer step K (no cleanup, no atexit;
@@ -16,10 +17,7 @@ schedule bug before).
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,6 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-MEDTUNE = Path(sys.executable).parent / "medtune"
 KILL_AT = 5  # killed before the 5th update: the last save is step_4, one batch into epoch 1
 
 # Runs the recipe script in this interpreter, SIGKILLing itself at the K-th optimizer step.
@@ -78,21 +75,10 @@ CASES = {
 }
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-
-
-def _cmd(recipe: str, nproc: int, script: str | None = None) -> list[str]:
-    target = script or recipe
-    if nproc > 1:
-        return [str(MEDTUNE), "run", "--nproc_per_node", str(nproc), target]
-    return [str(MEDTUNE), "run", target]
-
-
-def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, env=env or _env(), capture_output=True, text=True, timeout=600, cwd=REPO
-    )
+def _run(cli, recipe: str, nproc: int, args: list[str], env: dict | None = None):
+    """``medtune run [--nproc_per_node N] RECIPE args`` in a forked pre-imported process (the
+    ranks as torchrun's standalone launch sets them up; see :mod:`medtune.testing.forkserver`)."""
+    return cli.run("run", recipe, *args, cwd=REPO, env=env, nproc=nproc, timeout=600)
 
 
 def _files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -102,7 +88,7 @@ def _files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_killed_and_resumed_equals_uninterrupted(tiny_assets, tmp_path, case):
+def test_killed_and_resumed_equals_uninterrupted(tiny_assets, tmp_path, case, medtune_cli):
     recipe, nproc, extra = CASES[case]
     batch = 8 // nproc  # the same global batch on 1 and 2 processes
     common = [
@@ -120,24 +106,23 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_assets, tmp_path, case):
         *extra,
     ]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    proc = _run([*_cmd(recipe, nproc), *common, f"output_dir={ref}"])
+    proc = _run(medtune_cli, recipe, nproc, [*common, f"output_dir={ref}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     wrapper = tmp_path / f"{recipe}.py"  # keeps the recipe's name: the CLI finds its configs
     wrapper.write_text(_KILL_WRAPPER.format(recipe=str(REPO / "recipes" / f"{recipe}.py")))
     wrapper.chmod(0o755)
-    env = dict(_env(), MEDTUNE_TEST_KILL_AT_STEP=str(KILL_AT))
-    proc = _run([*_cmd(recipe, nproc, str(wrapper)), *common, f"output_dir={killed}"], env)
+    env = {"MEDTUNE_TEST_KILL_AT_STEP": str(KILL_AT)}
+    proc = _run(medtune_cli, str(wrapper), nproc, [*common, f"output_dir={killed}"], env)
     assert proc.returncode != 0, "the run was not killed"
-    if nproc == 1:
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     state = torch.load(killed / "recipe_state.pt", weights_only=True)
     assert state["checkpoint"] == f"step_{KILL_AT - 1}" and state["epoch"] == 1
     assert 0 < state["batches_done"] < 3  # mid-epoch
     assert not (killed / "epoch_1").exists()
 
     proc = _run(
-        [*_cmd(recipe, nproc), *common, f"output_dir={killed}", "resume_from_checkpoint=True"]
+        medtune_cli, recipe, nproc, [*common, f"output_dir={killed}", "resume_from_checkpoint=True"]
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "resumed from" in proc.stdout + proc.stderr
