@@ -22,7 +22,10 @@ Features (all set in the config):
   ``mavl_pretrain`` folder ``epoch_k/`` or MAVL's released ``.pth``, read through
   ``medtune.models.convert.mavl``); per class, the present-probability of the MAVL entity it maps to
   (``mavl.class_map`` overrides MAVL's per-dataset maps in ``medtune.eval.mavl_zero_shot``), as
-  MAVL's ``Zero-shot_classification/test.py`` (``mode: feature``). No tokenizer is needed.
+  MAVL's ``Zero-shot_classification/test.py`` (``mavl.mode: feature``; ``mavl.mode: text`` scores
+  from the global concept similarities, as MAVL's COVIDx config). No tokenizer is needed.
+  COVIDx (``covidx_mavl``) and PadChest (``padchest_mavl``, MAVL's seen classes) read the
+  downloaded files through ``medtune.data.covidx_padchest``.
   ``mavl.grounding`` (``thresholds``, ``concepts``, ``overlays``): zero-shot grounding as MAVL's
   ``Zero-shot_grounding/test.py`` on the positive images of items with boxes (RSNA) or run-length
   masks (SIIM-ACR) (``medtune.data.mavl_splits``): pointing game, IoU and Dice per threshold
@@ -149,11 +152,12 @@ class ZeroShotClassifyRecipe:
         if self.mode == "mavl":
             from medtune.eval import mavl_zero_shot as mz
 
+            mode = cfg_get(self.cfg, "mavl.mode", str, "feature", check=one_of(*mz.RULES))
             scores = mz.mavl_scores(
                 self.model, items, classes, cfg_get(self.cfg, "mavl.class_map", dict, None),
-                batch_size=self.batch_size, device=self.device, num_workers=self.num_workers,
+                batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, mode=mode,
             )  # fmt: skip
-            return scores, mz.RULE
+            return scores, mz.RULES[mode]
         feats = zs.embed_images(self.model, [str(it.image) for it in items], batch_size=self.batch_size,
                                 device=self.device, num_workers=self.num_workers)  # fmt: skip
         cfg = self.cfg

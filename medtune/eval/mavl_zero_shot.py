@@ -3,7 +3,9 @@
 Followed: ``Zero-shot_classification/test.py`` of HieuPhan33/CVPR2024_MAVL, ``mode: feature``:
 ``softmax`` over the (absent, present) logits of each entity, the present column taken for the
 dataset's classes through MAVL's per-dataset class lists (``chexray14_cls``, ``chexpert_cls``,
-``rsna_cls``, ``siim_cls``); ``Fibrosis`` is MAVL's ``tail_abnorm_obs``. Images are resized to the
+``rsna_cls``, ``siim_cls``, ``covid_cls``, ``padchest_*_class``); ``Fibrosis`` is MAVL's
+``tail_abnorm_obs``, PadChest's ``pleural effusion`` its ``effusion``. ``mode: text`` (MAVL's
+COVIDx and PadChest-unseen/rare configs) scores from the global concept similarities instead. Images are resized to the
 model's input size and normalised with ImageNet mean/std, as MAVL's test datasets do. Scores go
 to :func:`medtune.eval.classification_metrics.score_classification_rows` (AUROC; MAVL's max-F1 rule,
 which picks the threshold on the test set, is reported as ``*_mavl``, beside validation-chosen F1).
@@ -16,6 +18,7 @@ import torch
 from medtune.utils.errors import ConfigError
 
 RULE = "mavl_presence_softmax"
+RULES = {"feature": RULE, "text": "mavl_text_softmax"}
 
 # medtune reader class name -> MAVL entity, per reader ``dataset`` name.
 DATASET_ENTITY_MAP: dict[str, dict[str, str]] = {
@@ -36,6 +39,8 @@ DATASET_ENTITY_MAP: dict[str, dict[str, str]] = {
     "rsna_pneumonia": {"Pneumonia": "pneumonia"},
     "siim_acr": {"Pneumothorax": "pneumothorax"},
     "covidx": {"COVID-19": "covid19"},
+    # test.py renames PadChest's "pleural effusion"; every other class is its own entity name
+    "padchest": {"pleural effusion": "effusion"},
 }  # fmt: skip
 
 
@@ -53,7 +58,7 @@ def entity_indices(model, items, classes: list[str], class_map: dict[str, str] |
     mapping = {**DATASET_ENTITY_MAP.get(dataset, {}), **(class_map or {})}
     out = []
     for c in classes:
-        ent = mapping.get(c, c.lower())
+        ent = mapping.get(c, c if c in model.entities else c.lower())
         if ent not in model.entities:
             raise ConfigError(
                 f"mavl.class_map: class {c!r} maps to {ent!r}, which is not an entity of the model "
@@ -65,8 +70,11 @@ def entity_indices(model, items, classes: list[str], class_map: dict[str, str] |
 
 @torch.no_grad()
 def mavl_scores(model, items, classes: list[str], class_map: dict[str, str] | None = None, *,
-                batch_size: int = 64, device="cpu", num_workers: int = 0) -> torch.Tensor:  # fmt: skip
-    """Returns float ``[n_images, n_classes]`` present-probabilities (CPU)."""
+                batch_size: int = 64, device="cpu", num_workers: int = 0,
+                mode: str = "feature") -> torch.Tensor:  # fmt: skip
+    """Returns float ``[n_images, n_classes]`` present-probabilities (CPU); ``mode`` is MAVL's
+    (``feature``: the classifier; ``text``: the global concept similarities, see
+    :meth:`medtune.models.mavl.MAVL.presence`)."""
     from medtune.eval.zero_shot import _Images
 
     idx = entity_indices(model, items, classes, class_map)
@@ -74,7 +82,7 @@ def mavl_scores(model, items, classes: list[str], class_map: dict[str, str] | No
     loader = torch.utils.data.DataLoader(
         _Images([str(it.image) for it in items], tf), batch_size=batch_size, num_workers=num_workers
     )
-    out = [model.presence(x.to(device))[:, idx].float().cpu() for x in loader]
+    out = [model.presence(x.to(device), mode)[:, idx].float().cpu() for x in loader]
     return torch.cat(out) if out else torch.zeros(0, len(classes))
 
 

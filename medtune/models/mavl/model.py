@@ -122,10 +122,25 @@ class MAVL(nn.Module):
                 "global_logits": glob, "attn": attn, "grid": grid}  # fmt: skip
 
     @torch.no_grad()
-    def presence(self, images: torch.Tensor) -> torch.Tensor:
-        """Zero-shot scores as MAVL's test.py ``mode: feature``: softmax over (absent, present),
-        the present probability. Returns ``[B, E]``."""
-        return self.forward(images)["logits"].float().softmax(-1)[..., 1]
+    def presence(self, images: torch.Tensor, mode: str = "feature") -> torch.Tensor:
+        """Zero-shot scores as MAVL's ``Zero-shot_classification/test.py``. Returns ``[B, E]``.
+
+        ``mode: feature``: softmax over the (absent, present) logits, the present probability.
+        ``mode: text``: from the global image-concept cosines ``c[b, e, k]``: per concept k, a
+        2-way softmax of (``c`` of the ``normal`` entity, ``c`` of entity e), averaged over the
+        two "normal" entities (``normal``, ``clear``: MAVL's ``normal_idx in [0, 1]``) and then
+        over the K concepts (no temperature, as MAVL)."""
+        out = self.forward(images)
+        if mode == "feature":
+            return out["logits"].float().softmax(-1)[..., 1]
+        if mode != "text":
+            raise ValueError(f"mavl.mode: expected feature or text, got {mode!r}")
+        c = out["global_logits"].float().view(images.shape[0], self.n_entities, self.n_concepts)
+        probs = []
+        for name in ("normal", "clear"):
+            i = self.entities.index(name)
+            probs.append(torch.stack([c[:, i : i + 1].expand_as(c), c], -1).softmax(-1)[..., 1])
+        return torch.stack(probs).mean(0).mean(-1)
 
 
 def _init_weights(m: nn.Module) -> None:
