@@ -25,8 +25,16 @@ Features (all set in the config):
   without stratification). ``augment`` (classification only) is seeded per item.
 - **Optimization**: AdamW (MAVL: lr 1e-5, wd 0.02), ``lr_scheduler``, ``epochs``, ``max_steps_per_epoch``.
 - **Checkpoints**: ``output_dir/epoch_{k}/model.safetensors`` + ``config.yaml``, ``recipe_state.pt``
-  (optimizer, scheduler, step, data position, RNG, best epoch); ``resume_from_checkpoint=True``.
-- Single process (``SUPPORTS_DISTRIBUTED = False``).
+  (optimizer, scheduler, step, data position, every rank's RNG, best epoch);
+  ``resume_from_checkpoint=True`` continues a stopped run and reproduces the uninterrupted one bit
+  for bit. ``save_every_n_steps`` adds ``step_{n}/`` checkpoints within an epoch.
+- **Distributed**: ``medtune run --nproc_per_node N mavl_finetune ...`` (gloo on CPU, NCCL on CUDA):
+  DDP, each rank a shard of every epoch (``batch_size`` per rank); validation and test images are
+  split over the ranks and gathered, rank 0 writes. The classification loss is normalised over the
+  global batch, so N ranks x B equal one process x N*B when ``sync_batchnorm: true`` (batch-norm
+  statistics over all ranks, :mod:`medtune.training.sync_batchnorm`) and augmentation and dropout
+  are off; MAVL's DDP keeps per-rank statistics (``false``). The segmentation loss (MAVL's
+  ``DiceBCELoss``, Dice over the whole batch) is per rank, as under MAVL's DDP.
 - **Bad input** stops with one ``mavl_finetune: error:`` line naming the file, row or key.
 """
 
@@ -46,17 +54,23 @@ from medtune.training import finetune_mavl as ft
 from medtune.training.data import build_dataloader
 from medtune.training.trackers import build_metric_logger
 from medtune.utils.config import cfg_get, check_keys, non_negative, one_of, positive
-from medtune.utils.distributed import resolve_device
+from medtune.utils.distributed import (
+    all_reduce_sum,
+    barrier,
+    destroy,
+    init_process_group,
+    resolve_device,
+)
 from medtune.utils.errors import ConfigError, UserError, run_entry
 from medtune.viz.curves import plot_run
 
-SUPPORTS_DISTRIBUTED = False
+SUPPORTS_DISTRIBUTED = True
 
 KNOWN_KEYS = {
     "output_dir", "assets_dir", "data_dir", "rsna_dir", "siim_dir", "task", "model", "pretrained", "train_dataset", "val_dataset",
     "test_dataset", "classes", "label_fraction", "image_size", "augment", "optimizer", "lr_scheduler",
     "metric_logger", "device", "seed", "batch_size", "epochs", "max_steps_per_epoch", "num_workers",
-    "log_every_n_steps", "resume_from_checkpoint",
+    "log_every_n_steps", "resume_from_checkpoint", "save_every_n_steps", "sync_batchnorm",
 }  # fmt: skip
 
 
@@ -79,11 +93,13 @@ class MAVLFinetuneRecipe:
         self.log_every = cfg_get(cfg, "log_every_n_steps", int, 1, check=positive())
         self.image_size = cfg_get(cfg, "image_size", int, 224, check=positive())
         self.resume = cfg_get(cfg, "resume_from_checkpoint", bool, False)
+        self.save_every = cfg_get(cfg, "save_every_n_steps", int, None, check=positive())
         self.global_step = self.epoch = self.batches_done = 0
         self.best: tuple[float, int] | None = None
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.rank, self.world = init_process_group(self.device)
         torch.manual_seed(self.seed)
         self.classes = cfg_get(cfg, "classes", list, None)
         if self.task == "classification" and not self.classes:
@@ -93,6 +109,16 @@ class MAVLFinetuneRecipe:
             cfg.model, n_out, pretrained=cfg_get(cfg, "pretrained", str, None)
         )
         self.model.to(self.device)
+        self.train_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if cfg_get(cfg, "sync_batchnorm", bool, False):
+                from medtune.training.sync_batchnorm import convert_global_batchnorm
+
+                convert_global_batchnorm(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
         train = config.instantiate(cfg.train_dataset)
         train = ft.label_fraction(train, cfg_get(cfg, "label_fraction", float, 1.0), self.seed)
         augment = cfg.get("augment")
@@ -104,7 +130,8 @@ class MAVLFinetuneRecipe:
             raise UserError("train_dataset / val_dataset: no images")
         _, self.loader, self.sampler = build_dataloader(
             self.train_set, batch_size=self.batch_size, collate_fn=torch.utils.data.default_collate,
-            shuffle=True, seed=self.seed, num_workers=self.num_workers,
+            shuffle=True, seed=self.seed, rank=self.rank, world_size=self.world,
+            num_workers=self.num_workers,
         )  # fmt: skip
         self.steps_per_epoch = len(self.loader)
         if self.max_steps_per_epoch:
@@ -113,11 +140,12 @@ class MAVLFinetuneRecipe:
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.steps_per_epoch * self.epochs
         )
-        self.logger = build_metric_logger(cfg, True)  # one process; resolved config logged once
+        self.logger = build_metric_logger(cfg, self.rank == 0)  # resolved config logged once
         self._resume_rng = None
         if self.resume:
             self._load_state()
-        print(f"{self.task}: {len(self.train_set)} training images (label_fraction "
+        if self.rank == 0:
+            print(f"{self.task}: {len(self.train_set)} training images (label_fraction "
               f"{cfg_get(cfg, 'label_fraction', float, 1.0)}), {sum(p.numel() for p in self.model.parameters()):,} "
               "parameters", flush=True)  # fmt: skip
 
@@ -137,25 +165,36 @@ class MAVLFinetuneRecipe:
         self._resume_rng = state["rng"]
 
     def save_checkpoint(self, name: str) -> None:
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        ckpt.save_trained(sd, self.output_dir / name, OmegaConf.to_yaml(self.cfg, resolve=True))
-        ckpt.save_recipe_state(self.output_dir, {
-            "checkpoint": name, "step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
-            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": ckpt.rng_state(), "best": list(self.best) if self.best else None,
-        })  # fmt: skip
+        """``output_dir/<name>/`` (weights + config) and ``output_dir/recipe_state.pt`` (rank 0
+        writes; every rank's RNG state is gathered first)."""
+        rng = ckpt.rng_states()  # a collective: every rank
+        if self.rank == 0:
+            sd = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            ckpt.save_trained(sd, self.output_dir / name, OmegaConf.to_yaml(self.cfg, resolve=True))
+            ckpt.save_recipe_state(self.output_dir, {
+                "checkpoint": name, "step": self.global_step, "epoch": self.epoch,
+                "batches_done": self.batches_done, "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(), "rng": rng,
+                "best": list(self.best) if self.best else None,
+            })  # fmt: skip
+        barrier()
 
     def _loss(self, x, y, known) -> torch.Tensor:
-        out = self.model(x.to(self.device))
+        out = self.train_model(x.to(self.device))
         if self.task == "classification":
-            return ft.masked_bce(out, y.to(self.device), known.to(self.device))
+            known = known.to(self.device)
+            # sum over the known labels / their global count, x world for DDP's gradient mean
+            n = all_reduce_sum(known.sum().float()) / self.world
+            return ft.masked_bce(out, y.to(self.device), known, total=n)
         return ft.dice_bce_loss(out, y.to(self.device))
 
     @torch.no_grad()
     def predict(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sigmoid outputs and targets of ``items`` (eval mode)."""
+        """Sigmoid outputs and targets of ``items`` (eval mode), every rank predicting
+        ``items[rank::world]``; the full tensors, in item order, on every rank."""
         self.model.eval()
-        ds = ft.FinetuneImages(items, self.task, self.classes, self.image_size)
+        mine = list(range(self.rank, len(items), self.world))
+        ds = ft.FinetuneImages([items[i] for i in mine], self.task, self.classes, self.image_size)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=self.batch_size, num_workers=self.num_workers
         )
@@ -164,7 +203,18 @@ class MAVLFinetuneRecipe:
             probs.append(torch.sigmoid(self.model(x.to(self.device))).float().cpu())
             targets.append(y)
         self.model.train()
-        return torch.cat(probs), torch.cat(targets)
+        local = (mine, torch.cat(probs) if probs else None, torch.cat(targets) if targets else None)
+        parts = [local]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            parts = [None] * self.world
+            dist.all_gather_object(parts, local)
+        order = [i for idx, _, _ in parts for i in idx]
+        prob = torch.cat([p for _, p, _ in parts if p is not None])
+        target = torch.cat([t for _, _, t in parts if t is not None])
+        perm = torch.argsort(torch.tensor(order))
+        return prob[perm], target[perm]
 
     def _score(self, items) -> float:
         prob, target = self.predict(items)
@@ -198,9 +248,12 @@ class MAVLFinetuneRecipe:
                 self.lr_scheduler.step()
                 self.global_step += 1
                 self.batches_done += 1
-                if self.global_step % self.log_every == 0:
-                    m = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
-                         "images_per_s": self.batches_done * self.batch_size / (time.perf_counter() - t0)}  # fmt: skip
+                # the global batch's loss (the classification loss is scaled for DDP's mean)
+                logged = float(all_reduce_sum(loss.detach().float().cpu().clone()) / self.world)
+                if self.rank == 0 and self.global_step % self.log_every == 0:
+                    m = {"loss": logged, "lr": self.optimizer.param_groups[0]["lr"],
+                         "images_per_s": self.batches_done * self.batch_size * self.world
+                         / (time.perf_counter() - t0)}  # fmt: skip
                     if self.logger is not None:
                         self.logger.log_dict(m, step=self.global_step)
                     print(
@@ -208,17 +261,21 @@ class MAVLFinetuneRecipe:
                         + " | ".join(f"{k}:{v:.4f}" for k, v in m.items()),
                         flush=True,
                     )
+                if self.save_every and self.global_step % self.save_every == 0:
+                    self.save_checkpoint(f"step_{self.global_step}")
             val = self._score(self.val_items)
             key = "val_auroc" if self.task == "classification" else "val_dice"
-            if self.logger is not None:
-                self.logger.log_dict({key: val}, step=self.global_step)
-            print(f"epoch {epoch} | {key} {val:.4f}", flush=True)
+            if self.rank == 0:
+                if self.logger is not None:
+                    self.logger.log_dict({key: val}, step=self.global_step)
+                print(f"epoch {epoch} | {key} {val:.4f}", flush=True)
             if self.best is None or val > self.best[0]:
                 self.best = (val, epoch)
             self.batches_done = 0
             self.epoch = epoch + 1
             self.save_checkpoint(f"epoch_{epoch}")
-            plot_run(self.output_dir)
+            if self.rank == 0:
+                plot_run(self.output_dir)
         self.test()
 
     def test(self) -> dict:
@@ -240,10 +297,13 @@ class MAVLFinetuneRecipe:
             rows = prediction_rows(items, self.classes, prob, "sigmoid")
             vp, _ = self.predict(self.val_items)
             val_rows = prediction_rows(self.val_items, self.classes, vp, "sigmoid")
-            write_jsonl_atomic(self.output_dir / "predictions.jsonl", rows)
-            write_jsonl_atomic(self.output_dir / "val_predictions.jsonl", val_rows)
+            if self.rank == 0:
+                write_jsonl_atomic(self.output_dir / "predictions.jsonl", rows)
+                write_jsonl_atomic(self.output_dir / "val_predictions.jsonl", val_rows)
             metrics = score_classification_rows(rows, val_rows)
         metrics.update(best_epoch=best_epoch, best_val=best_val, task=self.task)
+        if self.rank != 0:
+            return metrics
         write_text_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         shown = {
             k: metrics[k]
@@ -259,6 +319,7 @@ class MAVLFinetuneRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        destroy()
 
 
 @config.parse

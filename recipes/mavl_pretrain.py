@@ -32,7 +32,7 @@ Features (all set in the config):
   ``max_steps_per_epoch``, ``max_steps``.
 - **Checkpoints**: ``output_dir/epoch_{k}/model.safetensors`` (medtune names; the books are rebuilt
   from the config) + ``config.yaml``; ``output_dir/recipe_state.pt`` (optimizer, scheduler, step,
-  data position, RNG). ``resume_from_checkpoint=True`` continues and reproduces the uninterrupted
+  data position, every rank's RNG). ``resume_from_checkpoint=True`` continues and reproduces the uninterrupted
   run bit for bit. ``save_every_n_steps`` adds ``step_{n}/``.
 - **Distributed**: ``--nproc_per_node N`` (gloo on CPU, NCCL on CUDA), DDP. The loss is normalised
   over the global batch and the text-to-image term gathers every rank's rows, so N ranks x B equal
@@ -175,13 +175,14 @@ class MAVLPretrainRecipe:
 
     def save_checkpoint(self, name: str) -> None:
         """``output_dir/<name>/`` (weights + config) and ``output_dir/recipe_state.pt``."""
+        rng = ckpt.rng_states()  # a collective: every rank's state (dropout draws differ by rank)
         if self.rank == 0:
             sd = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
             ckpt.save_trained(sd, self.output_dir / name, OmegaConf.to_yaml(self.cfg, resolve=True))
             ckpt.save_recipe_state(self.output_dir, {
                 "checkpoint": name, "step": self.global_step, "epoch": self.epoch,
                 "batches_done": self.batches_done, "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(), "rng": ckpt.rng_state(),
+                "lr_scheduler": self.lr_scheduler.state_dict(), "rng": rng,
             })  # fmt: skip
         barrier()
 

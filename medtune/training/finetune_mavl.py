@@ -86,9 +86,19 @@ class FinetuneImages(torch.utils.data.Dataset):
         return x, y, known
 
 
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """``BCEWithLogitsLoss`` (mean) over the known labels."""
-    return F.binary_cross_entropy_with_logits(logits[known], target[known])
+def masked_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    known: torch.Tensor,
+    total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``BCEWithLogitsLoss`` over the known labels: their mean, or with ``total`` their sum divided
+    by it (a recipe under DDP passes the global count of known labels / world size, so that the
+    averaged gradients are the global batch's)."""
+    if total is None:
+        return F.binary_cross_entropy_with_logits(logits[known], target[known])
+    loss = F.binary_cross_entropy_with_logits(logits[known], target[known], reduction="sum")
+    return loss / total.clamp(min=1e-12)  # no known label anywhere: a zero sum, a zero loss
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
