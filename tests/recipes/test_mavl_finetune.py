@@ -1,21 +1,67 @@
 """``mavl_finetune`` demo configs: classification from a pretrained trunk (test predictions scored by
 ``medtune score``), a run SIGKILLed mid-epoch and resumed equal to the uninterrupted one bit for bit,
 2 gloo ranks x B equal to 1 process x 2B, and ResUNet segmentation (MAVL's Dice in metrics.json).
-Runs fork from one pre-imported process (``mavl_runs``)."""
+Runs fork from one pre-imported process (the ``medtune_cli`` fixture)."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
-from mavl_runs import medtune, ok
 from safetensors.torch import load_file
 
 from medtune.testing.mavl import build_cached_tiny_mavl
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Runs the recipe script in this interpreter, SIGKILLing itself at the K-th optimizer step.
+_KILL_WRAPPER = """
+import os, runpy, signal, sys
+import torch
+
+K = int(os.environ["MEDTUNE_TEST_KILL_AT_STEP"])
+_orig, _calls = torch.optim.AdamW.step, [0]
+
+def step(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == K:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _orig(self, *a, **k)
+
+torch.optim.AdamW.step = step
+sys.argv = [{recipe!r}, *sys.argv[1:]]
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
+
+
+def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = None):
+    """``medtune <argv>`` in a forked copy of the pre-imported process (``medtune_cli``: ranks as
+    torchrun's standalone launch); with ``kill_at_step`` the recipe SIGKILLs itself at that step."""
+    env = None
+    if kill_at_step:
+        recipe = REPO / "recipes" / f"{argv[1]}.py"
+        # named as the recipe, so the CLI finds its configs; in a folder of its own, so that
+        # the recipe name does not resolve to it
+        wrapper = Path(cwd) / "kill" / f"{argv[1]}.py"
+        wrapper.parent.mkdir(exist_ok=True)
+        wrapper.write_text(_KILL_WRAPPER.format(recipe=str(recipe)))
+        argv, env = (
+            (argv[0], str(wrapper), *argv[2:]),
+            {"MEDTUNE_TEST_KILL_AT_STEP": str(kill_at_step)},
+        )
+    return cli.run(*argv, cwd=cwd, env=env, nproc=nproc, timeout=600)
+
+
+def _ok(cli, *argv: str, cwd: Path, nproc: int = 1) -> str:
+    p = _run(cli, *argv, cwd=cwd, nproc=nproc)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout + p.stderr
+
 
 # 8 training images (label_fraction 0.5) in batches of 2: 4 steps per epoch, 2 epochs
 CLF = [
@@ -46,16 +92,16 @@ def pre(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clf(pre, tmp_path_factory):
+def clf(medtune_cli, pre, tmp_path_factory):
     """The uninterrupted classification run: (output folder, its stdout)."""
     tmp = tmp_path_factory.mktemp("clf")
     out = tmp / "clf"
-    text = ok("run", "mavl_finetune", *CLF, f"assets_dir={build_cached_tiny_mavl()}", f"output_dir={out}",
+    text = _ok(medtune_cli, "run", "mavl_finetune", *CLF, f"assets_dir={build_cached_tiny_mavl()}", f"output_dir={out}",
               f"pretrained={pre[0]}", cwd=tmp)  # fmt: skip
     return out, text
 
 
-def test_classification_from_pretrained_trunk(pre, clf, tmp_path):
+def test_classification_from_pretrained_trunk(medtune_cli, pre, clf, tmp_path):
     out, text = clf
     assert (
         "classification: 8 training images (label_fraction 0.5)" in text
@@ -68,24 +114,24 @@ def test_classification_from_pretrained_trunk(pre, clf, tmp_path):
     )
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and set(rows[0]["scores"]) == {"Pneumonia"}
-    assert "f1_max_mavl" in ok("score", str(out / "predictions.jsonl"), cwd=tmp_path)
+    assert "f1_max_mavl" in _ok(medtune_cli, "score", str(out / "predictions.jsonl"), cwd=tmp_path)
     # the trunk started from the pretrained weights: after 8 small steps it is still close to them
     got = load_file(str(out / "epoch_0" / "model.safetensors"))
     w0 = pre[1]["image.trunk.conv1.weight"]
     assert (got["trunk.conv1.weight"] - w0).abs().max() < 0.05 < w0.abs().max()
 
 
-def test_classification_killed_and_resumed_equals_uninterrupted(pre, clf, tmp_path):
+def test_classification_killed_and_resumed_equals_uninterrupted(medtune_cli, pre, clf, tmp_path):
     ref, ref_text = clf
     out = tmp_path / "killed"
     args = ["run", "mavl_finetune", *CLF, f"assets_dir={build_cached_tiny_mavl()}", f"output_dir={out}",
             f"pretrained={pre[0]}"]  # fmt: skip
-    status, _ = medtune(*args, cwd=tmp_path, kill_at_step=7)
-    assert status == [-9]
+    proc = _run(medtune_cli, *args, cwd=tmp_path, kill_at_step=7)
+    assert proc.returncode == -9, proc.stderr[-3000:]
     state = torch.load(out / "recipe_state.pt", weights_only=True)
     assert state["checkpoint"] == "step_6" and state["epoch"] == 1 and state["batches_done"] == 2
     assert isinstance(state["rng"], list) and len(state["rng"]) == 1  # every rank's RNG state
-    text = ok(*args, "resume_from_checkpoint=True", cwd=tmp_path)
+    text = _ok(medtune_cli, *args, "resume_from_checkpoint=True", cwd=tmp_path)
     assert _steps(text) == _steps(ref_text)[6:]  # steps 7 and 8, losses exactly
     for name in ("epoch_1", "epoch_0"):
         a, b = (load_file(str(d / name / "model.safetensors")) for d in (ref, out))
@@ -93,17 +139,32 @@ def test_classification_killed_and_resumed_equals_uninterrupted(pre, clf, tmp_pa
     assert (out / "predictions.jsonl").read_text() == (ref / "predictions.jsonl").read_text()
 
 
-def test_classification_two_ranks_equal_one_process(pre, tmp_path):
+def test_classification_two_ranks_equal_one_process(medtune_cli, pre, tmp_path):
     """Augmentation off, batch-norm statistics over both ranks (``sync_batchnorm``), SGD: equal
     gradients give equal weights; validation and test predictions gathered from both ranks."""
     over = [f"assets_dir={build_cached_tiny_mavl()}", f"pretrained={pre[0]}", "--config", "demo_classification",
             "label_fraction=0.5", "epochs=1", "augment=null", "sync_batchnorm=true",
             "optimizer._component_=torch.optim.SGD", "~optimizer.weight_decay"]  # fmt: skip
     two, one = tmp_path / "two", tmp_path / "one"
-    t2 = ok(
-        "run", "mavl_finetune", *over, "batch_size=2", f"output_dir={two}", cwd=tmp_path, ranks=2
+    t2 = _ok(
+        medtune_cli,
+        "run",
+        "mavl_finetune",
+        *over,
+        "batch_size=2",
+        f"output_dir={two}",
+        cwd=tmp_path,
+        nproc=2,
     )
-    t1 = ok("run", "mavl_finetune", *over, "batch_size=4", f"output_dir={one}", cwd=tmp_path)
+    t1 = _ok(
+        medtune_cli,
+        "run",
+        "mavl_finetune",
+        *over,
+        "batch_size=4",
+        f"output_dir={one}",
+        cwd=tmp_path,
+    )
     l1, l2 = _steps(t1), _steps(t2)
     assert len(l1) == len(l2) == 2
     for a, b in zip(l1, l2):
@@ -123,9 +184,9 @@ def test_classification_two_ranks_equal_one_process(pre, tmp_path):
         )
 
 
-def test_segmentation_demo(tmp_path):
+def test_segmentation_demo(medtune_cli, tmp_path):
     out = tmp_path / "seg"
-    text = ok("run", "mavl_finetune", "--config", "demo_segmentation", f"assets_dir={build_cached_tiny_mavl()}",
+    text = _ok(medtune_cli, "run", "mavl_finetune", "--config", "demo_segmentation", f"assets_dir={build_cached_tiny_mavl()}",
               f"output_dir={out}", cwd=tmp_path)  # fmt: skip
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "segmentation" and m["n_pos"] + m["n_neg"] == 12 and 0 <= m["dice"] <= 1

@@ -1,7 +1,7 @@
 """``mavl_pretrain`` and ``zero_shot_classify mode=mavl`` end to end through the CLI on the tiny
 MAVL assets: a demo run + zero-shot scoring and grounding of its checkpoint; 2 gloo ranks x B equal
 1 process x 2B; a run SIGKILLed mid-epoch and resumed equals the uninterrupted demo run bit for bit.
-Runs fork from one pre-imported process (``mavl_runs``)."""
+Runs fork from one pre-imported process (the ``medtune_cli`` fixture)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,57 @@ from pathlib import Path
 
 import pytest
 import torch
-from mavl_runs import medtune, ok
 from safetensors.torch import load_file
 
 from medtune.testing.mavl import build_cached_tiny_mavl
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Runs the recipe script in this interpreter, SIGKILLing itself at the K-th optimizer step.
+_KILL_WRAPPER = """
+import os, runpy, signal, sys
+import torch
+
+K = int(os.environ["MEDTUNE_TEST_KILL_AT_STEP"])
+_orig, _calls = torch.optim.AdamW.step, [0]
+
+def step(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == K:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _orig(self, *a, **k)
+
+torch.optim.AdamW.step = step
+sys.argv = [{recipe!r}, *sys.argv[1:]]
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
+
+
+def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = None):
+    """``medtune <argv>`` in a forked copy of the pre-imported process (``medtune_cli``: ranks as
+    torchrun's standalone launch); with ``kill_at_step`` the recipe SIGKILLs itself at that step."""
+    env = None
+    if kill_at_step:
+        recipe = REPO / "recipes" / f"{argv[1]}.py"
+        # named as the recipe, so the CLI finds its configs; in a folder of its own, so that
+        # the recipe name does not resolve to it
+        wrapper = Path(cwd) / "kill" / f"{argv[1]}.py"
+        wrapper.parent.mkdir(exist_ok=True)
+        wrapper.write_text(_KILL_WRAPPER.format(recipe=str(recipe)))
+        argv, env = (
+            (argv[0], str(wrapper), *argv[2:]),
+            {"MEDTUNE_TEST_KILL_AT_STEP": str(kill_at_step)},
+        )
+    return cli.run(*argv, cwd=cwd, env=env, nproc=nproc, timeout=600)
+
+
+def _ok(cli, *argv: str, cwd: Path, nproc: int = 1) -> str:
+    p = _run(cli, *argv, cwd=cwd, nproc=nproc)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout + p.stderr
+
 
 # the demo with a checkpoint every 2 steps: the uninterrupted run the resume test compares with
 COMMON = ["--config", "demo", "epochs=2", "max_steps_per_epoch=3", "batch_size=8",
@@ -41,32 +86,38 @@ def assets() -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(assets, tmp_path_factory) -> tuple[Path, str]:
+def demo(medtune_cli, assets, tmp_path_factory) -> tuple[Path, str]:
     """The demo pretraining run (output folder, stdout)."""
     tmp = tmp_path_factory.mktemp("demo")
     out = tmp / "pre"
-    return out, ok(
-        "run", "mavl_pretrain", *COMMON, f"assets_dir={assets}", f"output_dir={out}", cwd=tmp
+    return out, _ok(
+        medtune_cli,
+        "run",
+        "mavl_pretrain",
+        *COMMON,
+        f"assets_dir={assets}",
+        f"output_dir={out}",
+        cwd=tmp,
     )
 
 
-def test_demo_pretrain_then_zero_shot_through_cli(assets, demo, tmp_path):
+def test_demo_pretrain_then_zero_shot_through_cli(medtune_cli, assets, demo, tmp_path):
     out, text = demo
     assert "75 entities x 3 concepts" in text and "step 6 |" in text
     sd = load_file(str(out / "epoch_1" / "model.safetensors"))
     assert "decoder.layers.1.multihead_attn.in_proj_weight" in sd and sd["temp"].shape == (3,)
     assert len(_losses(out)) == 6 and (out / "plots").is_dir()
     zs = tmp_path / "zs"
-    text = ok("run", "zero_shot_classify", "--config", "demo_mavl", f"assets_dir={assets}",
+    text = _ok(medtune_cli, "run", "zero_shot_classify", "--config", "demo_mavl", f"assets_dir={assets}",
               f"output_dir={zs}", f"checkpoint={out / 'epoch_1'}", cwd=tmp_path)  # fmt: skip
     assert "mavl_presence_softmax: auroc_macro" in text
     rows = [json.loads(x) for x in (zs / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and set(rows[0]["scores"]) == {"Nodule", "Mass"}
     assert all(0 < v < 1 for r in rows for v in r["scores"].values())
-    assert "f1_max_mavl" in ok("score", str(zs / "predictions.jsonl"), cwd=tmp_path)
+    assert "f1_max_mavl" in _ok(medtune_cli, "score", str(zs / "predictions.jsonl"), cwd=tmp_path)
     # zero-shot grounding on MAVL's RSNA split layout (boxes), overlays on request
     gr = tmp_path / "gr"
-    text = ok("run", "zero_shot_classify", "--config", "demo_mavl_rsna_grounding", f"assets_dir={assets}",
+    text = _ok(medtune_cli, "run", "zero_shot_classify", "--config", "demo_mavl_rsna_grounding", f"assets_dir={assets}",
               f"output_dir={gr}", f"checkpoint={out / 'epoch_1'}", cwd=tmp_path)  # fmt: skip
     res = json.loads((gr / "grounding.json").read_text())["Pneumonia"]
     assert res["entity"] == "pneumonia" and res["n"] == 10 and 0 <= res["pointing_game"] <= 1
@@ -75,15 +126,32 @@ def test_demo_pretrain_then_zero_shot_through_cli(assets, demo, tmp_path):
     assert len(list((gr / "overlays" / "Pneumonia").glob("*.png"))) == 2
 
 
-def test_two_ranks_equal_one_process(assets, tmp_path):
+def test_two_ranks_equal_one_process(medtune_cli, assets, tmp_path):
     """Dropout and augmentation off (dropout draws are per rank), batch-norm statistics over both
     ranks (``sync_batchnorm``); SGD so that equal weights mean equal gradients."""
     over = ["--config", "demo", f"assets_dir={assets}", "epochs=1", "max_steps=2", "model.dropout=0.0",
             "augment=null", "sync_batchnorm=true", "optimizer._component_=torch.optim.SGD",
             "~optimizer.weight_decay"]  # fmt: skip
     two, one = tmp_path / "two", tmp_path / "one"
-    ok("run", "mavl_pretrain", *over, "batch_size=4", f"output_dir={two}", cwd=tmp_path, ranks=2)
-    ok("run", "mavl_pretrain", *over, "batch_size=8", f"output_dir={one}", cwd=tmp_path)
+    _ok(
+        medtune_cli,
+        "run",
+        "mavl_pretrain",
+        *over,
+        "batch_size=4",
+        f"output_dir={two}",
+        cwd=tmp_path,
+        nproc=2,
+    )
+    _ok(
+        medtune_cli,
+        "run",
+        "mavl_pretrain",
+        *over,
+        "batch_size=8",
+        f"output_dir={one}",
+        cwd=tmp_path,
+    )
     l1, l2 = _losses(one), _losses(two)
     assert [r[0] for r in l1] == [1, 2] == [r[0] for r in l2]
     for a, b in zip(l1, l2):
@@ -100,14 +168,14 @@ def test_two_ranks_equal_one_process(assets, tmp_path):
     assert len(state["rng"]) == 2  # each rank's RNG state, restored to that rank on resume
 
 
-def test_killed_and_resumed_equals_uninterrupted(assets, demo, tmp_path):
+def test_killed_and_resumed_equals_uninterrupted(medtune_cli, assets, demo, tmp_path):
     ref, killed = demo[0], tmp_path / "killed"
     args = ["run", "mavl_pretrain", *COMMON, f"assets_dir={assets}", f"output_dir={killed}"]
-    status, _ = medtune(*args, cwd=tmp_path, kill_at_step=5)
-    assert status == [-9]
+    proc = _run(medtune_cli, *args, cwd=tmp_path, kill_at_step=5)
+    assert proc.returncode == -9, proc.stderr[-3000:]
     state = torch.load(killed / "recipe_state.pt", weights_only=True)
     assert state["checkpoint"] == "step_4" and state["epoch"] == 1 and state["batches_done"] == 1
-    ok(*args, "resume_from_checkpoint=True", cwd=tmp_path)
+    _ok(medtune_cli, *args, "resume_from_checkpoint=True", cwd=tmp_path)
     want, got = _losses(ref), _losses(killed)
     assert [r[0] for r in want] == [1, 2, 3, 4, 5, 6]
     assert got[-2:] == want[-2:] and sorted(set(got)) == want  # the resumed steps 5, 6 exactly
@@ -120,10 +188,11 @@ def test_killed_and_resumed_equals_uninterrupted(assets, demo, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_bad_entity_file_is_one_line(assets, tmp_path):
+def test_bad_entity_file_is_one_line(medtune_cli, assets, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"/remote-home/x.jpg": {"labels_id": 999}}))
-    status, text = medtune("run", "mavl_pretrain", "--config", "demo", f"assets_dir={assets}",
+    proc = _run(medtune_cli, "run", "mavl_pretrain", "--config", "demo", f"assets_dir={assets}",
                            f"output_dir={tmp_path / 'o'}", f"dataset.json_files=[{bad}]", cwd=tmp_path)  # fmt: skip
-    assert status != [0] and "Traceback" not in text
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in text
     assert "labels_id is 999" in text and str(bad) in text
