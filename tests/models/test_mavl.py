@@ -254,3 +254,26 @@ def test_vit_backbone_trains_and_round_trips(tiny_towers, tmp_path):
     torch.testing.assert_close(again(x)["logits"], model(x)["logits"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="backbone vit needs a ViT tower"):
         build_mavl(backbone="vit")
+
+
+def test_text_mode_scores_as_mavl_test_py():
+    """``presence(mode="text")`` = MAVL test.py's ``mode: text`` written out: the global logits
+    as ``[B, K, E]``, a softmax of (normal, entity) per concept for normal_idx 0 and 1, averaged,
+    then the present column averaged over the K concepts."""
+    torch.manual_seed(0)
+    ents = ["normal", "clear", *ENTS]
+    model = build_mavl(entities=ents, n_concepts=K, text_width=T, block="basic", blocks=[1, 1, 1], width=8,
+                       image_size=64, pool_heads=2, d_model=D, heads=HEADS, num_layers=1,
+                       dim_feedforward=32).eval()  # fmt: skip
+    model.set_books(torch.randn(52, T), torch.randn(len(ents) * K, T))
+    x = torch.randn(2, 3, 64, 64)
+    pred_global = model(x)["global_logits"].view(2, len(ents), K).permute(0, 2, 1)  # B, K, E
+    preds = []
+    for normal_idx in [0, 1]:
+        normal = pred_global[:, :, [normal_idx]].repeat(1, 1, len(ents))
+        preds.append(F.softmax(torch.stack([normal, pred_global], dim=-1), dim=-1))
+    want = torch.stack(preds, dim=0).mean(dim=0)[:, :, :, 1].mean(dim=1)
+    torch.testing.assert_close(model.presence(x, "text"), want)
+    assert not torch.allclose(model.presence(x, "text"), model.presence(x))
+    with pytest.raises(ValueError, match="feature or text"):
+        model.presence(x, "both")
