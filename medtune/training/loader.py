@@ -97,8 +97,11 @@ def load_model(
         raise ConfigError(f"quantize: expected null or nf4, got {quantize!r}")
     if not isinstance(model_cfg, DictConfig):
         model_cfg = OmegaConf.create(dict(model_cfg))
-    build_on = torch.device("meta") if everything_on_meta else device
-    model = build_model(model_cfg, device=build_on, dtype=dtype, llm_on_meta=True)
+    # a QLoRA model (``quantize_base``) is built on the device: torchao cannot quantize on meta
+    # (as lora_finetune builds it); its NF4 weights then quantize in place while loading
+    qlora = bool(model_cfg.get("quantize_base", False))
+    build_on = torch.device("meta") if everything_on_meta and not qlora else device
+    model = build_model(model_cfg, device=build_on, dtype=dtype, llm_on_meta=not qlora)
     if quantize == "nf4":
         swap_nf4_linears(decoder_of(model)[0], device, dtype)
     load_unsharded(model, full, device, source)

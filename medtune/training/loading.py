@@ -76,7 +76,9 @@ def load_from_checkpoint(
         raise CheckpointMismatchError(
             f"{cfg_file}: tokenizer and model disagree on the {IMAGE_TOKEN} id"
         )
-    adapters = {k for k in model.state_dict() if k.startswith("decoder.") and is_adapter_key(k)}
+    from medtune.training.setup import state_shapes  # names only: no NF4 dequantizing hook
+
+    adapters = {k for k in state_shapes(model) if k.startswith("decoder.") and is_adapter_key(k)}
     model.decoder.to(dtype)
     model.encoders.float()
     model.connectors.float()

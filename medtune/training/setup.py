@@ -143,12 +143,26 @@ def llm_width_problem(model: nn.Module, full: dict[str, torch.Tensor], where: st
         ``"LLM checkpoint <where> has width 256, the model expects 128"``, or None.
     """
     got = [tuple(v.shape) for k, v in full.items() if k.endswith("tok_embeddings.weight")]
-    own = [
-        tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("tok_embeddings.weight")
-    ]
+    own = [v for k, v in state_shapes(model).items() if k.endswith("tok_embeddings.weight")]
     if len(got) == 1 and len(own) == 1 and len(got[0]) == 2 and got[0][1] != own[0][1]:
         return f"LLM checkpoint {where} has width {got[0][1]}, the model expects {own[0][1]}"
     return None
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes by state-dict name (parameters and persistent buffers; global for meta / DTensor),
+    without ``state_dict()``: torchtune's QLoRA state-dict hook dequantizes NF4 weights and copies
+    them to CPU, which fails on a model built on ``meta`` (a QLoRA checkpoint being reloaded)."""
+    out = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        pre = f"{mname}." if mname else ""
+        for n, p in mod._parameters.items():
+            if p is not None:
+                out[clean_name(pre + n)] = tuple(p.shape)
+        for n, b in mod._buffers.items():
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                out[clean_name(pre + n)] = tuple(b.shape)
+    return out
 
 
 def _problems(
@@ -160,9 +174,7 @@ def _problems(
     where = source.removeprefix("checkpointer (").removesuffix(")")
     if (width := llm_width_problem(model, full, where)) is not None:
         return width
-    own = {
-        k: tuple(v.shape) for k, v in model.state_dict().items()
-    }  # global shapes (meta/DTensor too)
+    own = state_shapes(model)  # global shapes (meta/DTensor too)
     unknown = [k for k in full if k not in own]
     if unknown:
         return (
