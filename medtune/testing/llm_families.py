@@ -7,6 +7,8 @@
   sentencepiece ``tokenizer.model`` trained here on the synthetic corpus with Llama-2's settings
   (BPE, byte fallback, ``<unk>`` 0 / ``<s>`` 1 / ``</s>`` 2, no pad, dummy prefix, digits split);
 - ``mistral_tiny/``: a Mistral-shaped decoder (GQA) with the same sentencepiece model;
+- ``mistral_tiny256/``: the same at width 256, one layer, for QLoRA (torchao's NF4 needs 256-wide
+  scaler blocks);
 - ``qwen2_5_tiny/``: a Qwen2-shaped decoder (q/k/v biases, an embedding table padded past the
   tokenizer's ids, as Qwen's) and a byte-level BPE ``vocab.json`` / ``merges.txt`` with Qwen2.5's
   22 special tokens after the base ids (``tokenizer.json`` ``added_tokens``), as the real layout.
@@ -130,7 +132,7 @@ def _save_hf(folder: Path, model: torch.nn.Module, hf_config: dict, family: str)
 
 
 def _hf_config(model_type: str, vocab: int, kv: int, rope: float, **extra) -> dict:
-    c = TINY_SHAPE
+    c = {**TINY_SHAPE, **extra.pop("shape", {})}
     return {
         "model_type": model_type,
         "hidden_size": c["embed_dim"],
@@ -157,16 +159,27 @@ def make_tiny_llms(out: str | Path, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     sp_vocab = write_sentencepiece(out / "vicuna_tiny" / "tokenizer.model")
-    (out / "mistral_tiny").mkdir(exist_ok=True)
-    (out / "mistral_tiny" / "tokenizer.model").write_bytes(
-        (out / "vicuna_tiny" / "tokenizer.model").read_bytes()
-    )
+    for name in ("mistral_tiny", "mistral_tiny256"):
+        (out / name).mkdir(exist_ok=True)
+        (out / name / "tokenizer.model").write_bytes(
+            (out / "vicuna_tiny" / "tokenizer.model").read_bytes()
+        )
     first, n_tok = write_qwen_tokenizer(out / "qwen2_5_tiny")
     qwen_rows = -(-n_tok // 64) * 64  # padded past the tokenizer's ids, as Qwen's tables are
     heads = TINY_SHAPE["num_heads"]
     configs = {
         "vicuna_tiny": ("llama2", _hf_config("llama", sp_vocab, heads, 10_000.0)),
         "mistral_tiny": ("mistral", _hf_config("mistral", sp_vocab, 2, 1_000_000.0)),
+        "mistral_tiny256": (
+            "mistral",
+            _hf_config(
+                "mistral",
+                sp_vocab,
+                2,
+                1_000_000.0,
+                shape=dict(embed_dim=256, num_layers=1, intermediate_dim=512),
+            ),
+        ),
         "qwen2_5_tiny": (
             "qwen2_5",
             _hf_config(

@@ -32,6 +32,7 @@ __all__ = [
     "encode_messages",
     "family_of_hf_config",
     "image_token_id",
+    "llm_from_hf_config",
     "placeholder_id",
 ]
 
@@ -133,6 +134,12 @@ def decoder_from_hf_config(config_path: str | Path, max_seq_len: int | None = No
     from medtune.models.llm.qwen2_5 import qwen2
 
     return qwen2(**kw), family
+
+
+def llm_from_hf_config(config_path: str | Path, max_seq_len: int | None = None):
+    """The decoder alone of :func:`decoder_from_hf_config`: the ``_component_`` of a text-only
+    LLM of any family (the local ``vqa_judge``'s ``judge.model``)."""
+    return decoder_from_hf_config(config_path, max_seq_len)[0]
 
 
 def decoder_kwargs(cfg: dict, config_path: str | Path, max_seq_len: int | None = None) -> dict:
