@@ -28,7 +28,10 @@ Features (all set in the config):
   ``medtune.eval.judge.build_local_judge``: a local torchtune Llama-3 Instruct (Meta or HF
   checkpoint through a torchtune checkpointer) through medtune's batched, KV-cached greedy
   generation; ``judge.quantize: nf4`` holds the decoder's linears in NF4 (torchao), so 70B fits one
-  80 GB GPU. Under ``medtune run --nproc_per_node N`` (config ``llama3_70b_sharded``) the decoder
+  80 GB GPU. Another family's Instruct model judges through the config alone: its tokenizer
+  ``_component_`` (e.g. ``medtune.models.llm.qwen2_5.qwen2_5_tokenizer``), ``judge.model:
+  {_component_: medtune.models.llm.llm_from_hf_config, config_path: .../config.json}`` and the
+  checkpointer's ``model_type`` (``LLAMA2``, ``MISTRAL``, ``QWEN2``). Under ``medtune run --nproc_per_node N`` (config ``llama3_70b_sharded``) the decoder
   is sharded with FSDP2 over the N processes (NCCL on CUDA, one GPU each; gloo on CPU), built on
   the meta device and filled from the checkpoint read by rank 0 only. Rank 0 runs the judge loop
   and broadcasts each batch of prompts; the other ranks run the same batches (FSDP needs every
