@@ -105,6 +105,10 @@ class MAVLPretrainRecipe:
         model = config.instantiate(cfg.model)
         if not hasattr(model, "concept_book"):
             raise ConfigError("model: expected a medtune.models.mavl.mavl_model builder")
+        size = cfg_get(cfg, "image.image_size", int)
+        if size != model.image.image_size:  # the pool's / ViT's positions fix the input size
+            raise ConfigError(f"image.image_size: {size} px, but the model's image side takes "
+                              f"{model.image.image_size} px")  # fmt: skip
         self.model = model.to(self.device)
         self.loss_fn = config.instantiate(cfg.loss)
         self.train_model = self.model

@@ -218,6 +218,7 @@ def test_vit_backbone_trains_and_round_trips(tiny_towers, tmp_path):
     """A tiny open_clip ViT from the test assets (weights from its hub folder): forward shapes, CLS
     and patch tokens as the tower computes them, every used parameter gets a gradient from the
     MAVL loss, and a saved checkpoint reloads into a fresh model with the same outputs."""
+    from medtune.eval.mavl_zero_shot import _transform
     from medtune.training.checkpointing import read_trained, save_trained
 
     spec = {"_component_": "medtune.models.encoders.open_clip_vision",
@@ -252,6 +253,9 @@ def test_vit_backbone_trains_and_round_trips(tiny_towers, tmp_path):
     again.load_state_dict(read_trained(tmp_path / "ck", "checkpoint"))
     model.eval(), again.eval()
     torch.testing.assert_close(again(x)["logits"], model(x)["logits"], rtol=0, atol=0)
+    # zero-shot feeds it the tower's own input: its size and (CLIP) mean / std
+    size, tf = _transform(model)
+    assert size == 32 and tf["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     with pytest.raises(ValueError, match="backbone vit needs a ViT tower"):
         build_mavl(backbone="vit")
 

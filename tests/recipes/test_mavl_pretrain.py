@@ -196,3 +196,27 @@ def test_bad_entity_file_is_one_line(medtune_cli, assets, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in text
     assert "labels_id is 999" in text and str(bad) in text
+
+
+def test_vit_backbone_pretrains_and_scores_through_cli(medtune_cli, assets, tiny_towers, tmp_path):
+    """``backbone: vit`` end to end: the tiny open_clip ViT of the test assets as the image side,
+    2 pretraining steps, then zero-shot scores of that checkpoint with MAVL's text mode; an image
+    size the tower does not take is one error line."""
+    vit = ["+model.backbone=vit", "+model.vision._component_=medtune.models.encoders.open_clip_vision",
+           f"+model.vision.path={tiny_towers / 'tiny_biomedclip'}", f"assets_dir={assets}"]  # fmt: skip
+    out = tmp_path / "vit"
+    text = _ok(medtune_cli, "run", "mavl_pretrain", "--config", "demo", *vit, "image.image_size=32",
+               "max_steps=2", f"output_dir={out}", cwd=tmp_path)  # fmt: skip
+    assert "step 2 |" in text and "75 entities x 3 concepts" in text
+    sd = load_file(str(out / "step_2" / "model.safetensors"))
+    assert "image.tower.tower.conv1.weight" in sd and "image.global_proj.weight" in sd
+    zs = tmp_path / "zs"
+    text = _ok(medtune_cli, "run", "zero_shot_classify", "--config", "demo_mavl", *vit, "+mavl.mode=text",
+               f"output_dir={zs}", f"checkpoint={out / 'step_2'}", cwd=tmp_path)  # fmt: skip
+    assert "mavl_text_softmax: auroc_macro" in text
+    rows = [json.loads(x) for x in (zs / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(0 < v < 1 for r in rows for v in r["scores"].values())
+    bad = _run(medtune_cli, "run", "mavl_pretrain", "--config", "demo", *vit, f"output_dir={tmp_path / 'b'}",
+               cwd=tmp_path)  # fmt: skip
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "image.image_size: 64 px, but the model's image side takes 32 px" in bad.stderr

@@ -67,8 +67,9 @@ class MAVLViTImageEncoder(nn.Module):
         grid = int(round(tower.num_tokens**0.5))
         if grid * grid != tower.num_tokens:
             raise ValueError(f"model.vision: {tower.num_tokens} patch tokens are not a square grid")
-        for n, p in tower.named_parameters():  # the tower's projection head: never used here
-            if n in tower.unused_parameters():
+        unused = tower.unused_parameters()  # the tower's projection head: never used here
+        for n, p in tower.named_parameters():
+            if n in unused:
                 p.requires_grad_(False)
         c = tower.out_dim
         self.tower = tower
