@@ -81,6 +81,9 @@ def child(job, rank_env):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    for p in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+        if p and p not in sys.path:
+            sys.path.insert(0, p)
     if os.environ.get("OMP_NUM_THREADS"):
         import torch
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -224,6 +227,32 @@ class ForkServer:
             raise subprocess.TimeoutExpired(["medtune", *argv], timeout, stdout, stderr)
         code = next((c for c in codes if c != 0), 0)
         return subprocess.CompletedProcess(["medtune", *argv], code, stdout, stderr)
+
+    def run_command(
+        self,
+        cmd: Sequence[str],
+        cwd: str | os.PathLike = ".",
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess:
+        """A drop-in for ``subprocess.run([MEDTUNE, ...], capture_output=True, text=True)``.
+
+        ``cmd[0]`` is the ``medtune`` console script (or ``python -m medtune._cli.main``);
+        ``run --nproc_per_node N`` becomes ``nproc=N`` (the only torchrun flag understood here);
+        ``env`` is a whole environment as subprocess takes it (its ``PYTHONPATH`` entries are put
+        on the child's ``sys.path``).
+        """
+        cmd = [str(c) for c in cmd]
+        if cmd[:3] == [sys.executable, "-m", "medtune._cli.main"]:
+            argv = cmd[3:]
+        elif Path(cmd[0]).name == "medtune":
+            argv = cmd[1:]
+        else:
+            raise ValueError(f"not a medtune command: {cmd[:3]}")
+        nproc = 1
+        if argv[:2] == ["run", "--nproc_per_node"]:
+            nproc, argv = int(argv[2]), ["run", *argv[3:]]
+        return self.run(*argv, cwd=cwd, env=env, nproc=nproc, timeout=timeout)
 
     def _read(self) -> str:
         """One line of the server's answers (unbuffered pipe: select() sees what is unread)."""

@@ -3,7 +3,7 @@
 - through the CLI (in this process; one run shared by the CLI and resume tests): checkpoint layout,
   retrieval file scored by ``medtune score``, the open_clip export loading in open_clip and as a
   MedVLM encoder;
-- 2 gloo ranks x B (torchrun, a subprocess) equal 1 process x 2B (losses and weights), ITM with
+- 2 gloo ranks x B (forked as torchrun sets them up: the ``medtune_cli`` fixture) equal 1 process x 2B (losses and weights), ITM with
   hard negatives included;
 - resume after a stop reproduces the uninterrupted run exactly;
 - the momentum-queue variant trains; bad config keys are one error line.
@@ -19,7 +19,6 @@ import re
 import runpy
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,6 @@ from medtune._cli.main import main as medtune_main
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "contrastive_pretrain.py"
 DEMO = REPO / "recipes" / "configs" / "contrastive_pretrain" / "demo.yaml"
-MEDTUNE = Path(sys.executable).parent / "medtune"
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -41,13 +39,6 @@ def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
-
-
-def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``medtune <args>`` in a subprocess (only where one is needed: torchrun)."""
-    return subprocess.run(
-        [str(MEDTUNE), *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
 
 
 def _ok(p: subprocess.CompletedProcess) -> str:
@@ -174,15 +165,16 @@ def test_cli_run_writes_checkpoint_retrieval_and_export(cli_run, tiny_towers, tm
         torch.testing.assert_close(enc(images)[:, 0], ours.encode_image(images, normalize=False))
 
 
-def test_two_ranks_equal_one_process(tiny_towers, tmp_path):
+def test_two_ranks_equal_one_process(tiny_towers, tmp_path, medtune_cli):
     """N ranks x B with gathered features == 1 process x N*B: losses per step and final weights
     (SGD, so that weight equality checks the gradients without Adam amplifying rounding). 2 steps:
     the second starts from weights the first updated."""
     over = ["epochs=1", "max_steps=2", "model.itm=true", "loss.itm_weight=1.0", "optimizer._component_=torch.optim.SGD",
             "~optimizer.weight_decay", "clip_grad_norm=null"]  # fmt: skip
     out2 = tmp_path / "two"
-    _ok(_cli("run", "--nproc_per_node", "2", "contrastive_pretrain", "--config", "demo",
-             f"assets_dir={tiny_towers}", f"output_dir={out2}", "batch_size=8", *over, cwd=tmp_path))  # fmt: skip
+    # 2 ranks forked from the pre-imported medtune_cli server, as torchrun --standalone sets them up
+    _ok(medtune_cli.run("run", "contrastive_pretrain", "--config", "demo", f"assets_dir={tiny_towers}",
+                        f"output_dir={out2}", "batch_size=8", *over, cwd=tmp_path, env=_env(), nproc=2))  # fmt: skip
     out1 = tmp_path / "one"
     cfg = _cfg(tiny_towers, out1, batch_size=16, max_steps=2, clip_grad_norm=None)
     cfg["model"]["itm"] = True

@@ -1,7 +1,7 @@
 """``full_finetune`` (one file for 1..N processes) end to end on the tiny assets.
 
-- the ``demo`` and ``demo_text`` configs run through the CLI (``demo`` also under
-  ``medtune run --nproc_per_node 2``), and through the old names (aliases);
+- the ``demo`` and ``demo_text`` configs run through the CLI (``demo`` also on 2 ranks, forked as
+  torchrun's standalone launch sets them up), and through the old names (aliases);
 - resume after an interruption reproduces the uninterrupted run;
 - 2 CPU processes (gloo, FSDP2, LLM built on meta and loaded shard by shard) with gradient
   accumulation give the same losses and weights as 1 process with the same global batch;
@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,29 +35,14 @@ LLAMA3_8B = 8_030_261_248
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def _run(recipe: str, config: str, *overrides: str, nproc: int = 0) -> str:
+def _run(recipe: str, config: str, *overrides: str, nproc: int = 0, cli=None) -> str:
     if not nproc:  # in this process: no interpreter start, no second torchtune import
         with pytest.raises(SystemExit) as e:
             main(["run", recipe, "--config", config, *overrides])
         assert e.value.code in (0, None)
         return ""
-    cmd = [
-        str(Path(sys.executable).parent / "medtune"),
-        "run",
-        "--nproc_per_node",
-        str(nproc),
-        recipe,
-        "--config",
-        config,
-        *overrides,
-    ]
-    proc = subprocess.run(
-        cmd,
-        env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    # ranks forked from the pre-imported medtune_cli server, as torchrun --standalone sets them up
+    proc = cli.run("run", recipe, "--config", config, *overrides, nproc=nproc, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 
@@ -99,7 +81,7 @@ def test_single_device_exports_rebuild_the_model(tiny_assets, tmp_path, capsys):
     )  # encoder frozen, LLM in llm/
 
 
-def test_two_processes_equal_one(tiny_assets, tmp_path):
+def test_two_processes_equal_one(tiny_assets, tmp_path, medtune_cli):
     """2 ranks x batch 2 x 2 accumulation steps (FSDP2, gloo) == 1 process x batch 8."""
     common = [f"assets_dir={tiny_assets}", "epochs=1", *SMALL]
     _run(RECIPE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
@@ -111,6 +93,7 @@ def test_two_processes_equal_one(tiny_assets, tmp_path):
         "batch_size=2",  # 2 ranks x 2 x 2 steps
         "gradient_accumulation_steps=2",
         nproc=2,
+        cli=medtune_cli,
     )
     assert "2 process(es)" in log and "memory estimate per rank (2 rank(s)" in log
     assert _state(tmp_path / "two")["loss_history"] == pytest.approx(

@@ -1,7 +1,7 @@
 """``lora_finetune`` (one file for 1..N processes) end to end on the tiny assets.
 
 - every tiny config runs through the CLI (``demo``, ``demo_text``, ``demo_qlora``; ``demo`` also
-  under ``medtune run --nproc_per_node 2``); the old names run it as aliases;
+  on 2 ranks forked as torchrun sets them up); the old names run it as aliases;
 - resume after an interruption reproduces the uninterrupted run (single device and 2 processes);
 - 2 CPU processes (gloo, FSDP2, meta-device build) give the same losses and adapters as 1 process
   with the same global batch, for LoRA and DoRA (with activation checkpointing);
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,30 +41,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def run_recipe(
-    recipe: str, config: str, *overrides: str, nproc: int = 0, cwd: Path | None = None
+    recipe: str,
+    config: str,
+    *overrides: str,
+    nproc: int = 0,
+    cwd: Path | None = None,
+    cli=None,
 ) -> str:
-    """``medtune run`` in this process, or with ``nproc`` under torchrun in a subprocess.
+    """``medtune run`` in this process, or with ``nproc`` ranks forked from the pre-imported
+    ``medtune_cli`` server (``cli``), set up as torchrun's standalone launch sets them up.
 
     Returns:
-        The subprocess output ('' in-process).
+        The ranks' output ('' in-process).
     """
     if not nproc:
         with pytest.raises(SystemExit) as e:
             main(["run", recipe, "--config", config, *overrides])
         assert e.value.code in (0, None)
         return ""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    cmd = [
-        str(Path(sys.executable).parent / "medtune"),
-        "run",
-        "--nproc_per_node",
-        str(nproc),
-        recipe,
-        "--config",
-        config,
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
+    proc = cli.run("run", recipe, "--config", config, *overrides, nproc=nproc, cwd=cwd or ".")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 
@@ -109,16 +103,16 @@ def test_single_device_exports(uninterrupted, capsys):
         assert (uninterrupted / "epoch_1" / sub).is_file(), sub
 
 
-def test_two_processes_equal_one(tiny_assets, tmp_path, uninterrupted):
+def test_two_processes_equal_one(tiny_assets, tmp_path, uninterrupted, medtune_cli):
     """2 ranks x batch 4 (FSDP2, gloo) == 1 process x batch 8: every loss and every weight."""
     common = [f"assets_dir={tiny_assets}", f"output_dir={tmp_path}", "batch_size=4", *SMALL]
-    log = run_recipe(RECIPE, "demo", *common, "epochs=2", nproc=2)
+    log = run_recipe(RECIPE, "demo", *common, "epochs=2", nproc=2, cli=medtune_cli)
     assert "2 process(es)" in log and "memory estimate per rank (2 rank(s)" in log
     assert losses(tmp_path) == pytest.approx(losses(uninterrupted), abs=1e-5)
     assert_same_weights(tmp_path / "epoch_1", uninterrupted / "epoch_1")
 
 
-def test_dora_two_processes_equal_one(tiny_assets, tmp_path):
+def test_dora_two_processes_equal_one(tiny_assets, tmp_path, medtune_cli):
     common = [
         f"assets_dir={tiny_assets}",
         "epochs=1",
@@ -127,7 +121,15 @@ def test_dora_two_processes_equal_one(tiny_assets, tmp_path):
         *SMALL,
     ]
     run_recipe(RECIPE, "demo", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
-    run_recipe(RECIPE, "demo", *common, f"output_dir={tmp_path / 'two'}", "batch_size=4", nproc=2)
+    run_recipe(
+        RECIPE,
+        "demo",
+        *common,
+        f"output_dir={tmp_path / 'two'}",
+        "batch_size=4",
+        nproc=2,
+        cli=medtune_cli,
+    )
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert_same_weights(tmp_path / "two" / "epoch_0", tmp_path / "one" / "epoch_0")
     assert any(
@@ -181,8 +183,6 @@ model = PeftModel.from_pretrained(base, "ADAPTER")
 
 
 def test_peft_and_merged_exports_give_medtune_logits(tiny_assets, uninterrupted, tmp_path):
-    import subprocess
-    import sys
 
     from transformers import LlamaForCausalLM
 
@@ -236,7 +236,7 @@ def test_lora_checkpoint_loads_for_generate_and_eval(tiny_assets, uninterrupted)
         )
 
 
-def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys):
+def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys, medtune_cli):
     """QLoRA (NF4 base through torchao) at width 256 on one device and on 2 FSDP2 ranks (gloo)."""
     common = [f"assets_dir={tiny_assets}", "epochs=1", *SMALL]
     run_recipe(RECIPE, "demo_qlora", *common, f"output_dir={tmp_path / 'one'}", "batch_size=8")
@@ -256,6 +256,7 @@ def test_qlora_width_256_single_and_two_processes(tiny_assets, tmp_path, capsys)
         f"output_dir={tmp_path / 'two'}",
         "batch_size=4",
         nproc=2,
+        cli=medtune_cli,
     )
     assert "nf4" in log
     assert losses(tmp_path / "two") == pytest.approx(hist, abs=1e-5)

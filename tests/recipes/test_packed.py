@@ -6,25 +6,17 @@ packing: tests/recipes/test_resume.py.)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-MEDTUNE = Path(sys.executable).parent / "medtune"
 
-
-def _run(*args: str) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    proc = subprocess.run(
-        [str(MEDTUNE), "run", *args], env=env, capture_output=True, text=True, timeout=600
-    )
+def _run(cli, *args: str, nproc: int = 1) -> str:
+    """``medtune run args`` forked from the pre-imported ``medtune_cli`` server (``nproc`` ranks
+    as torchrun's standalone launch sets them up)."""
+    proc = cli.run("run", *args, nproc=nproc, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -34,7 +26,7 @@ def _run(*args: str) -> str:
     [["+packed=true", "+max_seq_len=256"], ["+group_by_length=true"]],
     ids=["packed", "grouped"],
 )
-def test_two_ranks_equal_one_process(tiny_assets, tmp_path, batching):
+def test_two_ranks_equal_one_process(tiny_assets, tmp_path, batching, medtune_cli):
     common = [
         "vision_finetune",
         "--config",
@@ -46,8 +38,8 @@ def test_two_ranks_equal_one_process(tiny_assets, tmp_path, batching):
         "log_every_n_steps=1",
         *batching,
     ]
-    _run(*common, "batch_size=4", f"output_dir={tmp_path / 'one'}")
-    log = _run("--nproc_per_node", "2", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}")
+    _run(medtune_cli, *common, "batch_size=4", f"output_dir={tmp_path / 'one'}")
+    log = _run(medtune_cli, *common, "batch_size=2", f"output_dir={tmp_path / 'two'}", nproc=2)
     assert "2 process(es)" in log
     one = torch.load(tmp_path / "one" / "recipe_state.pt", weights_only=True)["loss_history"]
     two = torch.load(tmp_path / "two" / "recipe_state.pt", weights_only=True)["loss_history"]

@@ -43,9 +43,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    return proc
+def _run(cli, cmd: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """``cmd`` (``[MEDTUNE, ...]``) forked from the pre-imported ``medtune_cli`` server, or in a
+    fresh process when ``cli`` is None (the one torchrun launch of a real recipe kept here)."""
+    if cli is not None:
+        return cli.run_command(cmd, cwd=cwd, env={**_env(), **env}, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=cwd, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
@@ -111,9 +116,10 @@ def _expected_trained_keys(assets: Path) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- 2. end to end via the CLI
-def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path):
+def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path, medtune_cli):
     out = tmp_path / "run"
     proc = _run(
+        medtune_cli,
         [
             str(MEDTUNE),
             "run",
@@ -316,7 +322,7 @@ recipe.cleanup()
 """
 
 
-def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path):
+def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path, medtune_cli):
     wrapper = tmp_path / "rank_wrapper.py"
     wrapper.write_text(_RANK_WRAPPER.format(recipe=str(RECIPE)))
     common = dict(
@@ -336,27 +342,13 @@ def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path):
     two = [str(MEDTUNE), "run", "--nproc_per_node", "2", str(wrapper), "--config", str(cfg2)]
     # 2 ranks, killed before the 3rd update (last state: step_2), then resumed: also covers resuming
     # FSDP2-sharded parameters and optimizer state
-    crashed = subprocess.run(
-        two,
-        cwd=tmp_path,
-        env={**_env(), "MEDTUNE_TEST_CRASH_AT_STEP": "3"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    crashed = _run(medtune_cli, two, tmp_path, MEDTUNE_TEST_CRASH_AT_STEP="3")
     assert crashed.returncode != 0 and _state(tmp_path / "two")["checkpoint"] == "step_2", (
         crashed.stderr[-3000:]
     )
-    proc = subprocess.run(
-        two,
-        cwd=tmp_path,
-        env={**_env(), "MEDTUNE_TEST_RESUME": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run(medtune_cli, two, tmp_path, MEDTUNE_TEST_RESUME="1")
     assert "resumed from" in _ok(proc)
-    _ok(_run([str(MEDTUNE), "run", str(wrapper), "--config", str(cfg1)], cwd=tmp_path))
+    _ok(_run(medtune_cli, [str(MEDTUNE), "run", str(wrapper), "--config", str(cfg1)], cwd=tmp_path))
 
     meta = {r: json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)}
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
@@ -381,7 +373,7 @@ def test_two_cpu_ranks_match_one_process(tiny_assets, tmp_path):
         assert torch.equal(saved[k], r0[k]), k
 
 
-def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
+def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path, medtune_cli):
     """``shard_llm: true``: the frozen LLM built on meta and FSDP2-sharded per layer on 2 ranks
     trains the encoder + connector exactly as one process with the same global batch."""
     common = [
@@ -394,6 +386,7 @@ def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
     ]
     two = _ok(
         _run(
+            None,  # the real `medtune run --nproc_per_node 2` through torchrun, once
             [
                 str(MEDTUNE),
                 "run",
@@ -413,6 +406,7 @@ def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path):
     assert "2 process(es)" in two
     _ok(
         _run(
+            medtune_cli,
             [
                 str(MEDTUNE),
                 "run",
@@ -480,11 +474,12 @@ def test_two_encoders_with_their_own_transforms_train(tiny_assets, tmp_path):
     assert len(out) == 1 and len(out[0]) <= 3
 
 
-def test_msmedcap_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path):
+def test_msmedcap_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path, medtune_cli):
     """``vision_finetune/slake_msmedcap`` as shipped, pointed at the tiny assets (its builder swapped
     for the tiny dual-encoder one): frozen encoders, both Q-Formers trained and saved."""
     out = tmp_path / "msm"
     proc = _run(
+        medtune_cli,
         [
             str(MEDTUNE), "run", "vision_finetune", "--config", "slake_msmedcap",
             f"model_dir={tiny_assets / 'llama3_tiny'}", f"data_dir={tiny_assets / 'tiny_slake' / 'Slake1.0'}",
@@ -521,9 +516,10 @@ def _slake_copy(tiny_assets: Path, dst: Path, n_rows: int = 6) -> Path:
 
 
 def _run_recipe_cli(
-    cfg: dict, tmp_path: Path, name: str = "bad.yaml"
+    cli, cfg: dict, tmp_path: Path, name: str = "bad.yaml"
 ) -> subprocess.CompletedProcess:
     return _run(
+        cli,
         [str(MEDTUNE), "run", "vision_finetune", "--config", str(_write_cfg(cfg, tmp_path / name))],
         cwd=tmp_path,
     )
@@ -538,7 +534,7 @@ def _assert_clear_failure(proc: subprocess.CompletedProcess, *patterns: str) -> 
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_bad_image_file_is_a_clear_error(tiny_assets, tmp_path, damage):
+def test_bad_image_file_is_a_clear_error(tiny_assets, tmp_path, damage, medtune_cli):
     root = _slake_copy(tiny_assets, tmp_path / "Slake1.0")
     rows = json.loads((root / "train.json").read_text())
     bad = root / "imgs" / rows[0]["img_name"]
@@ -548,18 +544,18 @@ def test_bad_image_file_is_a_clear_error(tiny_assets, tmp_path, damage):
         bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     cfg = _cfg(tiny_assets, tmp_path / "out", val_dataset=None, shuffle=False)
     cfg["dataset"] = {**cfg["dataset"], "root": str(root)}
-    proc = _run_recipe_cli(cfg, tmp_path)
+    proc = _run_recipe_cli(medtune_cli, cfg, tmp_path)
     what = "no such file|not found|does not exist" if damage == "missing" else "cannot decode image"
     text = _assert_clear_failure(proc, re.escape(rows[0]["img_name"]), f"(?i){what}")
     assert "Traceback" not in text and "vision_finetune: error:" in text, text[-3000:]
 
 
-def test_unknown_top_level_key_is_named(tiny_assets, tmp_path):
+def test_unknown_top_level_key_is_named(tiny_assets, tmp_path, medtune_cli):
     cfg = _cfg(tiny_assets, tmp_path / "out")
     cfg["learning_rate_typo"] = 1.0
     with pytest.raises(UserError, match="learning_rate_typo"):
         _recipe_module()["VisionFinetuneRecipe"](OmegaConf.create(cfg))
-    proc = _run_recipe_cli(cfg, tmp_path)
+    proc = _run_recipe_cli(medtune_cli, cfg, tmp_path)
     text = _assert_clear_failure(
         proc, "config key\\(s\\) not known to vision_finetune: learning_rate_typo"
     )
