@@ -12,9 +12,16 @@
    with hard negatives, LM; forward, backward, AdamW; ``medtune.models.blip``) with towers of the
    CLIP-style model's size, 1 process, batch B, next to ``local``.
 4. BLIP's re-ranked evaluation (``medtune.eval.blip_retrieval``: ITC matrix, each row's top
-   ``k_test`` re-scored by ITM, both ways) at ``--rerank-images`` x ``--rerank-texts`` (default
-   1,000 x 5,000, k_test 128) with that small BLIP, next to the same at k_test 1 (ITC features and
-   matrix plus one ITM pair per row).
+   ``k_test`` re-scored by ITM, both ways; ``inference_mode``, 256 ITM pairs per forward) at
+   ``--rerank-images`` x ``--rerank-texts`` (default 1,000 x 5,000, 5 captions per image, k_test
+   128) with a tiny BERT-shaped BLIP (``RERANK_CFG``: 2 BERT layers of width 64 with
+   cross-attention, 24-token captions, a 2-block ViT of width 64 at 32 px), next to the same at
+   k_test 1 (ITC features and matrix plus one ITM pair per row). The ITM forward passes are all
+   of its cost (768,000 at the default size). The step's BLIP (``MODEL_CFG``, ~10x the FLOPs per
+   pair) would take about an hour on one loaded CPU thread, so at the same size it computes the
+   ITC features and matrix in full and re-ranks the rows of 1 of ``--rerank-shard`` shards (50:
+   the rows rank 0 of 50 ranks scores); its full-size time is printed as the measured ITC time
+   plus all ITM pairs at the measured pairs/s, labelled EXTRAPOLATED.
 
     python benchmarks/bench_contrastive.py [--batch-size 32] [--steps 5] [--n-images 5000] [--tiny]
 
@@ -36,6 +43,13 @@ MODEL_CFG = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 192, "layers": 4, "head_width": 64},
     "text_cfg": {"context_length": 32, "vocab_size": 1000, "width": 128, "heads": 4, "layers": 4},
+}
+# the re-ranking evaluation at 1,000 x 5,000: a tiny BERT-shaped BLIP (BERT layers with
+# cross-attention, as BLIP's; ~5.7 MFLOP per ITM pair, ~1/10 of MODEL_CFG's)
+RERANK_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 24, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2},
 }
 # ``--tiny``: the same code paths at a size that only checks that the script runs (smoke test)
 TINY_CFG = {
@@ -120,9 +134,15 @@ def _blip_step_rate(cfg: dict, batch: int, steps: int, warmup: int) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def _rerank_time(cfg: dict, n_images: int, n_texts: int, k_test: int) -> tuple[float, float]:
+def _rerank_time(
+    cfg: dict, n_images: int, n_texts: int, k_test: int, shard: int = 1
+) -> tuple[float, float, int]:
     """(seconds of the re-ranked evaluation at ``k_test``, seconds of the same at k_test 1: the ITC
-    features and matrix plus one ITM pair per row) on random inputs."""
+    features and matrix plus one ITM pair per row, ITM pairs scored) on random inputs.
+
+    ``shard`` > 1: only the rows rank 0 of ``shard`` ranks would score are re-ranked (no process
+    group: the other rows stay 0), the ITC features and matrix in full.
+    """
     from medtune.eval.blip_retrieval import blip_retrieval_scores
 
     model = _blip(cfg, queue_size=8, decoder=False).eval()
@@ -133,11 +153,20 @@ def _rerank_time(cfg: dict, n_images: int, n_texts: int, k_test: int) -> tuple[f
     batches = [torch.randn(min(64, n_images - s), 3, size, size, generator=g)
                for s in range(0, n_images, 64)]  # fmt: skip
     t0 = time.perf_counter()
-    blip_retrieval_scores(model, batches, ids, mask, k_test=1)  # ITC + 1 ITM pair per row
+    # ITC + 1 ITM pair per row
+    blip_retrieval_scores(model, batches, ids, mask, k_test=1, world=shard)
     t_itc = time.perf_counter() - t0
     t0 = time.perf_counter()
-    blip_retrieval_scores(model, batches, ids, mask, k_test=k_test)
-    return time.perf_counter() - t0, t_itc
+    blip_retrieval_scores(model, batches, ids, mask, k_test=k_test, world=shard)
+    rows_i, rows_t = (min(n, n // shard + 1) for n in (n_images, n_texts))
+    pairs = rows_i * min(k_test, n_texts) + rows_t * min(k_test, n_images)
+    return time.perf_counter() - t0, t_itc, pairs
+
+
+def _sizes(cfg: dict) -> str:
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    return (f"text {t['layers']} x {t['width']} ({t['context_length']} tokens), vision "
+            f"{v['layers']} x {v['width']} at {v['image_size']} px")  # fmt: skip
 
 
 def _worker(rank: int, port: int, cfg: dict, batch: int, steps: int, warmup: int, q) -> None:
@@ -192,6 +221,11 @@ def main() -> None:
     p.add_argument("--rerank-images", type=int, help="default 1000 (--tiny: 20)")
     p.add_argument("--rerank-texts", type=int, help="default 5000 (--tiny: 100)")
     p.add_argument("--k-test", type=int, help="default 128 (--tiny: 8)")
+    p.add_argument(
+        "--rerank-shard",
+        type=int,
+        help="the step's BLIP re-ranks the rows of 1 of this many shards (default 50; --tiny: 4)",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     b = args.batch_size
@@ -246,11 +280,25 @@ def main() -> None:
     n_i, n_t, k = (20, 100, 8) if args.tiny else (1000, 5000, 128)
     n_i, n_t = args.rerank_images or n_i, args.rerank_texts or n_t
     k = args.k_test or k
-    t_all, t_itc = _rerank_time(cfg, n_i, n_t, k)
-    pairs = (n_i + n_t) * min(k, n_t, n_i)
+    rcfg = TINY_CFG if args.tiny else RERANK_CFG
+    t_all, t_itc, pairs = _rerank_time(rcfg, n_i, n_t, k)
     print(f"rerank {n_i} x {n_t} k_test {k}: {t_all:.2f} s ({pairs} ITM pairs, "
-          f"{pairs / max(t_all - t_itc, 1e-9):.0f} pairs/s; k_test 1: {t_itc:.2f} s)")  # fmt: skip
+          f"{pairs / max(t_all - t_itc, 1e-9):.0f} pairs/s; k_test 1: {t_itc:.2f} s) "
+          f"[{'tiny' if args.tiny else 'RERANK_CFG'}: {_sizes(rcfg)}]")  # fmt: skip
     print(f"rerank/k_test_1 = {t_all / t_itc:.2f}x")
+    # the step's BLIP at the same size: the ITC part in full, the ITM re-ranking of 1/shard of
+    # the rows measured; the whole re-ranking extrapolated from its pairs/s
+    shard = args.rerank_shard or (4 if args.tiny else 50)
+    s_all, s_itc, s_pairs = _rerank_time(cfg, n_i, n_t, k, shard=shard)
+    rate = s_pairs / max(s_all - s_itc, 1e-9)
+    est = s_itc + pairs / rate
+    name = "tiny" if args.tiny else "MODEL_CFG"
+    print(f"rerank_step_model {n_i} x {n_t} k_test {k}, rows of 1 of {shard} shards: {s_all:.2f} s "
+          f"measured ({s_pairs} ITM pairs, {rate:.0f} pairs/s; ITC + 1 pair per row: "
+          f"{s_itc:.2f} s) [{name}: {_sizes(cfg)}]")  # fmt: skip
+    print(f"rerank_step_model {n_i} x {n_t} k_test {k}: EXTRAPOLATED {est:.0f} s "
+          f"(ITC measured + {pairs} ITM pairs at {rate:.0f} pairs/s; not measured)")  # fmt: skip
+    print(f"rerank_step_model/rerank (extrapolated) = {est / t_all:.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,16 @@ def test_bench_contrastive_tiny():
     assert re.search(r"^blip/local = \d+\.\d\dx$", out, re.M), out
     assert re.search(r"^rerank 20 x 100 k_test 8: \d+\.\d\d s \(960 ITM pairs", out, re.M), out
     assert re.search(r"^rerank/k_test_1 = \d+\.\d\dx$", out, re.M), out
+    # the step's model: 1 of 4 shards of the rows measured (6 + 26 rows x 8), extrapolated
+    assert re.search(
+        r"^rerank_step_model 20 x 100 k_test 8, rows of 1 of 4 shards: \d+\.\d\d s measured "
+        r"\(256 ITM",
+        out,
+        re.M,
+    ), out
+    assert re.search(
+        r"^rerank_step_model 20 x 100 k_test 8: EXTRAPOLATED \d+ s .*not measured", out, re.M
+    ), out
     # the fast scorer and BLIP's argsort loop agree on R@1 at 60 x 300
     assert re.search(r"^retrieval 60 x 300: itm_eval .* \(R@1 equal: ", out, re.M), out
     # ~15 s of CPU on an idle 2-core machine, mostly importing open_clip in 3 processes

@@ -9,21 +9,16 @@
 - for both recipes, a run killed mid-epoch and resumed equals the uninterrupted run bit for bit
   (dropout on; retrieval: its evaluation after each epoch too).
 
-The runs are the CLI's ``medtune run`` in this process, or in processes forked from it (2 ranks,
-the killed run): the imports are paid once, not per run (a fresh interpreter costs 10-15
-CPU-seconds). ``medtune run --nproc_per_node`` itself (torchrun) is tested by the CLI's tests.
+The runs are the CLI's ``medtune run``: in this process, or (2 ranks, the killed run) in the
+session's fork server (``medtune_cli``: ranks as torchrun's standalone launch); the imports are
+paid once, not per run (a fresh interpreter costs 10-15 CPU-seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-import socket
-import sys
-import traceback
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 import torch
@@ -74,82 +69,29 @@ def _inproc(*argv: str) -> str:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# a killed run: the recipe with its k-th AdamW update replaced by a hard exit (status 17)
+_CRASH = """
+import os, runpy, sys
+import torch
+K, _orig, _calls = int(os.environ["CRASH_AT"]), torch.optim.AdamW.step, [0]
 
-
-def _crash_before_update(k: int) -> None:
-    """Make the k-th AdamW update a hard kill (``os._exit(17)``), in a forked child."""
-    orig, calls = torch.optim.AdamW.step, [0]
-
-    def step(self, *a, **kw):
-        calls[0] += 1
-        if calls[0] == k:
-            sys.stdout.flush()
-            os._exit(17)
-        return orig(self, *a, **kw)
-
-    torch.optim.AdamW.step = step
-
-
-def _child(rank: int, world: int, jobs, ports, log: Path, crash_at: int | None) -> NoReturn:
-    """A forked rank: output to ``<log>.<rank>``, the jobs in turn, then ``os._exit``."""
-    status = 99
-    try:
-        f = open(f"{log}.{rank}", "w", buffering=1)  # noqa: SIM115 (os._exit closes it)
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        sys.stdout = sys.stderr = f
-        if crash_at is not None:
-            _crash_before_update(crash_at)
-        from medtune._cli.main import main
-
-        status = 0
-        for job, port in zip(jobs, ports):
-            if world > 1:
-                os.environ.update(
-                    RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                )  # fmt: skip
-            try:
-                code = main(["run", *job])
-            except SystemExit as e:
-                code = e.code
-            if code not in (0, None):
-                status = code if isinstance(code, int) else 1
-                break
-    except BaseException:
-        traceback.print_exc()
-        status = 99
-    finally:
+def step(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == K:
         sys.stdout.flush()
-        os._exit(status)
+        os._exit(17)
+    return _orig(self, *a, **k)
+
+torch.optim.AdamW.step = step
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
 
 
-def _forked(jobs: list[list[str]], log: Path, world: int = 1, crash_at: int | None = None):
-    """Run ``medtune run <job>`` for each job in turn in ``world`` processes forked from this one
-    (ranks of a gloo group when ``world > 1``, a fresh port per job).
-
-    Args:
-        jobs: the argv of each run after ``medtune run``.
-        log: each rank's output goes to ``<log>.<rank>``.
-        world: processes.
-        crash_at: ``os._exit(17)`` before the crash_at-th AdamW update (a hard kill).
-
-    Returns:
-        Each rank's exit status and its output.
-    """
-    ports = [_free_port() for _ in jobs]
-    pids = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:
-            _child(rank, world, jobs, ports, log, crash_at)
-        pids.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
-    return codes, [Path(f"{log}.{r}").read_text() for r in range(world)]
+def _ok(proc) -> str:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc.stdout + proc.stderr
 
 
 def _state(out: Path) -> dict:
@@ -224,15 +166,16 @@ def _assert_same_run(one: Path, two: Path, losses: tuple[str, ...]) -> None:
         )
 
 
-def test_two_ranks_equal_one_process_at_the_same_global_batch(assets, one_process, tmp_path):
+def test_two_ranks_equal_one_process_at_the_same_global_batch(
+    assets, one_process, medtune_cli, tmp_path
+):
     d = one_process[0]
     pre = _cfg("blip_pretrain", assets, tmp_path / "pre", batch_size=4, **{"model.dropout": 0.0})
     ret = _cfg("blip_retrieval", assets, tmp_path / "ret", batch_size=4, **{"model.dropout": 0.0})
     init = f"init_from={d / 'pre' / 'epoch_0'}"  # the same start as the 1-process retrieval
-    jobs = [["blip_pretrain", "--config", str(pre)], ["blip_retrieval", "--config", str(ret), init]]
-    codes, logs = _forked(jobs, tmp_path / "log", world=2)
-    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "2 process(es)" in logs[0] and "global batch 8" in logs[0]
+    text = _ok(medtune_cli.run("run", "blip_pretrain", "--config", str(pre), nproc=2))
+    assert "2 process(es)" in text and "global batch 8" in text
+    _ok(medtune_cli.run("run", "blip_retrieval", "--config", str(ret), init, nproc=2))
     _assert_same_run(d / "pre", tmp_path / "pre", ("loss_itc", "loss_itm", "loss_lm"))
     _assert_same_run(d / "ret", tmp_path / "ret", ("loss_itc", "loss_itm"))
     # the evaluation's re-ranked rows were split over the 2 ranks and summed
@@ -247,13 +190,17 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(assets, one_proces
 
 # ----------------------------------------------------------------------------- kill + resume
 @pytest.mark.parametrize("recipe", ["blip_pretrain", "blip_retrieval"])
-def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(assets, recipe, tmp_path):
+def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(
+    assets, recipe, medtune_cli, tmp_path
+):
     over = {"epochs": 2, "save_every_n_steps": 1, "model.dropout": 0.1}
     a = _cfg(recipe, assets, tmp_path / "a", **over)
     b = _cfg(recipe, assets, tmp_path / "b", **over)
     _inproc(recipe, "--config", str(a))
-    codes, logs = _forked([[recipe, "--config", str(b)]], tmp_path / "log", crash_at=4)
-    assert codes == [17], logs[0][-3000:]
+    wrapper = tmp_path / "crash.py"
+    wrapper.write_text(_CRASH.format(recipe=str(REPO / "recipes" / f"{recipe}.py")))
+    proc = medtune_cli.run("run", str(wrapper), "--config", str(b), env={"CRASH_AT": "4"})
+    assert proc.returncode == 17, proc.stderr[-3000:]
     st = _state(tmp_path / "b")
     assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1
     text = _inproc(recipe, "--config", str(b), "resume_from_checkpoint=True")
