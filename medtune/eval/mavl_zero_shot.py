@@ -5,9 +5,10 @@ Followed: ``Zero-shot_classification/test.py`` of HieuPhan33/CVPR2024_MAVL, ``mo
 dataset's classes through MAVL's per-dataset class lists (``chexray14_cls``, ``chexpert_cls``,
 ``rsna_cls``, ``siim_cls``, ``covid_cls``, ``padchest_*_class``); ``Fibrosis`` is MAVL's
 ``tail_abnorm_obs``, PadChest's ``pleural effusion`` its ``effusion``. ``mode: text`` (MAVL's
-COVIDx and PadChest-unseen/rare configs) scores from the global concept similarities instead. Images are resized to the
-model's input size and normalised with ImageNet mean/std, as MAVL's test datasets do. Scores go
-to :func:`medtune.eval.classification_metrics.score_classification_rows` (AUROC; MAVL's max-F1 rule,
+COVIDx and PadChest-unseen/rare configs) scores from the global concept similarities instead.
+Images are resized to the model's input size and normalised with ImageNet mean/std, as MAVL's test
+datasets do (a ViT image side: its tower's own mean/std). Scores go to
+:func:`medtune.eval.classification_metrics.score_classification_rows` (AUROC; MAVL's max-F1 rule,
 which picks the threshold on the test set, is reported as ``*_mavl``, beside validation-chosen F1).
 """
 
