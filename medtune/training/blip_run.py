@@ -20,7 +20,6 @@ so no buffer broadcast).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from medtune.utils.distributed import (
     barrier,
     destroy,
     init_process_group,
+    is_distributed_env,
     resolve_device,
 )
 from medtune.utils.errors import ConfigError
@@ -143,7 +143,7 @@ def start_blip_run(
     """
     check_keys(cfg, known_keys, name)
     device = resolve_device(cfg_get(cfg, "device", str, "auto"))
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = is_distributed_env()  # one script: in-process or under torchrun
     rank, world_size = init_process_group(device) if distributed else (0, 1)
     run = BlipRun(
         name=name,
