@@ -29,10 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def towers(tmp_path_factory):
-    from medtune.testing.towers import make_tiny_towers
-
-    return make_tiny_towers(tmp_path_factory.mktemp("towers"))
+def towers(tiny_towers):
+    """The cached tiny towers (read-only here: every run writes under tmp_path)."""
+    return tiny_towers
 
 
 def _env(**extra) -> dict[str, str]:
@@ -69,23 +68,24 @@ def _cfg(towers: Path, out: Path, path: Path, **overrides) -> Path:
     return path
 
 
-def _run(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600
-    )
+def _run(cli, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    """``args`` (``[MEDTUNE, ...]``) forked from the pre-imported ``medtune_cli`` server."""
+    return cli.run_command(args, cwd=cwd, env=_env(**env), timeout=600)
 
 
 def _state(out: Path) -> dict:
     return torch.load(out / "recipe_state.pt", weights_only=True)
 
 
-def test_demo_runs_through_the_cli_with_losses_recall_and_checkpoint(towers, tmp_path):
+def test_demo_runs_through_the_cli_with_losses_recall_and_checkpoint(towers, tmp_path, medtune_cli):
     val = {
         "_component_": "medtune.data.caption_json",
         "path": str(towers / "tiny_captions/val.json"),
     }
     cfg = _cfg(towers, tmp_path / "out", tmp_path / "c.yaml", val_dataset=val)
-    text = _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp_path))
+    text = _ok(
+        _run(medtune_cli, [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp_path)
+    )
     for key in (
         "loss_itc",
         "loss_itm",
@@ -109,10 +109,12 @@ def test_demo_runs_through_the_cli_with_losses_recall_and_checkpoint(towers, tmp
     assert len(hist) == 2 and all(0 < h["loss"] < 50 for h in hist)
 
 
-def test_bad_key_is_one_line(towers, tmp_path):
+def test_bad_key_is_one_line(towers, tmp_path, medtune_cli):
     cfg = _cfg(towers, tmp_path / "out", tmp_path / "c.yaml")
     proc = _run(
-        [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg), "+epochz=2"], tmp_path
+        medtune_cli,
+        [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg), "+epochz=2"],
+        tmp_path,
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert (
@@ -138,20 +140,23 @@ runpy.run_path({recipe!r}, run_name="__main__")
 """
 
 
-def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(towers, tmp_path):
+def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(towers, tmp_path, medtune_cli):
     # dropout on, so the restored torch RNG matters; 2 epochs, a kill in epoch 1 after step_3
     over = {"epochs": 2, "max_steps_per_epoch": 2, "save_every_n_steps": 1, "model.dropout": 0.1}
     a = _cfg(towers, tmp_path / "a", tmp_path / "a.yaml", **over)
     b = _cfg(towers, tmp_path / "b", tmp_path / "b.yaml", **over)
-    _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(a)], tmp_path))
+    _ok(_run(medtune_cli, [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(a)], tmp_path))
     wrapper = tmp_path / "crash.py"
     wrapper.write_text(_CRASH.format(recipe=str(RECIPE)))
-    proc = _run([sys.executable, str(wrapper), "--config", str(b)], tmp_path, CRASH_AT="4")
+    proc = _run(
+        medtune_cli, [str(MEDTUNE), "run", str(wrapper), "--config", str(b)], tmp_path, CRASH_AT="4"
+    )
     assert proc.returncode == 17, proc.stderr[-3000:]
     st = _state(tmp_path / "b")
     assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1
     text = _ok(
         _run(
+            medtune_cli,
             [
                 str(MEDTUNE),
                 "run",
@@ -175,12 +180,13 @@ def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(towers, tmp_
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-def test_two_ranks_equal_one_process_at_the_same_global_batch(towers, tmp_path):
+def test_two_ranks_equal_one_process_at_the_same_global_batch(towers, tmp_path, medtune_cli):
     over = {"max_steps_per_epoch": 2, "model.dropout": 0.0}
     two = _cfg(towers, tmp_path / "two", tmp_path / "two.yaml", batch_size=4, **over)
     one = _cfg(towers, tmp_path / "one", tmp_path / "one.yaml", batch_size=8, **over)
     text = _ok(
         _run(
+            medtune_cli,
             [
                 str(MEDTUNE),
                 "run",
@@ -194,7 +200,9 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(towers, tmp_path):
         )
     )
     assert "2 process(es)" in text and "global batch 8" in text
-    _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(one)], tmp_path))
+    _ok(
+        _run(medtune_cli, [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(one)], tmp_path)
+    )
     h2, h1 = _state(tmp_path / "two")["loss_history"], _state(tmp_path / "one")["loss_history"]
     assert len(h2) == len(h1) == 2
     for x, y in zip(h1, h2):
@@ -246,7 +254,7 @@ def test_merged_two_encoder_model_loads_both_stage1_checkpoints(towers, tiny_ass
 
 # ----------------------------------------------------------------------------- stage 2 configs
 @pytest.fixture(scope="module")
-def stage1(towers, tmp_path_factory) -> dict[str, Path]:
+def stage1(towers, tmp_path_factory, medtune_cli) -> dict[str, Path]:
     """One-step stage-1 runs on the tiny towers: a SAM Q-Former and a CLIP Q-Former."""
     tmp = tmp_path_factory.mktemp("stage1")
     sam = {"_component_": "medtune.models.encoders.tiny_sam_vision"}
@@ -257,7 +265,7 @@ def stage1(towers, tmp_path_factory) -> dict[str, Path]:
         "clip": _cfg(towers, tmp / "clip", tmp / "clip.yaml", max_steps_per_epoch=1, epochs=1),
     }
     for cfg in runs.values():
-        _ok(_run([str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp))
+        _ok(_run(medtune_cli, [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(cfg)], tmp))
     return {enc: tmp / enc / "epoch_0" for enc in runs}
 
 
@@ -286,7 +294,9 @@ def _stage2_data(name: str, tmp_path: Path) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("name", ["roco_msmedcap", "openi_qformer", "mimic_cxr_report"])
-def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, tmp_path):
+def test_stage2_configs_run_through_the_cli(
+    name, stage1, towers, tiny_assets, tmp_path, medtune_cli
+):
     """The shipped stage-2 configs, pointed at tiny models and data in the download layouts: the
     Q-Former connector(s) start from the stage-1 checkpoint(s) (``init_from``) and train with
     Llama-3 frozen; XrayGPT's variant trains only the projection; every checkpoint holds the
@@ -321,7 +331,7 @@ def test_stage2_configs_run_through_the_cli(name, stage1, towers, tiny_assets, t
         "device=cpu", "epochs=1", "max_steps_per_epoch=1", "batch_size=2", "val_dataset=null",
         "max_seq_len=256", *extra,
     ]  # fmt: skip
-    text = _ok(_run(cmd, tmp_path))
+    text = _ok(_run(medtune_cli, cmd, tmp_path))
     assert "training samples" in text
     saved = load_file(str(out / "epoch_0" / "model.safetensors"))
     encs = ("sam", "clip") if name == "roco_msmedcap" else ("image",)
