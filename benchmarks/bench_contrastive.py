@@ -18,10 +18,10 @@
    cross-attention, 24-token captions, a 2-block ViT of width 64 at 32 px), next to the same at
    k_test 1 (ITC features and matrix plus one ITM pair per row). The ITM forward passes are all
    of its cost (768,000 at the default size). The step's BLIP (``MODEL_CFG``, ~10x the FLOPs per
-   pair) would take about an hour on one loaded CPU thread, so at the same size it computes the
-   ITC features and matrix in full and re-ranks the rows of 1 of ``--rerank-shard`` shards (50:
-   the rows rank 0 of 50 ranks scores); its full-size time is printed as the measured ITC time
-   plus all ITM pairs at the measured pairs/s, labelled EXTRAPOLATED.
+   pair) would take 25-60 minutes on one thread of a shared CPU, so at the same size it computes
+   the ITC features and matrix in full and re-ranks the rows of 1 of ``--rerank-shard`` shards
+   (50: the rows rank 0 of 50 ranks scores); its full-size time is printed as the measured ITC
+   time plus all ITM pairs at the measured pairs/s, labelled EXTRAPOLATED.
 
     python benchmarks/bench_contrastive.py [--batch-size 32] [--steps 5] [--n-images 5000] [--tiny]
 
