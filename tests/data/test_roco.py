@@ -118,11 +118,9 @@ def test_roco_converts_to_sharegpt(tmp_path):
     assert Path(rows[1]["image"]).is_file()
 
 
-def test_roco_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path):
+def test_roco_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path, medtune_cli):
     """``vision_finetune/roco`` as shipped, its data_dir a ROCO release folder and its model swapped
     for the tiny one: caption pre-training runs and saves the trained parts."""
-    import os
-    import subprocess
     import sys
 
     root = _release(tmp_path)
@@ -138,8 +136,7 @@ def test_roco_config_runs_through_the_cli_on_tiny_models(tiny_assets, tmp_path):
         "llm_dtype=fp32", "autocast=false", "device=cpu", "epochs=1", "batch_size=3", "num_workers=0",
         "val_dataset=null", "gradient_accumulation_steps=1",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = medtune_cli.run_command(cmd, cwd=tmp_path, timeout=300)  # forked, pre-imported
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "3 training samples" in proc.stdout
     assert (out / "epoch_0" / "model.safetensors").is_file()

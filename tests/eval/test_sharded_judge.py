@@ -7,7 +7,6 @@ every verdict cached and the followers take part in no generate call.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -41,11 +40,9 @@ def _tiny_config(tiny_assets: Path, path: Path) -> Path:
     return path
 
 
-def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [str(MEDTUNE), "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
-    )
+def _launch(cli, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``medtune run --nproc_per_node N ...`` as ranks forked from the pre-imported server."""
+    return cli.run_command([str(MEDTUNE), "run", *args], cwd=cwd, timeout=240)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -53,7 +50,9 @@ def _lines(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_judge_like_one_process(tiny_assets, tmp_path, pred_rows, capsys):
+def test_two_cpu_ranks_judge_like_one_process(
+    tiny_assets, tmp_path, pred_rows, capsys, medtune_cli
+):
     from medtune._cli.main import main
 
     assert MEDTUNE.exists(), MEDTUNE
@@ -70,7 +69,7 @@ def test_two_cpu_ranks_judge_like_one_process(tiny_assets, tmp_path, pred_rows, 
     out2, out1 = tmp_path / "two", tmp_path / "one"
     args = ["vqa_judge", "--config", str(cfg), f"predictions=[{preds}]"]
 
-    two = _launch(["--nproc_per_node", "2", *args, f"output_dir={out2}"], cwd=tmp_path)
+    two = _launch(medtune_cli, ["--nproc_per_node", "2", *args, f"output_dir={out2}"], cwd=tmp_path)
     log = two.stdout + two.stderr
     assert two.returncode == 0, log[-6000:]
     # rank 1 took part in every generate call of rank 0 and wrote nothing
@@ -106,7 +105,9 @@ def test_two_cpu_ranks_judge_like_one_process(tiny_assets, tmp_path, pred_rows, 
     assert len({v["raw"] for v in v2}) >= 3  # varied generated texts, not an empty pipeline
 
     # Run again: every verdict is cached; the follower is released without generating.
-    again = _launch(["--nproc_per_node", "2", *args, f"output_dir={out2}"], cwd=tmp_path)
+    again = _launch(
+        medtune_cli, ["--nproc_per_node", "2", *args, f"output_dir={out2}"], cwd=tmp_path
+    )
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-6000:]
     assert "5 cached, 0 to judge" in log and "rank 1: followed 0 batch(es)" in log
@@ -114,14 +115,14 @@ def test_two_cpu_ranks_judge_like_one_process(tiny_assets, tmp_path, pred_rows, 
 
 
 @pytest.mark.slow
-def test_rank0_error_releases_followers(tiny_assets, tmp_path, pred_rows):
+def test_rank0_error_releases_followers(tiny_assets, tmp_path, pred_rows, medtune_cli):
     """Rank 0 fails after the model is built (a damaged verdicts.jsonl): no rank hangs."""
     cfg = _tiny_config(tiny_assets, tmp_path / "tiny_sharded.yaml")
     preds = write_jsonl(tmp_path / "preds.jsonl", pred_rows[:2])
     out = tmp_path / "out"
     out.mkdir()
     (out / "verdicts.jsonl").write_text("not json\n")
-    run = _launch(["--nproc_per_node", "2", "vqa_judge", "--config", str(cfg),
+    run = _launch(medtune_cli, ["--nproc_per_node", "2", "vqa_judge", "--config", str(cfg),
                    f"predictions=[{preds}]", f"output_dir={out}"], cwd=tmp_path)  # fmt: skip
     log = run.stdout + run.stderr
     assert run.returncode == 1, log[-4000:]

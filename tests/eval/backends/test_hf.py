@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -85,12 +82,11 @@ def test_hf_models_answer_every_question(one_process):
     assert rows[0]["prompt"].startswith("\nQuestion: ") and "A. " in rows[0]["prompt"]
 
 
-def test_two_processes_equal_one(one_process, demo_assets, tmp_path):
+def test_two_processes_equal_one(one_process, demo_assets, tmp_path, medtune_cli):
     out = tmp_path / "hf2"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "medtune._cli.main", "run", "--nproc_per_node", "2", "eval", *ARGS,
-           f"assets_dir={demo_assets}", f"output_dir={out}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # 2 ranks forked from the pre-imported medtune_cli server, as torchrun --standalone sets them up
+    proc = medtune_cli.run("run", "eval", *ARGS, f"assets_dir={demo_assets}", f"output_dir={out}",
+                           cwd=REPO, nproc=2, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout
     assert _predictions(out) == _predictions(one_process)
