@@ -32,7 +32,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ForkServer"]
+__all__ = ["CHILD_CPU_SECONDS", "ForkServer"]
+
+#: CPU-seconds (user + system) of every command run by any ForkServer of this process, their
+#: workers included: a fresh process's CPU shows in getrusage(RUSAGE_CHILDREN), a forked
+#: command's does not (the server reaps it), so per-test CPU accounting adds this
+CHILD_CPU_SECONDS = [0.0]
 
 #: modules every recipe run would import; a missing optional one is skipped
 PRELOAD = (
@@ -121,8 +126,12 @@ for line in sys.stdin:
             child(job, rank_env)
         pids.append(pid)
     print(json.dumps({"pids": pids}), flush=True)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
-    print(json.dumps({"codes": codes}), flush=True)
+    codes, cpu = [], 0.0
+    for p in pids:
+        _, status, usage = os.wait4(p, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+        cpu += usage.ru_utime + usage.ru_stime
+    print(json.dumps({"codes": codes, "cpu": cpu}), flush=True)
 """
 
 
@@ -219,7 +228,9 @@ class ForkServer:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 break
-        codes = json.loads(self._read())["codes"]
+        done = json.loads(self._read())
+        codes = done["codes"]
+        CHILD_CPU_SECONDS[0] += done["cpu"]
         suffixes = [r.get("_SUFFIX", "") for r in ranks]
         stdout = "".join(_read_text(Path(f"{out}{s}")) for s in suffixes)
         stderr = "".join(_read_text(Path(f"{err}{s}")) for s in suffixes)
