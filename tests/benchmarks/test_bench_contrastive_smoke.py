@@ -1,32 +1,26 @@
-"""Smoke test: ``benchmarks/bench_contrastive.py --tiny`` at a tiny size runs and prints its ratio lines."""
+"""Smoke test: ``benchmarks/bench_contrastive.py --tiny`` at a tiny size runs and prints its ratio lines.
+
+It runs in this process (see conftest.py); its two gloo workers are real ``spawn`` processes."""
 
 from __future__ import annotations
 
 import re
 import resource
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_contrastive.py"
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _cpu() -> float:
+    return sum(resource.getrusage(r).ru_utime + resource.getrusage(r).ru_stime
+               for r in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # fmt: skip
 
 
-def test_bench_contrastive_tiny():
-    cpu0 = _children_cpu()
+def test_bench_contrastive_tiny(run_bench):
+    cpu0 = _cpu()
     argv = ["--tiny", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--n-images", "60",
             "--captions-per-image", "5"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300
-    )
+    # imported by name, not run as __main__: the spawned workers import _worker from it
+    out = run_bench("bench_contrastive.py", *argv, module=True)
     # user + system time of the script and its 2 gloo workers (it joins them before exiting)
-    cpu = _children_cpu() - cpu0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    cpu = _cpu() - cpu0
     assert "torch.set_num_threads(1); batch B=4" in out, out
     for name in ("local", "single_2B", "gather"):
         assert re.search(rf"^{name}\s.*\s\d+\.\d images/s", out, re.M), out
@@ -49,5 +43,5 @@ def test_bench_contrastive_tiny():
     ), out
     # the fast scorer and BLIP's argsort loop agree on R@1 at 60 x 300
     assert re.search(r"^retrieval 60 x 300: itm_eval .* \(R@1 equal: ", out, re.M), out
-    # ~15 s of CPU on an idle 2-core machine, mostly importing open_clip in 3 processes
+    # ~10 s of CPU on an idle 2-core machine, mostly importing open_clip in the 2 workers
     assert cpu < 60, f"smoke run took {cpu:.0f} s of CPU"

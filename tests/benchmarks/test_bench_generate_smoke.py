@@ -1,16 +1,12 @@
 """Smoke test: ``benchmarks/bench_generate.py --tiny`` runs, prints every ratio line, and each of
 its token-for-token checks holds (batched == per-sample, cache == no cache, beams batched ==
-per-sample, medtune == HF Llava greedy at batch 1 and 8, medtune's beam search == HF's)."""
+per-sample, medtune == HF Llava greedy at batch 1 and 8, medtune's beam search == HF's). It runs
+in this process (see conftest.py)."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generate.py"
 
 RATIOS = [
     r"batched/per-sample throughput",
@@ -23,17 +19,10 @@ RATIOS = [
 ]
 
 
-def test_bench_generate_tiny():
+def test_bench_generate_tiny(run_bench):
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    out = run_bench("bench_generate.py", "--tiny", "--threads", "1")
     elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
     for ratio in RATIOS:
         assert re.search(rf"^{ratio} = \d+\.\d\dx$", out, re.M), (ratio, out)
     same = re.findall(r"^same tokens: (\w+)$", out, re.M)
@@ -42,5 +31,5 @@ def test_bench_generate_tiny():
     assert families == [("llama2", "True"), ("qwen2_5", "True")], out
     hf_beams = re.findall(r"same tokens as HF: (\w+)", out)
     assert hf_beams == ["True", "True"], out
-    # ~10 s of CPU on an idle 2-core machine (mostly imports); the bound leaves room for a loaded one
+    # a few s on an idle 2-core machine; the bound leaves room for a loaded one
     assert elapsed < 120, f"smoke run took {elapsed:.0f} s"
