@@ -11,13 +11,9 @@ is being tested.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,61 +41,11 @@ def _n_lines(path: Path) -> int:
         return 0
 
 
-# A fork server: one process imports torch, torchtune and medtune once, then forks a child per run
-# that executes `medtune <argv>` (the CLI's main, as the console script does) in its own folder.
-# The test SIGKILLs the child by pid; the server reports each child's exit status. It saves the
-# ~5 CPU-seconds of imports per run that a fresh `python -m medtune._cli.main` would pay.
-FORK_SERVER = r"""
-import json, os, sys
-os.environ["OMP_NUM_THREADS"] = "1"
-import importlib
-# imported once, before any fork: what every run would import again (open_clip pulls in timm
-# and transformers: most of a tiny eval's CPU time)
-for name in ("torch", "torchtune", "open_clip", "matplotlib.pyplot", "medtune.training.loading",
-             "medtune.inference", "medtune.eval.judge"):
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass
-import medtune._cli.main as cli
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.chdir(job["cwd"])
-        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        try:
-            status = cli.main(job["argv"])
-        except SystemExit as e:
-            status = e.code
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            status = 99
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(status or 0) if isinstance(status, int) or status is None else 1)
-    print(json.dumps({"pid": pid}), flush=True)
-    _, code = os.waitpid(pid, 0)
-    print(json.dumps({"status": os.waitstatus_to_exitcode(code)}), flush=True)
-"""
-
-
 @pytest.fixture(scope="module")
-def runner():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FORK_SERVER],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    yield proc
-    proc.stdin.close()
-    proc.wait(60)
+def runner(medtune_cli):
+    """``medtune <argv>`` forked from the session's pre-imported process (the test SIGKILLs the
+    child by pid; :mod:`medtune.testing.forkserver`): no 5-15 CPU-s of imports per run."""
+    return medtune_cli
 
 
 def _run(runner, argv: list[str], cwd: Path, watch=None, kill_at: int | None = None) -> int | None:
@@ -108,24 +54,13 @@ def _run(runner, argv: list[str], cwd: Path, watch=None, kill_at: int | None = N
     Returns:
         The exit status (0 is asserted), or None when it was killed (it must not finish first).
     """
-    log = cwd / f"run-{time.monotonic_ns()}.log"
-    runner.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "log": str(log)}) + "\n")
-    runner.stdin.flush()
-    pid = json.loads(runner.stdout.readline())["pid"]
+    kill_when = None if kill_at is None else (lambda: _n_lines(watch()) >= kill_at)
+    proc = runner.run(*argv, cwd=cwd, kill_when=kill_when, timeout=300)
+    log = proc.stdout[-1000:] + proc.stderr[-2000:]
     if kill_at is not None:
-        deadline = time.monotonic() + 300
-        while _n_lines(watch()) < kill_at:
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.005)
-        with contextlib.suppress(ProcessLookupError):  # already done: reported below
-            os.kill(pid, signal.SIGKILL)
-    status = json.loads(runner.stdout.readline())["status"]
-    if kill_at is not None:
-        assert status == -signal.SIGKILL, (
-            f"finished before row {kill_at}: {log.read_text()[-2000:]}"
-        )
+        assert proc.returncode == -signal.SIGKILL, f"finished before row {kill_at}: {log}"
         return None
-    assert status == 0, log.read_text()[-3000:]
+    assert proc.returncode == 0, log
     return 0
 
 

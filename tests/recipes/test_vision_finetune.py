@@ -44,13 +44,11 @@ def _env() -> dict[str, str]:
 
 
 def _run(cli, cmd: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    """``cmd`` (``[MEDTUNE, ...]``) forked from the pre-imported ``medtune_cli`` server, or in a
-    fresh process when ``cli`` is None (the one torchrun launch of a real recipe kept here)."""
-    if cli is not None:
-        return cli.run_command(cmd, cwd=cwd, env={**_env(), **env}, timeout=timeout)
-    return subprocess.run(
-        cmd, cwd=cwd, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout
-    )
+    """``cmd`` (``[MEDTUNE, ...]``) forked from the pre-imported ``medtune_cli`` server;
+    ``run --nproc_per_node N`` becomes N forked ranks set up as torchrun's standalone launch sets
+    them up (the real torchrun launch of a real recipe: tests/recipes/test_eval.py
+    ::test_eval_two_ranks_equals_one)."""
+    return cli.run_command(cmd, cwd=cwd, env={**_env(), **env}, timeout=timeout)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
@@ -386,7 +384,7 @@ def test_shard_llm_two_ranks_match_one_process(tiny_assets, tmp_path, medtune_cl
     ]
     two = _ok(
         _run(
-            None,  # the real `medtune run --nproc_per_node 2` through torchrun, once
+            medtune_cli,
             [
                 str(MEDTUNE),
                 "run",
