@@ -27,6 +27,12 @@ TINY_SIZES = {"n_train": 288, "n_val": 32, "n_test": 96, "seed": 0}
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Training runs in tests redraw no curves at their epoch ends (medtune.viz.curves.plot_run: about
+# a CPU-second per redraw, most of a tiny run's time). Tests that check the figures set
+# MEDTUNE_PLOTS=1 for their runs: tests/viz, tests/cli/test_plot.py, the vision_finetune CLI run,
+# mavl_pretrain's demo run, contrastive_pretrain's resumed run.
+os.environ.setdefault("MEDTUNE_PLOTS", "0")
+
 
 def _assets_key() -> str:
     h = hashlib.sha256()

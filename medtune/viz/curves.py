@@ -1,6 +1,7 @@
 """Training curves from torchtune ``DiskLogger`` metric logs: loss, learning rate, grad norm, speed.
 
-Every training recipe calls :func:`plot_run` on rank 0 at each epoch end and at the end of the run;
+Every training recipe calls :func:`plot_run` on rank 0 at each epoch end and at the end of the run
+(``MEDTUNE_PLOTS=0`` in the environment turns that off);
 ``medtune plot RUN_DIR [RUN_DIR ...] --out DIR`` calls :func:`plot_runs` to draw several runs on
 shared axes (say the demo's image run against its blank-image baseline).
 
@@ -342,8 +343,13 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     Returns:
         The PNG paths written (``loss.png``, ``lr.png``, ... for the groups that have data); empty,
         with one line on stdout saying why, when the run logs to another tracker only
-        (TensorBoard, W&B, MLflow draw their own curves) or logs nothing.
+        (TensorBoard, W&B, MLflow draw their own curves) or logs nothing; empty when the
+        environment sets ``MEDTUNE_PLOTS=0`` (sweeps of many short runs, CI: a redraw costs about
+        a CPU-second, which is nothing next to a real epoch but most of a tiny one; ``medtune
+        plot RUN_DIR`` draws the same figures later from the logs).
     """
+    if os.environ.get("MEDTUNE_PLOTS", "1") == "0":
+        return []
     log_dir = Path(run_dir) / "logs"
     if not log_dir.is_dir() or not _log_files(log_dir):
         print(

@@ -195,11 +195,12 @@ def test_two_ranks_equal_one_process(tiny_towers, tmp_path, medtune_cli):
         torch.testing.assert_close(w1[k], w2[k], msg=k)
 
 
-def test_resume_reproduces_uninterrupted_run(cli_run, tiny_towers, tmp_path):
+def test_resume_reproduces_uninterrupted_run(cli_run, tiny_towers, tmp_path, monkeypatch):
     """Stop at step 3 (mid epoch 1 of 2, 2 steps each), resume: the losses (ITC and ITM, whose hard
     negatives draw from a generator) and weights of the uninterrupted shared run."""
     full, _ = cli_run
     part = tmp_path / "part"
+    monkeypatch.setenv("MEDTUNE_PLOTS", "1")  # the curves are checked (tests turn them off else)
     _run_inprocess(_cfg(tiny_towers, part, **SHARED, max_steps=3))
     assert sorted(p.name for p in part.iterdir()) == [
         "epoch_0",

@@ -39,10 +39,9 @@ runpy.run_path({recipe!r}, run_name="__main__")
 """
 
 
-def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = None):
+def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = None, env=None):
     """``medtune <argv>`` in a forked copy of the pre-imported process (``medtune_cli``: ranks as
     torchrun's standalone launch); with ``kill_at_step`` the recipe SIGKILLs itself at that step."""
-    env = None
     if kill_at_step:
         recipe = REPO / "recipes" / f"{argv[1]}.py"
         # named as the recipe, so the CLI finds its configs; in a folder of its own, so that
@@ -52,13 +51,13 @@ def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = 
         wrapper.write_text(_KILL_WRAPPER.format(recipe=str(recipe)))
         argv, env = (
             (argv[0], str(wrapper), *argv[2:]),
-            {"MEDTUNE_TEST_KILL_AT_STEP": str(kill_at_step)},
+            {**(env or {}), "MEDTUNE_TEST_KILL_AT_STEP": str(kill_at_step)},
         )
     return cli.run(*argv, cwd=cwd, env=env, nproc=nproc, timeout=600)
 
 
-def _ok(cli, *argv: str, cwd: Path, nproc: int = 1) -> str:
-    p = _run(cli, *argv, cwd=cwd, nproc=nproc)
+def _ok(cli, *argv: str, cwd: Path, nproc: int = 1, env=None) -> str:
+    p = _run(cli, *argv, cwd=cwd, nproc=nproc, env=env)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p.stdout + p.stderr
 
@@ -98,6 +97,7 @@ def demo(medtune_cli, assets, tmp_path_factory) -> tuple[Path, str]:
         f"assets_dir={assets}",
         f"output_dir={out}",
         cwd=tmp,
+        env={"MEDTUNE_PLOTS": "1"},  # the curves are checked below (tests turn them off else)
     )
 
 
@@ -106,7 +106,7 @@ def test_demo_pretrain_then_zero_shot_through_cli(medtune_cli, assets, demo, tmp
     assert "75 entities x 3 concepts" in text and "step 6 |" in text
     sd = load_file(str(out / "epoch_1" / "model.safetensors"))
     assert "decoder.layers.1.multihead_attn.in_proj_weight" in sd and sd["temp"].shape == (3,)
-    assert len(_losses(out)) == 6 and (out / "plots").is_dir()
+    assert len(_losses(out)) == 6 and (out / "plots" / "loss.png").is_file()
     zs = tmp_path / "zs"
     text = _ok(medtune_cli, "run", "zero_shot_classify", "--config", "demo_mavl", f"assets_dir={assets}",
               f"output_dir={zs}", f"checkpoint={out / 'epoch_1'}", cwd=tmp_path)  # fmt: skip

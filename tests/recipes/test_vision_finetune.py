@@ -132,8 +132,10 @@ def test_cli_run_writes_trained_parts_config_and_logs(tiny_assets, tmp_path, med
             "log_every_n_steps=1",
         ],
         cwd=tmp_path,
+        MEDTUNE_PLOTS="1",  # curves are drawn (the test suite turns them off elsewhere)
     )
     text = _ok(proc)
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {"loss.png", "lr.png"}
 
     # the parameter table, with the real counts of each part
     m = _demo_model(tiny_assets)
