@@ -56,6 +56,9 @@ PRELOAD = (
     "sklearn.metrics",
     "PIL.Image",
     "omegaconf",
+    "pydicom",  # medtune.data.dicom imports it on first use: every SLAKE-fixture run
+    "tiktoken",
+    "sentencepiece",
 )
 
 _SERVER = r"""
