@@ -9,7 +9,6 @@ back afterwards so later tests in this worker see what they would have seen.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import runpy
 import sys
@@ -25,29 +24,17 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def run_bench(capsys, monkeypatch):
     """``run_bench("bench_x.py", *argv) -> stdout``: the script as ``python bench_x.py *argv``
-    would run it (``__name__ == "__main__"``), a non-zero ``SystemExit`` re-raised.
-
-    ``module=True`` imports it under its own name instead and calls ``main()``: a script whose
-    workers are started with ``spawn`` needs that, so the children can import the worker
-    function by name (spawn re-imports it from ``sys.path``, which they inherit)."""
+    would run it (``__name__ == "__main__"``), a non-zero ``SystemExit`` re-raised."""
     threads = torch.get_num_threads()
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     monkeypatch.syspath_prepend(str(BENCH))  # also undoes the scripts' own sys.path inserts
 
-    def run(script: str, *argv: str, module: bool = False) -> str:
+    def run(script: str, *argv: str) -> str:
         path = BENCH / script
         monkeypatch.setattr(sys, "argv", [str(path), *argv])
         capsys.readouterr()
         try:
-            if module:
-                name = path.stem
-                spec = importlib.util.spec_from_file_location(name, path)
-                mod = importlib.util.module_from_spec(spec)
-                monkeypatch.setitem(sys.modules, name, mod)
-                spec.loader.exec_module(mod)
-                mod.main()
-            else:
-                runpy.run_path(str(path), run_name="__main__")
+            runpy.run_path(str(path), run_name="__main__")
         except SystemExit as e:
             if e.code not in (0, None):
                 out = capsys.readouterr()
