@@ -348,11 +348,13 @@ def test_eval_configs_are_valid(name):
     assert collect_problems(OmegaConf.to_container(cfg, resolve=True)) == []
 
 
-def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path):
-    """``medtune run --nproc_per_node 2 eval`` (2 CPU ranks, gloo): the same files as 1 process."""
-    import os
-    import subprocess
-    import sys
+def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path, medtune_cli):
+    """``medtune run --nproc_per_node 2 eval`` (2 CPU ranks, gloo): the same files as 1 process.
+
+    The one test that launches a real recipe through torchrun itself (the launcher is forked from
+    the pre-imported ``medtune_cli`` server; torchrun starts both workers as fresh interpreters,
+    through ``medtune._cli.launch``): every other multi-rank test forks its ranks.
+    """
 
     args = [
         f"checkpoints=[{checkpoints[0]}]",
@@ -365,12 +367,8 @@ def test_eval_two_ranks_equals_one(checkpoints, data_dir, tmp_path):
         _cli("run", "eval", "--config", "slake_vqa_rad", *args, f"output_dir={tmp_path / 'one'}")
         == 0
     )
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "medtune"), "run", "--nproc_per_node", "2", "eval",
-         "--config", "slake_vqa_rad", *args, f"output_dir={tmp_path / 'two'}"],
-        env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1"),
-        capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+    proc = medtune_cli.run("run", "--nproc_per_node", "2", "eval", "--config", "slake_vqa_rad",
+                           *args, f"output_dir={tmp_path / 'two'}", timeout=400)  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.count("eval: loading") == 1  # one log line: only rank 0 prints
     # every rank starts through medtune._cli.launch: no torchao import noise from any of them
