@@ -9,8 +9,8 @@ STAMP := $(VENV)/.medtune-installed
 ASSETS := assets
 # Tests use both cores of the CI machine; override with `make test PYTEST_ARGS=...`. A test
 # module stays on one worker (--dist loadscope): its module-scoped fixtures (tiny training runs,
-# servers) then run once, not once per worker.
-PYTEST_ARGS ?= -n 2 --dist loadscope
+# servers) then run once, not once per worker. The ten slowest tests are listed at the end.
+PYTEST_ARGS ?= -n 2 --dist loadscope --durations=10
 
 .PHONY: demo test lint install clean browser
 
