@@ -167,7 +167,10 @@ def test_errors_inside_the_recipe_are_not_swallowed(recipes_root, workdir):
 # ----------------------------------------------------------------------------- torchrun
 
 
-def test_run_two_ranks_on_cpu_with_gloo(recipes_root, workdir):
+def test_run_two_ranks_on_cpu_with_gloo(recipes_root, workdir, medtune_cli, capsys, monkeypatch):
+    """One real torchrun launch (each rank a fresh ``python -m medtune._cli.launch``) of a user's
+    recipe file; then a registered recipe with the other flag spellings: its torchrun flags parsed
+    in this process up to the launch, and its 2 ranks run forked from the fork server."""
     # A user's recipe file (copied, without SUPPORTS_DISTRIBUTED) and a user's YAML path.
     recipe = workdir / "my_dist.py"
     recipe.write_text(DIST_RECIPE.replace("SUPPORTS_DISTRIBUTED = True\n", ""))
@@ -175,11 +178,13 @@ def test_run_two_ranks_on_cpu_with_gloo(recipes_root, workdir):
     out_dir = workdir / "ranks"
     out_dir.mkdir()
     (workdir / "cfg.yaml").write_text(f"out_dir: {out_dir}\nscale: 1.0\n")
-    proc = run_cli(
+    # the CLI process is forked (no import cost); torchrun and its 2 workers are real processes
+    proc = medtune_cli.run(
         "run", "--nproc_per_node", "2", "my_dist.py", "--config", "cfg.yaml", "scale=2.5",
-        cwd=workdir,
+        cwd=workdir, env={"MEDTUNE_RECIPES_DIR": str(recipes_root)}, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "medtune: launching my_dist.py with torchrun" in proc.stderr
     assert "note: my_dist.py does not set SUPPORTS_DISTRIBUTED" in proc.stderr
     ranks = sorted(p.name for p in out_dir.iterdir())
     assert ranks == ["rank0.txt", "rank1.txt"]
@@ -187,14 +192,28 @@ def test_run_two_ranks_on_cpu_with_gloo(recipes_root, workdir):
         got = json.loads((out_dir / f"rank{rank}.txt").read_text())
         assert got == {"rank": rank, "world_size": 2, "sum": 2.5 * (1 + 2), "helper": 7}
 
+    # registered distributed recipe, `--nnodes=1 --nproc-per-node=2`: what reaches torchrun
+    import medtune._cli.run as cli_run
 
-def test_run_two_ranks_registered_distributed_recipe(recipes_root, workdir):
-    (workdir / "cwd_helper.py").write_text("VALUE = 1\n")
-    proc = run_cli(
-        "run", "--nnodes=1", "--nproc-per-node=2", "dist_recipe", "--config", "dist", cwd=workdir
+    launched = []
+    monkeypatch.setattr(cli_run, "_run_distributed", lambda *a: launched.append(a) or 0)
+    status, _, err = run_main(
+        capsys, "run", "--nnodes=1", "--nproc-per-node=2", "dist_recipe", "--config", "dist"
     )
+    assert status == 0, err
+    assert "note:" not in err  # the registered recipe declares SUPPORTS_DISTRIBUTED
+    [(ns, script, argv)] = launched
+    assert (ns.nnodes, int(ns.nproc_per_node), ns.standalone) == ("1", 2, True)
+    assert script == recipes_root / "dist_recipe.py"
+    assert argv == ["--config", str(recipes_root / "configs" / "dist_recipe" / "dist.yaml")]
+    # and its 2 ranks (as torchrun's standalone launch sets them up) agree
+    (workdir / "cwd_helper.py").write_text("VALUE = 1\n")
+    proc = medtune_cli.run(
+        "run", "dist_recipe", "--config", "dist", cwd=workdir, nproc=2,
+        env={"MEDTUNE_RECIPES_DIR": str(recipes_root), "PYTHONPATH": str(workdir)},
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "note:" not in proc.stderr  # the registered recipe declares SUPPORTS_DISTRIBUTED
+    assert "note:" not in proc.stderr
     for rank in (0, 1):
         got = json.loads((workdir / f"rank{rank}.txt").read_text())
         assert (got["rank"], got["world_size"], got["sum"]) == (rank, 2, 3.0)
