@@ -44,6 +44,9 @@ def _rank(rank: int, store_file: str, out: str) -> None:
 
 
 def test_on_rank0_gives_rank0s_result_and_error_to_every_rank(tmp_path):
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    # forked, not spawned: a spawned rank re-imports torch and this module (seconds of CPU) to
+    # run two collectives; each forked rank builds its own gloo group from the file store
+    args = (str(tmp_path / "store"), str(tmp_path / "out"))
+    mp.start_processes(_rank, args=args, nprocs=2, start_method="fork")
     for rank in (0, 1):
         assert (tmp_path / f"out.{rank}").read_text() == "0|bad file on rank 0"
