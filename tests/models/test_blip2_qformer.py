@@ -205,10 +205,13 @@ def test_two_ranks_give_the_one_process_losses_and_gradients(bert_dir, tmp_path)
     t = tok(texts, padding="max_length", max_length=10, truncation=True, return_tensors="pt")
     img = torch.randn(6, 6, W, generator=torch.Generator().manual_seed(2))
     out = tmp_path / "two.pt"
-    mp.spawn(
+    # forked, not spawned: a spawned rank re-imports torch, transformers and medtune (seconds of
+    # CPU each); each forked rank sets one thread and builds its own gloo group
+    mp.start_processes(
         _rank_main,
         args=(_free_port(), bert_dir, img, t["input_ids"], t["attention_mask"], out),
         nprocs=2,
+        start_method="fork",
     )
     two = torch.load(out, weights_only=True)
     m = _model(bert_dir)
