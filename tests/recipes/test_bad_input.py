@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -172,27 +170,45 @@ def test_training_conversation_without_an_assistant_turn(tiny_assets, tmp_path, 
     assert "assistant" in line
 
 
-def test_ctrl_c_is_one_line_and_status_130(tiny_assets, tmp_path):
-    """SIGINT while training: ``vision_finetune: interrupted``, exit 130, no traceback."""
-    cmd = [
-        str(Path(sys.executable).parent / "medtune"),
-        "run",
-        "vision_finetune",
-        "--config",
-        "vision_finetune/demo",
-        f"assets_dir={tiny_assets}",
-        f"output_dir={tmp_path / 'o'}",
-        "epochs=50",
-        "val_dataset=null",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after "(comm)": state, ppid, ...
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_ctrl_c_is_one_line_and_status_130(tiny_assets, tmp_path, medtune_cli):
+    """SIGINT while training: ``vision_finetune: interrupted``, exit 130, no traceback.
+
+    The run is a real process, forked from the fork server (which starts as a fresh ``medtune``
+    process would, default SIGINT handling included, minus the imports); a real SIGINT is sent to
+    it once training is under way."""
     log = tmp_path / "o" / "logs"
-    while time.monotonic() < deadline and not (log.is_dir() and any(log.iterdir())):
-        time.sleep(0.5)  # the metric logger exists once training is set up
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    server = medtune_cli._proc.pid  # the run is its only child while it runs
+    state = {"seen": None, "sent": []}
+
+    def interrupt() -> bool:
+        if not state["sent"] and log.is_dir() and any(log.iterdir()):
+            # the metric logger exists once training is set up; then 2 s into training
+            state["seen"] = state["seen"] or time.monotonic()
+            if time.monotonic() - state["seen"] > 2:
+                state["sent"] = _children(server)
+                for pid in state["sent"]:
+                    os.kill(pid, signal.SIGINT)
+        return False  # never SIGKILL: the run must end on its own
+
+    proc = medtune_cli.run(
+        "run", "vision_finetune", "--config", "vision_finetune/demo", f"assets_dir={tiny_assets}",
+        f"output_dir={tmp_path / 'o'}", "epochs=50", "val_dataset=null",
+        cwd=os.getcwd(), timeout=300, kill_when=interrupt,
+    )  # fmt: skip
+    err = proc.stderr
+    assert len(state["sent"]) == 1, state  # one process, interrupted during training
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "vision_finetune: interrupted" in err, err[-3000:]
