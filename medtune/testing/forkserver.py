@@ -167,6 +167,9 @@ class ForkServer:
         )
         self._n = 0
         self._buf = b""
+        #: pids of the command running now, one per rank (for ``kill_when`` callbacks that send
+        #: their own signal); empty between commands
+        self.running: list[int] = []
         self._read()  # {"ready": true} once the imports are done
 
     def run(
@@ -221,6 +224,7 @@ class ForkServer:
         }
         self._proc.stdin.write((json.dumps(job) + "\n").encode())
         pids = json.loads(self._read())["pids"]
+        self.running = list(pids)
         deadline = time.monotonic() + timeout
         timed_out = False
         # the server answers when every child has exited; meanwhile watch the clock / condition
@@ -232,6 +236,7 @@ class ForkServer:
                         os.kill(pid, signal.SIGKILL)
                 break
         done = json.loads(self._read())
+        self.running = []
         codes = done["codes"]
         CHILD_CPU_SECONDS[0] += done["cpu"]
         suffixes = [r.get("_SUFFIX", "") for r in ranks]

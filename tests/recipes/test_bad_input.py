@@ -170,19 +170,6 @@ def test_training_conversation_without_an_assistant_turn(tiny_assets, tmp_path, 
     assert "assistant" in line
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (from /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:  # fields after "(comm)": state, ppid, ...
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def test_ctrl_c_is_one_line_and_status_130(tiny_assets, tmp_path, medtune_cli):
     """SIGINT while training: ``vision_finetune: interrupted``, exit 130, no traceback.
 
@@ -190,7 +177,6 @@ def test_ctrl_c_is_one_line_and_status_130(tiny_assets, tmp_path, medtune_cli):
     process would, default SIGINT handling included, minus the imports); a real SIGINT is sent to
     it once training is under way."""
     log = tmp_path / "o" / "logs"
-    server = medtune_cli._proc.pid  # the run is its only child while it runs
     state = {"seen": None, "sent": []}
 
     def interrupt() -> bool:
@@ -198,7 +184,7 @@ def test_ctrl_c_is_one_line_and_status_130(tiny_assets, tmp_path, medtune_cli):
             # the metric logger exists once training is set up; then 2 s into training
             state["seen"] = state["seen"] or time.monotonic()
             if time.monotonic() - state["seen"] > 2:
-                state["sent"] = _children(server)
+                state["sent"] = list(medtune_cli.running)
                 for pid in state["sent"]:
                     os.kill(pid, signal.SIGINT)
         return False  # never SIGKILL: the run must end on its own
