@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["CHILD_CPU_SECONDS", "ForkServer"]
+__all__ = ["CHILD_CPU_SECONDS", "ForkServer", "signals_as_from_a_shell"]
 
 #: CPU-seconds (user + system) of every command run by any ForkServer of this process, their
 #: workers included: a fresh process's CPU shows in getrusage(RUSAGE_CHILDREN), a forked
@@ -62,7 +62,7 @@ PRELOAD = (
 )
 
 _SERVER = r"""
-import atexit, importlib, json, os, pkgutil, sys, traceback
+import atexit, importlib, json, os, pkgutil, signal, sys, traceback
 for name in json.loads(sys.argv[1]):
     try:
         importlib.import_module(name)
@@ -81,6 +81,10 @@ for info in pkgutil.walk_packages(medtune.__path__, "medtune."):
 import medtune._cli.main as cli
 
 def child(job, rank_env):
+    from medtune.testing.forkserver import signals_as_from_a_shell
+
+    signals_as_from_a_shell()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what Python installs at start-up
     os.chdir(job["cwd"])
     for k, v in {**job["env"], **rank_env}.items():
         if k == "_SUFFIX":
@@ -136,6 +140,19 @@ for line in sys.stdin:
         cpu += usage.ru_utime + usage.ru_stime
     print(json.dumps({"codes": codes, "cpu": cpu}), flush=True)
 """
+
+
+def signals_as_from_a_shell() -> None:
+    """SIGINT and SIGTERM at their defaults and unblocked, as in a process a shell starts.
+
+    Use as ``subprocess.Popen(..., preexec_fn=signals_as_from_a_shell)`` in tests that signal the
+    process they start: an ignored or blocked signal is inherited across fork and exec, and a
+    test process can have one (seen: a serve process started from an xdist worker exited 0 on
+    SIGINT because SIGINT reached it ignored or blocked).
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from medtune.serve import Limits, create_app
+from medtune.testing.forkserver import signals_as_from_a_shell
 
 from .conftest import image_message, running
 
@@ -247,7 +248,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         "log_level=warning",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=signals_as_from_a_shell,  # SIGTERM reaches it as it would from a shell
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from medtune.testing.forkserver import signals_as_from_a_shell
+
 from .conftest import image_message
 
 pytestmark = pytest.mark.slow
@@ -66,7 +68,13 @@ def demo_server(tiny_assets, demo_checkpoint, tmp_path_factory):
     cmd = [sys.executable, "-m", "medtune._cli.main", "run", "serve", "--config", "demo"]
     cmd += [f"checkpoint={demo_checkpoint}", f"assets_dir={tiny_assets}", f"port={port}"]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            preexec_fn=signals_as_from_a_shell,  # Ctrl-C reaches it as it would from a shell
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
