@@ -52,13 +52,15 @@ def _run(runner, argv: list[str], cwd: Path, watch=None, kill_at: int | None = N
     """Run ``medtune <argv>``; with ``kill_at``, SIGKILL it once ``watch()`` holds that many rows.
 
     Returns:
-        The exit status (0 is asserted), or None when it was killed (it must not finish first).
+        None when it was killed; else its exit status, 0 (asserted). A run given ``kill_at`` can
+        finish first: its rows after ``kill_at`` and its end came between two looks at the file
+        (a loaded machine can keep the test from running for that long); the caller counts the
+        kills that landed.
     """
     kill_when = None if kill_at is None else (lambda: _n_lines(watch()) >= kill_at)
     proc = runner.run(*argv, cwd=cwd, kill_when=kill_when, timeout=300)
     log = proc.stdout[-1000:] + proc.stderr[-2000:]
-    if kill_at is not None:
-        assert proc.returncode == -signal.SIGKILL, f"finished before row {kill_at}: {log}"
+    if kill_at is not None and proc.returncode == -signal.SIGKILL:
         return None
     assert proc.returncode == 0, log
     return 0
@@ -71,9 +73,11 @@ def _kill_chain(runner, argv: list[str], cwd: Path, watch, full: list[dict]) -> 
     for k in points:
         if _n_lines(watch()) >= k:
             continue  # an earlier run already went past this row before its kill landed
-        _run(runner, argv, cwd, watch, kill_at=k)
+        finished = _run(runner, argv, cwd, watch, kill_at=k) == 0
         rows = _complete_rows(watch())
         assert len(rows) >= k and rows == full[: len(rows)]  # a prefix: nothing reordered
+        if finished:
+            break  # the kill came too late: later rows are past too (len(seen) is asserted)
         seen.append(len(rows))
     _run(runner, argv, cwd)
     return seen
