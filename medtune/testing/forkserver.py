@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["CHILD_CPU_SECONDS", "ForkServer", "signals_as_from_a_shell"]
+__all__ = ["CHILD_CPU_SECONDS", "ForkServer", "signals_as_from_a_shell", "write_kill_wrapper"]
 
 #: CPU-seconds (user + system) of every command run by any ForkServer of this process, their
 #: workers included: a fresh process's CPU shows in getrusage(RUSAGE_CHILDREN), a forked
@@ -140,6 +140,53 @@ for line in sys.stdin:
         cpu += usage.ru_utime + usage.ru_stime
     print(json.dumps({"codes": codes, "cpu": cpu}), flush=True)
 """
+
+
+# Runs the recipe script in this interpreter and dies before its K-th AdamW update
+_KILL_WRAPPER = """
+import os, runpy, signal, sys
+import torch
+
+K = int(os.environ["MEDTUNE_TEST_KILL_AT_STEP"])
+_orig, _calls = torch.optim.AdamW.step, [0]
+
+def step(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == K:
+        {die}
+    return _orig(self, *a, **k)
+
+torch.optim.AdamW.step = step
+sys.argv = [{recipe!r}, *sys.argv[1:]]
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
+
+
+def write_kill_wrapper(recipe: Path, folder: Path, exit_code: int | None = None) -> Path:
+    """Write a script that runs ``recipe`` and dies before its K-th optimizer (AdamW) update.
+
+    K comes from the environment variable ``MEDTUNE_TEST_KILL_AT_STEP``. The script is
+    ``folder/kill/<recipe name>.py``: named as the recipe, so that ``medtune run <script>
+    --config <name>`` finds the recipe's configs, and in a folder of its own, so that the recipe's
+    name run from ``folder`` does not resolve to it.
+
+    Args:
+        recipe: the recipe script (``recipes/<name>.py``).
+        folder: where the ``kill`` folder goes.
+        exit_code: None: the process SIGKILLs itself (no cleanup, no atexit, no flush); else it
+            flushes stdout and leaves with ``os._exit(exit_code)``.
+
+    Returns:
+        The script's path.
+    """
+    if exit_code is None:
+        die = "os.kill(os.getpid(), signal.SIGKILL)"
+    else:
+        die = f"sys.stdout.flush()\n        os._exit({int(exit_code)})"
+    path = Path(folder) / "kill" / Path(recipe).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_KILL_WRAPPER.format(recipe=str(recipe), die=die))
+    return path
 
 
 def signals_as_from_a_shell() -> None:

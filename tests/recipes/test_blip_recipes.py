@@ -25,6 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from medtune.testing.forkserver import write_kill_wrapper
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "configs"
 
@@ -67,24 +69,6 @@ def _inproc(*argv: str) -> str:
             status = e.code
     assert status in (0, None), buf.getvalue()[-3000:]
     return buf.getvalue()
-
-
-# a killed run: the recipe with its k-th AdamW update replaced by a hard exit (status 17)
-_CRASH = """
-import os, runpy, sys
-import torch
-K, _orig, _calls = int(os.environ["CRASH_AT"]), torch.optim.AdamW.step, [0]
-
-def step(self, *a, **k):
-    _calls[0] += 1
-    if _calls[0] == K:
-        sys.stdout.flush()
-        os._exit(17)
-    return _orig(self, *a, **k)
-
-torch.optim.AdamW.step = step
-runpy.run_path({recipe!r}, run_name="__main__")
-"""
 
 
 def _ok(proc) -> str:
@@ -197,9 +181,10 @@ def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(
     a = _cfg(recipe, assets, tmp_path / "a", **over)
     b = _cfg(recipe, assets, tmp_path / "b", **over)
     _inproc(recipe, "--config", str(a))
-    wrapper = tmp_path / "crash.py"
-    wrapper.write_text(_CRASH.format(recipe=str(REPO / "recipes" / f"{recipe}.py")))
-    proc = medtune_cli.run("run", str(wrapper), "--config", str(b), env={"CRASH_AT": "4"})
+    wrapper = write_kill_wrapper(REPO / "recipes" / f"{recipe}.py", tmp_path, exit_code=17)
+    proc = medtune_cli.run(
+        "run", str(wrapper), "--config", str(b), env={"MEDTUNE_TEST_KILL_AT_STEP": "4"}
+    )
     assert proc.returncode == 17, proc.stderr[-3000:]
     st = _state(tmp_path / "b")
     assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1

@@ -13,30 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medtune.testing.forkserver import write_kill_wrapper
 from medtune.testing.mavl import build_cached_tiny_mavl
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-# Runs the recipe script in this interpreter, SIGKILLing itself at the K-th optimizer step.
-_KILL_WRAPPER = """
-import os, runpy, signal, sys
-import torch
-
-K = int(os.environ["MEDTUNE_TEST_KILL_AT_STEP"])
-_orig, _calls = torch.optim.AdamW.step, [0]
-
-def step(self, *a, **k):
-    _calls[0] += 1
-    if _calls[0] == K:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _orig(self, *a, **k)
-
-torch.optim.AdamW.step = step
-sys.argv = [{recipe!r}, *sys.argv[1:]]
-runpy.run_path({recipe!r}, run_name="__main__")
-"""
 
 
 def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = None):
@@ -44,12 +26,7 @@ def _run(cli, *argv: str, cwd: Path, nproc: int = 1, kill_at_step: int | None = 
     torchrun's standalone launch); with ``kill_at_step`` the recipe SIGKILLs itself at that step."""
     env = None
     if kill_at_step:
-        recipe = REPO / "recipes" / f"{argv[1]}.py"
-        # named as the recipe, so the CLI finds its configs; in a folder of its own, so that
-        # the recipe name does not resolve to it
-        wrapper = Path(cwd) / "kill" / f"{argv[1]}.py"
-        wrapper.parent.mkdir(exist_ok=True)
-        wrapper.write_text(_KILL_WRAPPER.format(recipe=str(recipe)))
+        wrapper = write_kill_wrapper(REPO / "recipes" / f"{argv[1]}.py", Path(cwd))
         argv, env = (
             (argv[0], str(wrapper), *argv[2:]),
             {"MEDTUNE_TEST_KILL_AT_STEP": str(kill_at_step)},

@@ -19,6 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from medtune.testing.forkserver import write_kill_wrapper
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "qformer_pretrain.py"
 DEMO = REPO / "recipes" / "configs" / "qformer_pretrain" / "demo.yaml"
@@ -123,34 +125,15 @@ def test_bad_key_is_one_line(towers, tmp_path, medtune_cli):
     )
 
 
-_CRASH = """
-import os, runpy, sys
-import torch
-K, _orig, _calls = int(os.environ["CRASH_AT"]), torch.optim.AdamW.step, [0]
-
-def step(self, *a, **k):
-    _calls[0] += 1
-    if _calls[0] == K:  # a hard kill before the K-th update
-        os._exit(17)
-    return _orig(self, *a, **k)
-
-torch.optim.AdamW.step = step
-sys.argv = [{recipe!r}, *sys.argv[1:]]
-runpy.run_path({recipe!r}, run_name="__main__")
-"""
-
-
 def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run(towers, tmp_path, medtune_cli):
     # dropout on, so the restored torch RNG matters; 2 epochs, a kill in epoch 1 after step_3
     over = {"epochs": 2, "max_steps_per_epoch": 2, "save_every_n_steps": 1, "model.dropout": 0.1}
     a = _cfg(towers, tmp_path / "a", tmp_path / "a.yaml", **over)
     b = _cfg(towers, tmp_path / "b", tmp_path / "b.yaml", **over)
     _ok(_run(medtune_cli, [str(MEDTUNE), "run", "qformer_pretrain", "--config", str(a)], tmp_path))
-    wrapper = tmp_path / "crash.py"
-    wrapper.write_text(_CRASH.format(recipe=str(RECIPE)))
-    proc = _run(
-        medtune_cli, [str(MEDTUNE), "run", str(wrapper), "--config", str(b)], tmp_path, CRASH_AT="4"
-    )
+    wrapper = write_kill_wrapper(RECIPE, tmp_path, exit_code=17)
+    cmd = [str(MEDTUNE), "run", str(wrapper), "--config", str(b)]
+    proc = _run(medtune_cli, cmd, tmp_path, MEDTUNE_TEST_KILL_AT_STEP="4")
     assert proc.returncode == 17, proc.stderr[-3000:]
     st = _state(tmp_path / "b")
     assert st["checkpoint"] == "step_3" and st["epoch"] == 1 and st["batches_done"] == 1

@@ -24,29 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medtune.testing.forkserver import write_kill_wrapper
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_AT = 5  # killed before the 5th update: the last save is step_4, one batch into epoch 1
-
-# Runs the recipe script in this interpreter, SIGKILLing itself at the K-th optimizer step.
-_KILL_WRAPPER = """
-import os, runpy, signal, sys
-import torch
-
-K = int(os.environ["MEDTUNE_TEST_KILL_AT_STEP"])
-_orig, _calls = torch.optim.AdamW.step, [0]
-
-def step(self, *a, **k):
-    _calls[0] += 1
-    if _calls[0] == K:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _orig(self, *a, **k)
-
-torch.optim.AdamW.step = step
-sys.argv = [{recipe!r}, *sys.argv[1:]]
-runpy.run_path({recipe!r}, run_name="__main__")
-"""
 
 TEMPLATES = "prompt_template=['{question}', 'Question: {question}', '{question} Answer briefly.']"
 
@@ -109,9 +92,7 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_assets, tmp_path, case, me
     proc = _run(medtune_cli, recipe, nproc, [*common, f"output_dir={ref}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
-    wrapper = tmp_path / f"{recipe}.py"  # keeps the recipe's name: the CLI finds its configs
-    wrapper.write_text(_KILL_WRAPPER.format(recipe=str(REPO / "recipes" / f"{recipe}.py")))
-    wrapper.chmod(0o755)
+    wrapper = write_kill_wrapper(REPO / "recipes" / f"{recipe}.py", tmp_path)
     env = {"MEDTUNE_TEST_KILL_AT_STEP": str(KILL_AT)}
     proc = _run(medtune_cli, str(wrapper), nproc, [*common, f"output_dir={killed}"], env)
     assert proc.returncode != 0, "the run was not killed"
