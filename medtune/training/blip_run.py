@@ -33,15 +33,13 @@ from medtune.training import checkpointing as ckpt
 from medtune.training.blip_data import BlipCollate, BlipPairs
 from medtune.training.blip_state import load_blip_state
 from medtune.training.data import build_dataloader
+from medtune.training.run import common_run_settings
 from medtune.training.trackers import build_metric_logger
-from medtune.utils.config import cfg_get, check_keys, in_range, non_negative, positive
+from medtune.utils.config import cfg_get, in_range, non_negative, positive
 from medtune.utils.distributed import (
     all_reduce_sum,
     barrier,
     destroy,
-    init_process_group,
-    is_distributed_env,
-    resolve_device,
 )
 from medtune.utils.errors import ConfigError
 
@@ -141,33 +139,17 @@ def start_blip_run(
         alpha_warmup_epochs: the default ramp of ``alpha`` (BLIP: 2 in ``pretrain.py``, 1 in
             ``train_retrieval.py``).
     """
-    check_keys(cfg, known_keys, name)
-    device = resolve_device(cfg_get(cfg, "device", str, "auto"))
-    distributed = is_distributed_env()  # one script: in-process or under torchrun
-    rank, world_size = init_process_group(device) if distributed else (0, 1)
+    settings = common_run_settings(cfg, name, known_keys)
     run = BlipRun(
-        name=name,
-        cfg=cfg,
-        device=device,
-        distributed=distributed,
-        rank=rank,
-        world_size=world_size,
-        output_dir=Path(cfg_get(cfg, "output_dir", str)),
-        seed=cfg_get(cfg, "seed", int, 0),
-        batch_size=cfg_get(cfg, "batch_size", int, check=positive()),
-        epochs=cfg_get(cfg, "epochs", int, check=positive()),
-        max_steps_per_epoch=cfg_get(cfg, "max_steps_per_epoch", int, None, check=positive()),
+        **settings,
         max_length=cfg_get(cfg, "max_length", int, max_length, check=positive()),
         max_words=cfg_get(cfg, "max_words", int, 30, check=positive()),
         alpha=cfg_get(cfg, "alpha", float, 0.4, check=in_range(0.0, 1.0)),
         alpha_warmup=cfg_get(
             cfg, "alpha_warmup_epochs", float, alpha_warmup_epochs, check=non_negative()
         ),
-        clip=cfg_get(cfg, "clip_grad_norm", float, None, check=positive()),
-        log_every=cfg_get(cfg, "log_every_n_steps", int, 1, check=positive()),
-        save_every=cfg_get(cfg, "save_every_n_steps", int, None, check=positive()),
         num_workers=cfg_get(cfg, "num_workers", int, 0, check=non_negative()),
-        autocast=cfg_get(cfg, "autocast", bool, False) and device.type == "cuda",
+        autocast=cfg_get(cfg, "autocast", bool, False) and settings["device"].type == "cuda",
     )
     torch.manual_seed(run.seed)  # the same on every rank: identical init and queues
     return run

@@ -102,6 +102,41 @@ class Run:
         return self.rank == 0
 
 
+def common_run_settings(cfg: DictConfig, name: str, known_keys: set[str]) -> dict[str, Any]:
+    """Check the config's keys, pick the device, join the process group under torchrun, and read
+    the settings every training run has (the fine-tuning :class:`Run` and BLIP's run share them).
+
+    Args:
+        cfg: the recipe's config.
+        name: the recipe's name.
+        known_keys: the top-level keys the recipe reads (an unknown one is a one-line error).
+
+    Returns:
+        name, cfg, device, distributed, rank, world_size, output_dir, seed, batch_size, epochs,
+        max_steps_per_epoch, log_every, save_every, clip: keyword arguments of the run dataclass.
+    """
+    check_keys(cfg, known_keys, name)
+    device = resolve_device(cfg_get(cfg, "device", str, "auto"))
+    distributed = is_distributed_env()  # one script: in-process or under torchrun
+    rank, world_size = init_process_group(device) if distributed else (0, 1)
+    return dict(
+        name=name,
+        cfg=cfg,
+        device=device,
+        distributed=distributed,
+        rank=rank,
+        world_size=world_size,
+        output_dir=Path(cfg_get(cfg, "output_dir", str)),
+        seed=cfg_get(cfg, "seed", int, 0),
+        batch_size=cfg_get(cfg, "batch_size", int, check=positive()),
+        epochs=cfg_get(cfg, "epochs", int, check=positive()),
+        max_steps_per_epoch=cfg_get(cfg, "max_steps_per_epoch", int, None, check=positive()),
+        log_every=cfg_get(cfg, "log_every_n_steps", int, 1, check=positive()),
+        save_every=cfg_get(cfg, "save_every_n_steps", int, None, check=positive()),
+        clip=cfg_get(cfg, "clip_grad_norm", float, None, check=positive()),
+    )
+
+
 def start_run(cfg: DictConfig, name: str, known_keys: set[str]) -> Run:
     """Check the config's keys, pick the device, join the process group under torchrun, seed.
 
@@ -113,26 +148,9 @@ def start_run(cfg: DictConfig, name: str, known_keys: set[str]) -> Run:
     Returns:
         The run at epoch 0, step 0.
     """
-    check_keys(cfg, known_keys, name)
-    device = resolve_device(cfg_get(cfg, "device", str, "auto"))
-    distributed = is_distributed_env()  # one script: in-process or under torchrun
-    rank, world_size = init_process_group(device) if distributed else (0, 1)
     run = Run(
-        name=name,
-        cfg=cfg,
-        device=device,
-        distributed=distributed,
-        rank=rank,
-        world_size=world_size,
-        output_dir=Path(cfg_get(cfg, "output_dir", str)),
-        seed=cfg_get(cfg, "seed", int, 0),
-        batch_size=cfg_get(cfg, "batch_size", int, check=positive()),
-        epochs=cfg_get(cfg, "epochs", int, check=positive()),
+        **common_run_settings(cfg, name, known_keys),
         accum=cfg_get(cfg, "gradient_accumulation_steps", int, 1, check=positive()),
-        max_steps_per_epoch=cfg_get(cfg, "max_steps_per_epoch", int, None, check=positive()),
-        log_every=cfg_get(cfg, "log_every_n_steps", int, 1, check=positive()),
-        save_every=cfg_get(cfg, "save_every_n_steps", int, None, check=positive()),
-        clip=cfg_get(cfg, "clip_grad_norm", float, None, check=positive()),
     )
     ckpt.seed_everything(run.seed)  # the same seed on every rank: identical initial weights
     return run
@@ -163,9 +181,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         )
 
 
-def save_run(
-    run: Run, tag: str, write: Callable[[dict[str, torch.Tensor], Path], None]
-) -> None:
+def save_run(run: Run, tag: str, write: Callable[[dict[str, torch.Tensor], Path], None]) -> None:
     """Write ``output_dir/<tag>/`` through ``write`` and ``output_dir/recipe_state.pt``.
 
     A collective under FSDP2: every rank calls it. The model's full state dict, the optimizer's
